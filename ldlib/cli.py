@@ -1,0 +1,111 @@
+"""`python -m ldlib <command>`: the same steps as the notebooks, for scripts and clusters.
+
+Each command is a ``cmd_<name>(args)`` function plus its parser in ``build_parser``; the work itself lives in
+the ldlib modules, so notebooks and scripts call the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_preset(p: argparse.ArgumentParser, default: str = "tiny") -> None:
+    p.add_argument("--preset", default=default, help="tiny | taef2 | wan2.1-1.3b | wan2.1-14b (default: %(default)s)")
+    p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: $LDLIB_TAEF2_DIR or ../shared)")
+
+
+def cmd_codec_check(args: argparse.Namespace) -> int:
+    """Encode and decode one image with a preset's VAE; print PSNR against the input."""
+    import torch
+
+    from .images import area_downsample, load_image, save_image
+    from .metrics import psnr
+    from .presets import get_preset
+
+    preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+    codec = preset.load_codec()
+    x = load_image(args.image)
+    f = codec.spatial_factor
+    size = args.size or min(x.shape[-2:]) // f * f
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    if args.downsample > 1:
+        x = area_downsample(x[..., : size // args.downsample * args.downsample, : size // args.downsample * args.downsample], args.downsample)
+    with torch.no_grad():
+        z = codec.encode(x)
+        y = codec.decode(z)
+    value = psnr(y, x).item()
+    print(f"{preset.name} ({codec.family}): {tuple(x.shape[-2:])} -> latents {tuple(z.shape[1:])} -> PSNR {value:.2f} dB")
+    if args.out:
+        save_image(torch.cat([x, y], dim=-1), args.out)
+        print(f"wrote {args.out} (input | reconstruction)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the whole pipeline (as far as it exists) at demo size on the embedded sample photos."""
+    from .demo import run_demo
+
+    run_demo(Path(args.out), preset_name=args.preset)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run benchmarks; write Markdown and JSON under runs/bench/."""
+    from .bench import run_benches
+
+    run_benches(args.which, out=Path(args.out), preset_name=args.preset, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ldlib",
+        description="Build pairs, tune and train degraders, train and export a 2x VAE decoder.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("codec-check", help="encode+decode an image with a preset's VAE and report PSNR")
+    p.add_argument("image", help="an image file")
+    _add_preset(p)
+    p.add_argument("--size", type=int, default=0, help="centre crop size in px (default: largest multiple of 8)")
+    p.add_argument("--downsample", type=int, default=1, help="area-downsample the crop by this factor first")
+    p.add_argument("--out", default=None, help="write input | reconstruction side by side here")
+    p.set_defaults(func=cmd_codec_check)
+
+    p = sub.add_parser("demo", help="run the whole pipeline at demo size on the embedded sample photos")
+    p.add_argument("--out", default="runs/demo")
+    _add_preset(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
+    p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
+    _add_preset(p)
+    p.set_defaults(func=cmd_bench)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m ldlib` and the `ldlib` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        # Bad input: one clear line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,514 @@
+"""VAE codecs: one object per VAE that owns encode -> normalised latents and decode <- normalised latents.
+
+Families:
+- ``wan``: diffusers ``AutoencoderKLWan`` (an image is one frame; normalisation from ``latents_mean/std``);
+- ``kl``: diffusers ``AutoencoderKL`` (``scaling_factor`` / ``shift_factor``);
+- ``tae``: TAESD-format ``nn.Sequential`` encoder/decoder pairs (including the FLUX.2 ``taef2`` variant).
+
+Images are N x 3 x H x W in [-1, 1]; latents are N x C x H/8 x W/8 in the normalised space the diffusion model
+sees. A codec whose decoder's last conv has 12 output channels is a 2x decoder: its output goes through
+``pixel_shuffle(2)`` (the published "Wan2.1 VAE upscale 2x" format).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FAMILIES = ("wan", "kl", "tae")
+
+
+def widen_conv_out(conv: nn.Module, factor: int = 2) -> nn.Module:
+    """Copy of a conv whose output channels are repeated factor**2 times in pixel-shuffle order.
+
+    pixel_shuffle(r) maps channel ``c * r*r + k`` to colour ``c`` at sub-pixel ``k``; repeating each output
+    channel's kernel r*r times therefore makes ``pixel_shuffle(conv'(x)) == nearest_upsample(conv(x))``.
+    """
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"widen_conv_out: expected a Conv2d/Conv3d, got {type(conv).__name__}")
+    r2 = factor * factor
+    new = copy.deepcopy(conv)
+    new.weight = nn.Parameter(conv.weight.detach().repeat_interleave(r2, dim=0).clone())
+    if conv.bias is not None:
+        new.bias = nn.Parameter(conv.bias.detach().repeat_interleave(r2, dim=0).clone())
+    new.out_channels = conv.out_channels * r2
+    return new
+
+
+def upscale_of(channels: int, colours: int = 3) -> int:
+    """Upscale factor of a decoder head with this many output channels (the published convention)."""
+    factor = round(math.sqrt(channels / colours))
+    if factor < 1 or factor * factor * colours != channels:
+        raise ValueError(f"a decoder head with {channels} output channels is not {colours} x r^2")
+    return factor
+
+
+class Codec(nn.Module):
+    """Base class: encode images to normalised latents and decode them back (at ``upscale`` x resolution)."""
+
+    family: str = ""
+    spatial_factor: int = 8
+
+    def __init__(self, source: str = "") -> None:
+        super().__init__()
+        self.source = str(source)
+
+    # --- what each family provides -------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def conv_out(self) -> nn.Module:
+        """The decoder's last conv (the layer the 2x head widens and the adaptive GAN weight looks at)."""
+        raise NotImplementedError
+
+    def _set_conv_out(self, conv: nn.Module) -> None:
+        raise NotImplementedError
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """Modules on the encoder side (frozen in this project)."""
+        raise NotImplementedError
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """Modules on the decoder side (what decoder training updates)."""
+        raise NotImplementedError
+
+    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> the diffusion model's normalised space."""
+        raise NotImplementedError
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> raw VAE latents."""
+        raise NotImplementedError
+
+    # --- shared behaviour -------------------------------------------------------------------------------------
+    @property
+    def upscale(self) -> int:
+        """Output resolution / input-image resolution of decode (1, or 2 for a 2x decoder)."""
+        return upscale_of(self.conv_out.out_channels)
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the decoder side, in a stable order."""
+        return [p for m in self.decoder_modules() for p in m.parameters()]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """N x 3 x H x W images in [-1, 1] -> N x C x H/8 x W/8 normalised latents (float32 encoder)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode expects N x 3 x H x W images, got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.spatial_factor or w % self.spatial_factor:
+            raise ValueError(f"encode: image size {h}x{w} must be a multiple of {self.spatial_factor}")
+        # The encoder stays in float32: bf16 encoding visibly loses quality (see DESIGN.md).
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            dtype = next(self.encoder_modules()[0].parameters()).dtype
+            z = self._encode_raw(images.to(dtype))
+            return self.normalise(z.float())
+
+    def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] at ``upscale`` x the encoder's resolution.
+
+        ``clamp=False`` returns the raw output, for training: a clamp has zero gradient on saturated pixels.
+        """
+        if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"decode expects N x {self.latent_channels} x h x w latents, got shape {tuple(latents.shape)}"
+            )
+        out = self._decode_raw(self.denormalise(latents))
+        r = upscale_of(out.shape[1])
+        if r > 1:
+            out = F.pixel_shuffle(out, r)
+        return out.clamp(-1.0, 1.0) if clamp else out
+
+    def to_2x(self) -> "Codec":
+        """A copy whose decoder outputs 2x resolution, initialised to nearest-upsample this decoder's output."""
+        if self.upscale != 1:
+            raise ValueError(f"this codec already decodes at {self.upscale}x")
+        new = copy.deepcopy(self)
+        new._set_conv_out(widen_conv_out(self.conv_out, 2))
+        return new
+
+    def identity(self) -> dict:
+        """What makes latents from this codec comparable: family, channels, and a hash of the encoder side."""
+        h = hashlib.sha256()
+        for m in self.encoder_modules():
+            for name, t in sorted(m.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(json.dumps(self._normalisation_config(), sort_keys=True).encode())
+        return {
+            "family": self.family,
+            "source": self.source,
+            "latent_channels": self.latent_channels,
+            "spatial_factor": self.spatial_factor,
+            "encoder_sha256": h.hexdigest(),
+        }
+
+    def _normalisation_config(self) -> dict:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------------------
+# wan: diffusers AutoencoderKLWan
+# ------------------------------------------------------------------------------------------------------------
+
+
+class WanCodec(Codec):
+    """AutoencoderKLWan as an image codec (one frame); latents ``(z - latents_mean) / latents_std``."""
+
+    family = "wan"
+
+    def __init__(self, vae, source: str = "") -> None:
+        super().__init__(source)
+        self.vae = vae
+        cfg = vae.config
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("latents_std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.spatial_factor = int(cfg.scale_factor_spatial or 8)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
+
+    @property
+    def conv_out(self) -> nn.Module:
+        return self.vae.decoder.conv_out
+
+    def _set_conv_out(self, conv: nn.Module) -> None:
+        self.vae.decoder.conv_out = conv
+        self.vae.register_to_config(out_channels=conv.out_channels)
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.vae.encoder, self.vae.quant_conv]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.vae.post_quant_conv, self.vae.decoder]
+
+    def _normalisation_config(self) -> dict:
+        return {"latents_mean": list(self.vae.config.latents_mean), "latents_std": list(self.vae.config.latents_std)}
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.latents_mean.to(z)) / self.latents_std.to(z)
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.latents_std.to(latents) + self.latents_mean.to(latents)
+
+    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        # Pipelines encode with the posterior mode (deterministic), as we do.
+        posterior = self.vae.encode(images.unsqueeze(2)).latent_dist
+        return posterior.mode().squeeze(2)
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        # diffusers' _decode for T=1 without its final clamp (see Codec.decode).
+        vae = self.vae
+        vae.clear_cache()
+        x = vae.post_quant_conv(z.unsqueeze(2).to(vae.post_quant_conv.weight.dtype))
+        out = vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=True)
+        vae.clear_cache()
+        return out.squeeze(2)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a diffusers folder that ``AutoencoderKLWan.from_pretrained`` loads (out_channels in config)."""
+        self.vae.register_to_config(out_channels=self.conv_out.out_channels)
+        self.vae.save_pretrained(folder, safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kl: diffusers AutoencoderKL
+# ------------------------------------------------------------------------------------------------------------
+
+
+class KLCodec(Codec):
+    """AutoencoderKL; latents ``(z - shift_factor) * scaling_factor`` (SD-style: shift 0)."""
+
+    family = "kl"
+
+    def __init__(self, vae, source: str = "") -> None:
+        super().__init__(source)
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def conv_out(self) -> nn.Module:
+        return self.vae.decoder.conv_out
+
+    def _set_conv_out(self, conv: nn.Module) -> None:
+        self.vae.decoder.conv_out = conv
+        self.vae.register_to_config(out_channels=conv.out_channels)
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [m for m in (self.vae.encoder, self.vae.quant_conv) if m is not None]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [m for m in (self.vae.post_quant_conv, self.vae.decoder) if m is not None]
+
+    def _normalisation_config(self) -> dict:
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor + self.shift_factor
+
+    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mode()
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.to(self.vae.dtype)).sample  # AutoencoderKL.decode does not clamp
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a diffusers folder that ``AutoencoderKL.from_pretrained`` loads."""
+        self.vae.register_to_config(out_channels=self.conv_out.out_channels)
+        self.vae.save_pretrained(folder, safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tae: TAESD-format tiny autoencoders (https://github.com/madebyollin/taesd, MIT), incl. the FLUX.2 variant
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _conv3(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class TanhClamp(nn.Module):
+    """Soft clamp of the latents at the decoder input: ``tanh(x / 3) * 3``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class TAEBlock(nn.Module):
+    """TAESD residual block; ``pooled`` adds the FLUX.2 variant's 1x1 conv / GroupNorm branch in front."""
+
+    def __init__(self, n_in: int, n_out: int, pooled: bool = False) -> None:
+        super().__init__()
+        if pooled:
+            self.pool = nn.Sequential(
+                nn.Conv2d(n_in, 4 * n_in, 1, bias=False),
+                nn.GroupNorm(4, 4 * n_in),
+                nn.ReLU(),
+                nn.Conv2d(4 * n_in, n_in, 1, bias=False),
+            )
+        self.conv = nn.Sequential(_conv3(n_in, n_out), nn.ReLU(), _conv3(n_out, n_out), nn.ReLU(), _conv3(n_out, n_out))
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "pool"):
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def tae_encoder(latent_channels: int, pooled: tuple[int, ...] = (), width: int = 64) -> nn.Sequential:
+    """TAESD encoder layout; ``pooled`` lists the Sequential indices of blocks with the FLUX.2 branch."""
+    layers: list[nn.Module] = [_conv3(3, width), TAEBlock(width, width, 1 in pooled)]
+    for _ in range(3):
+        i = len(layers)
+        layers.append(_conv3(width, width, stride=2, bias=False))
+        layers += [TAEBlock(width, width, i + 1 + k in pooled) for k in range(3)]
+    layers.append(_conv3(width, latent_channels))
+    return nn.Sequential(*layers)
+
+
+def tae_decoder(latent_channels: int, pooled: tuple[int, ...] = (), width: int = 64) -> nn.Sequential:
+    """TAESD decoder layout (tanh clamp, 3 nearest-2x stages); ``pooled`` as in ``tae_encoder``."""
+    layers: list[nn.Module] = [TanhClamp(), _conv3(latent_channels, width), nn.ReLU()]
+    for stage in range(3):
+        i = len(layers)
+        layers += [TAEBlock(width, width, i + k in pooled) for k in range(3)]
+        layers += [nn.Upsample(scale_factor=2), _conv3(width, width, bias=False)]
+    layers += [TAEBlock(width, width, len(layers) in pooled), _conv3(width, 3)]
+    return nn.Sequential(*layers)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _pooled_indices(sd: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    return tuple(sorted({int(k.split(".")[0]) for k in sd if ".pool." in k}))
+
+
+class TAECodec(Codec):
+    """TAESD-format encoder/decoder pair; images in [0, 1] internally, latents ``(z - shift) * scale``."""
+
+    family = "tae"
+
+    def __init__(
+        self,
+        encoder: nn.Sequential,
+        decoder: nn.Sequential,
+        source: str = "",
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+    ) -> None:
+        super().__init__(source)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+
+    @classmethod
+    def from_files(
+        cls, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike, **kwargs
+    ) -> "TAECodec":
+        """Load a TAESD-format pair (``.pth`` or ``.safetensors``); the layout is read off the state dicts."""
+        enc_sd = _load_state_dict(Path(encoder_path))
+        dec_sd = _load_state_dict(Path(decoder_path))
+        latent_channels = dec_sd["1.weight"].shape[1]
+        last = max(int(k.split(".")[0]) for k in dec_sd)
+        encoder = tae_encoder(latent_channels, _pooled_indices(enc_sd))
+        decoder = tae_decoder(latent_channels, _pooled_indices(dec_sd))
+        out_ch = dec_sd[f"{last}.weight"].shape[0]
+        if out_ch != 3:  # a 2x (or larger) head written by us
+            decoder[last] = _conv3(decoder[last].in_channels, out_ch)
+        for name, module, sd, path in (("encoder", encoder, enc_sd, encoder_path), ("decoder", decoder, dec_sd, decoder_path)):
+            try:
+                module.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{path}: not a TAESD-format {name} state dict ({e})") from e
+        kwargs.setdefault("source", str(Path(decoder_path).parent))
+        return cls(encoder, decoder, **kwargs)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, **kwargs) -> "TAECodec":
+        """Load ``*encoder.(pth|safetensors)`` and ``*decoder.(pth|safetensors)`` from one folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: TAESD folder not found")
+        cfg_path = folder / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            kwargs.setdefault("scaling_factor", cfg.get("scaling_factor", 1.0))
+            kwargs.setdefault("shift_factor", cfg.get("shift_factor", 0.0))
+
+        def find(kind: str) -> Path:
+            for suffix in (".safetensors", ".pth"):
+                hits = sorted(folder.glob(f"*{kind}{suffix}"))
+                if hits:
+                    return hits[0]
+            raise FileNotFoundError(f"{folder}: no *{kind}.safetensors or *{kind}.pth file")
+
+        return cls.from_files(find("encoder"), find("decoder"), source=str(folder), **kwargs)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.decoder[1].in_channels)
+
+    @property
+    def conv_out(self) -> nn.Module:
+        return self.decoder[-1]
+
+    def _set_conv_out(self, conv: nn.Module) -> None:
+        self.decoder[-1] = conv
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.encoder]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.decoder]
+
+    def _normalisation_config(self) -> dict:
+        return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor + self.shift_factor
+
+    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder((images + 1.0) / 2.0)
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z.to(self.decoder[1].weight.dtype)) * 2.0 - 1.0
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``."""
+        from safetensors.torch import save_file
+
+        from .images import atomic_write_bytes
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, module in (("encoder", self.encoder), ("decoder", self.decoder)):
+            sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            tmp = folder / f".{name}.safetensors.tmp"
+            save_file(sd, str(tmp))
+            os.replace(tmp, folder / f"{name}.safetensors")
+        cfg = {
+            "family": "tae",
+            "latent_channels": self.latent_channels,
+            "out_channels": self.conv_out.out_channels,
+            "upscale": self.upscale,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
+        atomic_write_bytes(folder / "config.json", json.dumps(cfg, indent=2).encode())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _vae_subfolder(source: str, subfolder: str | None) -> str | None:
+    """A local pipeline folder keeps its VAE under vae/; a VAE folder has config.json at the top."""
+    if subfolder is not None:
+        return subfolder
+    p = Path(source)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+        return "vae"
+    return None
+
+
+def load_codec(
+    family: str,
+    source: str | os.PathLike,
+    subfolder: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    **kwargs,
+) -> Codec:
+    """Load a codec by family from a hub id or local folder (diffusers ``from_pretrained``; TAESD files for tae)."""
+    source = str(source)
+    if family == "wan":
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(source, subfolder=_vae_subfolder(source, subfolder), torch_dtype=torch_dtype)
+        return WanCodec(vae.eval(), source=source)
+    if family == "kl":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(source, subfolder=_vae_subfolder(source, subfolder), torch_dtype=torch_dtype)
+        return KLCodec(vae.eval(), source=source)
+    if family == "tae":
+        return TAECodec.from_folder(source, **kwargs).to(torch_dtype).eval()
+    raise ValueError(f"unknown codec family {family!r}; expected one of {FAMILIES}")

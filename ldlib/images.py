@@ -1,0 +1,135 @@
+"""Image files <-> float tensors in [-1, 1] (N, C, H, W), and the exact area (box) downsample."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+
+
+class ImageLoadError(ValueError):
+    """A file could not be read as an image; the message names the file and the reason."""
+
+
+def _to_uint8_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
+    """Convert any Pillow mode to 8-bit RGB; returns the array and a note of what was done."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: Pillow's convert("L") clips at 255 instead of scaling, so scale by hand
+        # (65535 -> 255 is a factor of 257, exactly mapping 8-bit-replicated values back).
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2), "16-bit greyscale scaled to 8 bits"
+    if mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        hi = 255.0 if a.max() > 1.0 else 1.0  # float images come as [0, 1] or [0, 255]
+        a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2), "float greyscale scaled to 8 bits"
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), "alpha composited on white"
+    if mode == "RGB":
+        return np.asarray(img), ""
+    return np.asarray(img.convert("RGB")), f"{mode} converted to RGB"
+
+
+def load_rgb8(path: str | os.PathLike) -> tuple[np.ndarray, str]:
+    """Load an image file as an H x W x 3 uint8 array (EXIF orientation applied) and a conversion note."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before its hard limit; we want one clear error type instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                array, note = _to_uint8_rgb(img)
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{path}: no such file") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{path}: too many pixels (decompression bomb limit): {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"{path}: not a decodable image ({type(e).__name__}: {e})") from e
+    return np.require(array, dtype=np.uint8, requirements=["C", "W"]), note
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 array -> 1 x 3 x H x W float tensor in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+    return (x / 127.5 - 1.0).unsqueeze(0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """1 x 3 x H x W (or 3 x H x W) tensor in [-1, 1] -> H x W x 3 uint8 array (clamped, rounded)."""
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"to_uint8 takes one image, got a batch of {x.shape[0]}")
+        x = x[0]
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Load an image file as a 1 x 3 x H x W float tensor in [-1, 1]; raises ImageLoadError naming the file."""
+    return to_tensor(load_rgb8(path)[0])
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to path through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(x: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
+    """Save one image (tensor in [-1, 1], or uint8 H x W x 3 array) atomically; format from the suffix."""
+    import io
+
+    path = Path(path)
+    array = x if isinstance(x, np.ndarray) else to_uint8(x)
+    buf = io.BytesIO()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image suffix {path.suffix!r}")
+    # compress_level 1: pair sets are written once and read many times; size matters less than build speed.
+    Image.fromarray(array).save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def area_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Exact box-average downsample of N x C x H x W by an integer factor (H and W must divide)."""
+    if factor < 1 or int(factor) != factor:
+        raise ValueError(f"area_downsample: factor must be a positive integer, got {factor}")
+    if factor == 1:
+        return x
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"area_downsample: size {h}x{w} is not divisible by factor {factor}; crop first")
+    return F.avg_pool2d(x, kernel_size=factor, stride=factor)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image-like files under folder (recursive, sorted, hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )

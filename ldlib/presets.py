@@ -1,0 +1,170 @@
+"""Named presets: which VAE, which teacher transformer, which sizes. One switch from CI-size to real models."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .codecs import Codec, WanCodec, load_codec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+TAEF2_ENV = "LDLIB_TAEF2_DIR"
+
+# A tiny AutoencoderKLWan: the real architecture (causal 3-D convs, RMS norms, 8x spatial factor, 16 latent
+# channels so real Wan latents fit), a few thousand times fewer weights.
+TINY_WAN_VAE_CONFIG = dict(
+    base_dim=16,
+    z_dim=16,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+)
+
+# A tiny WanTransformer3DModel with the real block structure (patch 1x2x2, velocity output, text cross-attention).
+TINY_WAN_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+)
+
+# The real Wan 2.1 T2V 1.3B transformer config (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json);
+# used to build a random-weight model of the real size for timing (no download needed).
+WAN21_1_3B_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=1024,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle: codec family and source, teacher transformer source, and pair sizes."""
+
+    name: str
+    family: str
+    vae: str  # hub id, local folder, or "tiny" (built in-process from TINY_WAN_VAE_CONFIG)
+    vae_subfolder: str | None = None
+    transformer: str | None = None  # hub id, local folder, "tiny", or None (no diffusion teacher)
+    transformer_subfolder: str | None = None
+    hq_size: int = 512  # HQ crop (px); LQ is hq_size // lq_factor
+    lq_factor: int = 2
+    pre_downsample: int = 2  # area downsample of the source before cropping
+    flow_shift: float = 3.0  # the scheduler shift the model's pipelines use (recorded; the degrader uses raw sigmas)
+    seed: int = 0  # seed of the random weights of "tiny" models
+    note: str = ""
+
+    @property
+    def lq_size(self) -> int:
+        """Size of the LQ input (px)."""
+        return self.hq_size // self.lq_factor
+
+    def load_codec(self, device: str | torch.device | None = None) -> Codec:
+        """The preset's frozen VAE as a codec, in eval mode, on device (CPU by default)."""
+        if self.vae == "tiny":
+            codec: Codec = WanCodec(tiny_wan_vae(self.seed), source="tiny")
+        else:
+            codec = load_codec(self.family, self.vae, subfolder=self.vae_subfolder)
+        return codec.eval().to(device or "cpu")
+
+    def load_transformer(self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        """The preset's diffusion transformer (the teacher), or a clear error when the preset has none."""
+        if self.transformer is None:
+            raise ValueError(f"preset {self.name!r} has no diffusion transformer (no teacher exists for it offline)")
+        from diffusers import WanTransformer3DModel
+
+        if self.transformer == "tiny":
+            model = tiny_wan_transformer(self.seed)
+        else:
+            model = WanTransformer3DModel.from_pretrained(
+                self.transformer, subfolder=self.transformer_subfolder, torch_dtype=dtype
+            )
+        return model.eval().to(device=device or "cpu", dtype=dtype)
+
+
+def tiny_wan_vae(seed: int = 0):
+    """A seeded, randomly initialised tiny AutoencoderKLWan (the real architecture, tiny widths)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**TINY_WAN_VAE_CONFIG).eval()
+
+
+def tiny_wan_transformer(seed: int = 0):
+    """A seeded, randomly initialised tiny WanTransformer3DModel."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG).eval()
+
+
+def taef2_dir(path: str | os.PathLike | None = None) -> Path:
+    """Folder of the taef2 weights: the argument, else $LDLIB_TAEF2_DIR, else ../shared/models/taef2."""
+    if path is not None:
+        folder, origin = Path(path), "the path given"
+    elif os.environ.get(TAEF2_ENV):
+        folder, origin = Path(os.environ[TAEF2_ENV]), f"${TAEF2_ENV}"
+    else:
+        folder, origin = SHARED_DIR / "models" / "taef2", "the default beside the repo"
+    if not (folder / "taef2_encoder.pth").is_file() and not (folder / "encoder.safetensors").is_file():
+        raise FileNotFoundError(
+            f"taef2 weights not found in {folder} ({origin}); set {TAEF2_ENV} to the folder holding "
+            "taef2_encoder.pth and taef2_decoder.pth"
+        )
+    return folder
+
+
+PRESETS = ("tiny", "taef2", "wan2.1-1.3b", "wan2.1-14b")
+
+
+def get_preset(name: str, taef2_path: str | os.PathLike | None = None, **overrides) -> Preset:
+    """Look up a preset by name; keyword overrides replace fields (e.g. ``hq_size=256``)."""
+    if name == "tiny":
+        preset = Preset(
+            "tiny", "wan", vae="tiny", transformer="tiny", hq_size=128,
+            note="random tiny Wan VAE + transformer built from configs; runs anywhere in seconds (CI)",
+        )
+    elif name == "taef2":
+        preset = Preset(
+            "taef2", "tae", vae=str(taef2_dir(taef2_path)), hq_size=512,
+            note="real pretrained tiny autoencoder for the FLUX.2 latent space (32 channels); no teacher offline",
+        )
+    elif name == "wan2.1-1.3b":
+        repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+        preset = Preset(
+            name, "wan", vae=repo, vae_subfolder="vae", transformer=repo, transformer_subfolder="transformer",
+            hq_size=512, note="real Wan 2.1 VAE and 1.3B transformer from the hub (needs network once)",
+        )
+    elif name == "wan2.1-14b":
+        repo = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+        preset = Preset(
+            name, "wan", vae=repo, vae_subfolder="vae", transformer=repo, transformer_subfolder="transformer",
+            hq_size=512, note="real Wan 2.1 VAE and 14B transformer from the hub (needs network once, a big GPU)",
+        )
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(preset, **overrides) if overrides else preset
