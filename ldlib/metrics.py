@@ -9,3 +9,48 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of two N x C x H x W batches in [-1, 1] (peak-to-peak 2)."""
     mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1)
     return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+# torchvision's ImageNet weights that lpips' backbones load (lpips' own linear heads ship inside the package).
+_LPIPS_BACKBONE_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+def lpips_backbone_cached(net: str = "alex") -> bool:
+    """Whether torchvision's pretrained weights for lpips' backbone are in the torch.hub cache (no download)."""
+    import os
+
+    import torch.hub
+    import torchvision.models as tvm
+
+    if net not in _LPIPS_BACKBONE_WEIGHTS:
+        raise ValueError(f"lpips net must be one of {', '.join(_LPIPS_BACKBONE_WEIGHTS)}, got {net!r}")
+    url = getattr(tvm, _LPIPS_BACKBONE_WEIGHTS[net]).IMAGENET1K_V1.url
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+
+
+def lpips_model(net: str = "alex", seed: int = 0) -> torch.nn.Module:
+    """A frozen LPIPS module (inputs in [-1, 1]); ``.backbone_pretrained`` says whether its backbone is real.
+
+    lpips' learned linear heads ship in the package, but the backbone comes from torchvision's download. Offline
+    and uncached, the backbone is randomly initialised (seeded) and a warning says so: such LPIPS values compare
+    runs made with the same model only, they are not the published metric.
+    """
+    import warnings
+
+    import lpips
+
+    pretrained = lpips_backbone_cached(net)
+    if not pretrained:
+        warnings.warn(
+            f"LPIPS: torchvision's {net} weights are not in the torch.hub cache ({torch.hub.get_dir()}); "
+            "using a seeded RANDOM backbone (pnet_rand=True): values are comparable only within this setup",
+            stacklevel=2,
+        )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # torchvision's "pretrained= is deprecated" notices come from inside lpips; they are not ours to fix.
+        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+        torch.manual_seed(seed)
+        model = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
+    model.eval().requires_grad_(False)
+    model.backbone_pretrained = pretrained
+    return model
