@@ -103,6 +103,27 @@ class Preset:
             )
         return model.eval().to(device=device or "cpu", dtype=dtype)
 
+    @property
+    def text_encoder_id(self) -> str:
+        """What identifies the preset's text encoder (the key of cached prompt embeddings)."""
+        if self.transformer is None:
+            raise ValueError(f"preset {self.name!r} has no diffusion transformer, hence no text encoder")
+        return f"tiny-umt5-seed{self.seed}" if self.transformer == "tiny" else self.transformer
+
+    def load_text_encoder(self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        """The pipeline's tokenizer and UMT5 text encoder (tiny: a byte tokenizer and a seeded tiny UMT5)."""
+        if self.transformer is None:
+            raise ValueError(f"preset {self.name!r} has no diffusion transformer, hence no text encoder")
+        if self.transformer == "tiny":
+            tokenizer, model = ByteTokenizer(), tiny_umt5_encoder(self.seed)
+        else:
+            # Wan-AI/*-Diffusers keep the tokenizer and the UMT5-XXL encoder beside the transformer.
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            tokenizer = AutoTokenizer.from_pretrained(self.transformer, subfolder="tokenizer")
+            model = UMT5EncoderModel.from_pretrained(self.transformer, subfolder="text_encoder", dtype=dtype)
+        return tokenizer, model.eval().to(device=device or "cpu", dtype=dtype)
+
 
 def tiny_wan_vae(seed: int = 0):
     """A seeded, randomly initialised tiny AutoencoderKLWan (the real architecture, tiny widths)."""
@@ -120,6 +141,67 @@ def tiny_wan_transformer(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG).eval()
+
+
+# A tiny UMT5 encoder whose width matches TINY_WAN_TRANSFORMER_CONFIG["text_dim"] (the real one is UMT5-XXL, 4096).
+TINY_UMT5_CONFIG = dict(
+    vocab_size=259,  # ByteTokenizer: pad 0, eos 1, unk 2, then the 256 byte values
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    feed_forward_proj="gated-gelu",
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+
+
+def tiny_umt5_encoder(seed: int = 0):
+    """A seeded, randomly initialised tiny transformers UMT5EncoderModel (the real architecture, tiny widths)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UMT5EncoderModel(UMT5Config(**TINY_UMT5_CONFIG)).eval()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, called like a transformers tokenizer (T5 conventions: pad 0, eos 1 appended).
+
+    The tiny preset's stand-in for the UMT5 sentencepiece tokenizer, which cannot be downloaded offline.
+    """
+
+    pad_token_id, eos_token_id, offset = 0, 1, 3
+
+    def __call__(
+        self,
+        texts: str | list[str],
+        padding: str = "max_length",
+        max_length: int = 512,
+        truncation: bool = True,
+        add_special_tokens: bool = True,
+        return_attention_mask: bool = True,
+        return_tensors: str = "pt",
+    ) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, padded to max_length (only padding="max_length", tensors "pt")."""
+        if padding != "max_length" or return_tensors != "pt":
+            raise ValueError("ByteTokenizer supports padding='max_length' and return_tensors='pt' only")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.full((len(texts), max_length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_length), dtype=torch.long)
+        for i, text in enumerate(texts):
+            row = [b + self.offset for b in text.encode("utf-8")]
+            limit = max_length - 1 if add_special_tokens else max_length
+            if len(row) > limit and not truncation:
+                raise ValueError(f"prompt of {len(row)} tokens exceeds max_length {max_length}")
+            row = row[:limit] + ([self.eos_token_id] if add_special_tokens else [])
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 def taef2_dir(path: str | os.PathLike | None = None) -> Path:
