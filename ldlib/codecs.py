@@ -383,10 +383,13 @@ class TAECodec(Codec):
         """Load a TAESD-format pair (``.pth`` or ``.safetensors``); the layout is read off the state dicts."""
         enc_sd = _load_state_dict(Path(encoder_path))
         dec_sd = _load_state_dict(Path(decoder_path))
-        latent_channels = dec_sd["1.weight"].shape[1]
+        for sd, key, path in ((enc_sd, "0.weight", encoder_path), (dec_sd, "1.weight", decoder_path)):
+            if key not in sd:
+                raise ValueError(f"{path}: not a TAESD-format state dict (no {key!r})")
+        latent_channels, width = dec_sd["1.weight"].shape[1], dec_sd["1.weight"].shape[0]
         last = max(int(k.split(".")[0]) for k in dec_sd)
-        encoder = tae_encoder(latent_channels, _pooled_indices(enc_sd))
-        decoder = tae_decoder(latent_channels, _pooled_indices(dec_sd))
+        encoder = tae_encoder(latent_channels, _pooled_indices(enc_sd), width=enc_sd["0.weight"].shape[0])
+        decoder = tae_decoder(latent_channels, _pooled_indices(dec_sd), width=width)
         out_ch = dec_sd[f"{last}.weight"].shape[0]
         if out_ch != 3:  # a 2x (or larger) head written by us
             decoder[last] = _conv3(decoder[last].in_channels, out_ch)

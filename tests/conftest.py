@@ -1,0 +1,31 @@
+"""Shared fixtures: the ../shared data folder (skip with a message when absent) and small helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldlib.presets import SHARED_DIR
+
+# Tests are small; two intra-op threads is what this project's CI machines have anyway.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the repo, or skip: real photos, taef2 weights and Wan latents live there."""
+    if not (SHARED_DIR / "data" / "photos").is_dir():
+        pytest.skip(f"../shared data not found at {SHARED_DIR}: real-data test skipped")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def taef2_codec(shared_dir):
+    """The real pretrained taef2 codec from ../shared/models/taef2."""
+    from ldlib.presets import get_preset
+
+    if not (shared_dir / "models" / "taef2" / "taef2_encoder.pth").is_file():
+        pytest.skip("../shared/models/taef2 not found: taef2 test skipped")
+    return get_preset("taef2").load_codec()

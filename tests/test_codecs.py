@@ -1,0 +1,251 @@
+"""codecs.py: encode/decode per family against diffusers itself, normalisation, the 2x head, export and reload."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderKLWan
+
+from ldlib.codecs import KLCodec, TAECodec, WanCodec, load_codec, tae_decoder, tae_encoder, upscale_of, widen_conv_out
+from ldlib.images import area_downsample, load_image
+from ldlib.metrics import psnr
+from ldlib.presets import tiny_wan_vae
+
+ATOL = 1e-4  # float32; the wan codec may compute the same function with 2-D convs
+
+
+def _images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _tiny_kl(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def wan() -> WanCodec:
+    return WanCodec(tiny_wan_vae(0), source="tiny")
+
+
+@pytest.fixture(scope="module")
+def kl() -> KLCodec:
+    return KLCodec(_tiny_kl(), source="tiny-kl")
+
+
+def _random_tae(latent_channels: int = 4, pooled_enc=(), pooled_dec=(), seed: int = 0) -> TAECodec:
+    torch.manual_seed(seed)
+    return TAECodec(tae_encoder(latent_channels, pooled_enc, width=16), tae_decoder(latent_channels, pooled_dec, width=16))
+
+
+# --- wan ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_wan_encode_matches_diffusers_mode_normalised(wan):
+    x = _images()
+    z = wan.encode(x)
+    assert z.shape == (2, 16, 4, 4)
+    raw = wan.vae.encode(x.unsqueeze(2)).latent_dist.mode().squeeze(2)
+    mean = np.array(wan.vae.config.latents_mean).reshape(1, -1, 1, 1)
+    std = np.array(wan.vae.config.latents_std).reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(z.numpy(), (raw.numpy() - mean) / std, atol=ATOL, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_wan_decode_matches_diffusers(wan):
+    z = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = wan.decode(z)
+    assert y.shape == (2, 3, 32, 32)
+    mean = torch.tensor(wan.vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(wan.vae.config.latents_std).view(1, -1, 1, 1)
+    ref = wan.vae.decode((z * std + mean).unsqueeze(2)).sample.squeeze(2)  # diffusers' own (clamped) decode
+    torch.testing.assert_close(y, ref, atol=ATOL, rtol=0)
+
+
+def test_wan_decode_unclamped_has_gradient_where_saturated(wan):
+    import copy
+
+    codec = copy.deepcopy(wan)
+    with torch.no_grad():
+        codec.conv_out.bias[0] += 5.0  # push the red channel far above 1: every red pixel saturates
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(4))
+    raw = codec.decode(z, clamp=False)
+    assert raw[:, 0].min() > 1
+    raw[:, 0].sum().backward()
+    assert codec.conv_out.bias.grad[0] == raw[:, 0].numel()  # d(sum)/d(bias) = number of pixels
+    codec.zero_grad()
+    codec.decode(z, clamp=True)[:, 0].sum().backward()
+    assert codec.conv_out.bias.grad[0] == 0  # the clamp kills the gradient: why training uses clamp=False
+    torch.testing.assert_close(codec.decode(z).detach(), raw.detach().clamp(-1, 1))
+
+
+def test_normalisation_round_trip_and_formula(wan, kl):
+    z = torch.randn(3, 16, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(wan.denormalise(wan.normalise(z.float())), z.float(), atol=1e-5, rtol=1e-5)
+    mean = torch.tensor(wan.vae.config.latents_mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(wan.vae.config.latents_std, dtype=torch.float64).view(1, -1, 1, 1)
+    torch.testing.assert_close(wan.normalise(z.float()).double(), (z - mean) / std, atol=1e-5, rtol=1e-5)
+    z4 = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(kl.normalise(z4), (z4 - 0.1) * 0.5)
+    torch.testing.assert_close(kl.denormalise(kl.normalise(z4)), z4, atol=1e-6, rtol=1e-6)
+
+
+# --- kl ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_kl_encode_decode_match_diffusers(kl):
+    x = _images()
+    z = kl.encode(x)
+    assert z.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(z, (kl.vae.encode(x).latent_dist.mode() - 0.1) * 0.5, atol=1e-6, rtol=1e-6)
+    y = kl.decode(z, clamp=False)
+    torch.testing.assert_close(y, kl.vae.decode(z / 0.5 + 0.1).sample, atol=1e-6, rtol=1e-6)
+    assert kl.decode(z).abs().max() <= 1
+
+
+# --- tae ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_tae_files_round_trip_and_images_in_unit_range(tmp_path, pooled):
+    enc_pool, dec_pool = ((11, 12, 13), (3, 4, 5)) if pooled else ((), ())
+    codec = _random_tae(4, enc_pool, dec_pool)
+    # Default width: from_files reads TAESD's 64-wide layout; write a 64-wide pair the way TAESD ships them.
+    torch.manual_seed(1)
+    enc, dec = tae_encoder(4, enc_pool), tae_decoder(4, dec_pool)
+    torch.save(enc.state_dict(), tmp_path / "x_encoder.pth")
+    torch.save(dec.state_dict(), tmp_path / "x_decoder.pth")
+    loaded = load_codec("tae", tmp_path)
+    assert loaded.latent_channels == 4
+    x = _images(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), enc((x + 1) / 2))  # TAESD sees [0, 1] images
+        z = torch.randn(1, 4, 4, 4)
+        torch.testing.assert_close(loaded.decode(z, clamp=False), dec(z) * 2 - 1)
+    assert codec.latent_channels == 4
+
+
+def test_tae_bad_state_dict_names_the_file(tmp_path):
+    torch.save({"nonsense": torch.zeros(1)}, tmp_path / "a_encoder.pth")
+    torch.save(tae_decoder(4).state_dict(), tmp_path / "a_decoder.pth")
+    with pytest.raises(ValueError, match="a_encoder.pth"):
+        load_codec("tae", tmp_path)
+
+
+# --- the 2x head -------------------------------------------------------------------------------------------------
+
+
+def test_widen_conv_out_is_nearest_upsample():
+    conv = torch.nn.Conv2d(5, 3, 3, padding=1)
+    wide = widen_conv_out(conv, 2)
+    assert wide.out_channels == 12 and conv.out_channels == 3
+    x = torch.randn(2, 5, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(F.pixel_shuffle(wide(x), 2), F.interpolate(conv(x), scale_factor=2, mode="nearest"))
+    assert upscale_of(12) == 2 and upscale_of(3) == 1
+    with pytest.raises(ValueError):
+        upscale_of(10)
+
+
+@pytest.mark.parametrize("name", ["wan", "kl", "tae"])
+@torch.no_grad()
+def test_2x_head_initially_equals_nearest_upsample(name, wan, kl):
+    codec = {"wan": wan, "kl": kl, "tae": _random_tae()}[name]
+    z = torch.randn(2, codec.latent_channels, 4, 4, generator=torch.Generator().manual_seed(2))
+    one = codec.decode(z)
+    two = codec.to_2x()
+    assert two.upscale == 2 and codec.upscale == 1  # the original is untouched
+    out = two.decode(z)
+    assert out.shape == (2, 3, 64, 64)
+    assert (out - F.interpolate(one, scale_factor=2, mode="nearest")).abs().max() < 1e-5
+
+
+def test_2x_head_on_taef2(taef2_codec):
+    z = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (taef2_codec.to_2x().decode(z) - F.interpolate(taef2_codec.decode(z), scale_factor=2)).abs().max()
+    assert diff < 1e-5
+
+
+# --- export / reload ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_wan_2x_export_loads_in_diffusers_and_matches(tmp_path, wan):
+    two = wan.to_2x()
+    with torch.no_grad():  # make the head differ from a plain repeat so the test sees real weights
+        two.conv_out.weight.add_(torch.randn_like(two.conv_out.weight) * 0.01)
+    two.save_pretrained(tmp_path / "vae2x")
+    vae = AutoencoderKLWan.from_pretrained(tmp_path / "vae2x")
+    assert vae.config.out_channels == 12
+    z = torch.randn(1, 16, 4, 4)
+    ours = two.decode(z)
+    theirs = F.pixel_shuffle(vae.decode(two.denormalise(z).unsqueeze(2)).sample.squeeze(2), 2)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    reloaded = load_codec("wan", tmp_path / "vae2x")
+    assert reloaded.upscale == 2
+    torch.testing.assert_close(reloaded.decode(z), ours, atol=ATOL, rtol=0)
+    # The encoder side is unchanged by the 2x head.
+    assert reloaded.identity()["encoder_sha256"] == wan.identity()["encoder_sha256"]
+
+
+@torch.no_grad()
+def test_kl_and_pipeline_folder_loading(tmp_path, kl):
+    kl.to_2x().save_pretrained(tmp_path / "pipe" / "vae")  # a pipeline folder keeps its VAE under vae/
+    reloaded = load_codec("kl", tmp_path / "pipe")
+    assert reloaded.upscale == 2
+    z = torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(reloaded.decode(z), kl.to_2x().decode(z), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_tae_2x_save_and_reload(tmp_path):
+    two = _random_tae().to_2x()
+    two.save_pretrained(tmp_path / "tae2x")
+    reloaded = load_codec("tae", tmp_path / "tae2x")
+    assert reloaded.upscale == 2
+    z = torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(reloaded.decode(z), two.decode(z))
+
+
+def test_identity_tracks_encoder_weights(wan):
+    other = WanCodec(tiny_wan_vae(1), source="tiny")
+    assert wan.identity() == WanCodec(tiny_wan_vae(0), source="tiny").identity()
+    assert wan.identity()["encoder_sha256"] != other.identity()["encoder_sha256"]
+
+
+def test_bad_shapes_are_clear_errors(wan):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        wan.encode(torch.zeros(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="16 x h x w"):
+        wan.decode(torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="unknown codec family"):
+        load_codec("vqgan", "x")
+
+
+# --- real weights ------------------------------------------------------------------------------------------------
+
+
+def test_taef2_reconstructs_a_real_photo_above_30db(taef2_codec, shared_dir):
+    x = load_image(shared_dir / "data" / "photos" / "p01_face_girl_red_hat.png")
+    lq = area_downsample(x[..., 1000:2024, 500:1524], 4)  # the recipe: 0.5x, 512 crop, 0.5x -> 256 LQ
+    with torch.no_grad():
+        rec = taef2_codec.decode(taef2_codec.encode(lq))
+    value = psnr(rec, lq).item()
+    assert value > 30.0, f"taef2 round-trip PSNR {value:.2f} dB"
