@@ -186,8 +186,8 @@ class ByteTokenizer:
         add_special_tokens: bool = True,
         return_attention_mask: bool = True,
         return_tensors: str = "pt",
-    ) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, padded to max_length (only padding="max_length", tensors "pt")."""
+    ):
+        """Token ids and attention mask (a BatchEncoding), padded to max_length (only padding="max_length", tensors "pt")."""
         if padding != "max_length" or return_tensors != "pt":
             raise ValueError("ByteTokenizer supports padding='max_length' and return_tensors='pt' only")
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -201,7 +201,9 @@ class ByteTokenizer:
             row = row[:limit] + ([self.eos_token_id] if add_special_tokens else [])
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        from transformers import BatchEncoding  # a dict with attribute access, as real tokenizers return
+
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})
 
 
 def taef2_dir(path: str | os.PathLike | None = None) -> Path:
