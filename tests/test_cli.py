@@ -1,0 +1,33 @@
+"""The command line: help lists commands, codec-check reports PSNR, bad input is one clear line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from ldlib.cli import main
+from ldlib.samples import sample_paths
+
+
+def test_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for command in ("codec-check", "demo", "bench"):
+        assert command in out
+
+
+def test_codec_check_reports_psnr(tmp_path, capsys):
+    out_png = tmp_path / "check.png"
+    assert main(["codec-check", str(sample_paths()[0]), "--preset", "tiny", "--size", "64", "--out", str(out_png)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"PSNR -?\d+\.\d+ dB", out)
+    assert out_png.is_file()
+
+
+def test_codec_check_bad_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    r = subprocess.run([sys.executable, "-m", "ldlib", "codec-check", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "broken.png" in r.stderr and "Traceback" not in r.stderr
