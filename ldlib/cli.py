@@ -53,6 +53,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_pairs(args: argparse.Namespace) -> int:
+    """Build (or resume) a pair set from a folder of photos; print a summary; non-zero when it holds no pair."""
+    import warnings
+
+    from .pairs import PairSpec, SkippedInputWarning, build_pairs, format_report
+
+    spec = _pair_spec(args)
+    with warnings.catch_warnings():
+        # The summary lists every skipped/converted file; one warning line each on stderr is enough.
+        warnings.simplefilter("ignore", SkippedInputWarning)
+        report = build_pairs(args.src, args.out, spec, workers=args.workers, shard=args.shard, progress=not args.quiet)
+    print(format_report(report))
+    for item in report["skipped"]:
+        print(f"warning: {item['source']}: skipped: {item['reason']}", file=sys.stderr)
+    if report["pairs_total"] == 0:
+        print(f"error: no pair was built from {args.src} (see {args.out}/report.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _pair_spec(args: argparse.Namespace):
+    """The recipe spec at the preset's sizes, with the command line's overrides (no weights are loaded)."""
+    from .pairs import PairSpec
+    from .presets import get_preset
+
+    try:
+        preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+    except FileNotFoundError:  # taef2 weights absent: cutting crops needs only sizes, and taef2 uses the recipe's
+        preset = None
+    overrides = dict(hq_size=args.crop, crops_per_image=args.crops_per_image, seed=args.seed, min_source_size=args.min_size)
+    if preset is None:
+        return PairSpec(**{k: v for k, v in overrides.items() if v is not None})
+    return PairSpec.from_preset(preset, **overrides)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Encode every LQ of a pair set with the preset's frozen encoder into a latent cache (resumable)."""
+    from .latents import default_cache_dir, encode_pairs
+    from .presets import get_preset
+
+    preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+    out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name)
+    result = encode_pairs(
+        args.pairs, preset.load_codec(), out, batch_size=args.batch_size, shard_size=args.shard_size,
+        shard=args.shard, device=args.device, progress=not args.quiet,
+    )
+    ident = result["identity"]
+    print(
+        f"latents {result['out']}: {result['encoded']} encoded now on {result['device']}, "
+        f"{result['already_cached']} already cached, {result['cached_total']} in the cache "
+        f"({ident['family']}, {ident['latent_channels']} channels, encoder {ident['encoder_sha256'][:12]})"
+    )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run benchmarks; write Markdown and JSON under runs/bench/."""
     from .bench import run_benches
@@ -81,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     _add_preset(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("build-pairs", help="cut (HQ, LQ) pairs from a folder of photos (the recipe), resumable")
+    p.add_argument("src", help="folder of source photos (searched recursively)")
+    p.add_argument("out", help="pair set folder (hq/, lq/, manifest.jsonl, report.json)")
+    _add_preset(p)
+    p.add_argument("--crop", type=int, default=None, help="HQ crop size in px (default: the preset's)")
+    p.add_argument("--crops-per-image", type=int, default=1, help="K crops per source image (default: %(default)s)")
+    p.add_argument("--min-size", type=int, default=0, help="skip sources whose short side is below this (px)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--shard", default=None, help="i/N: build only this machine's share of SRC into the same OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build_pairs)
+
+    p = sub.add_parser("encode", help="encode a pair set's LQ images into a latent cache (safetensors)")
+    p.add_argument("pairs", help="pair set folder (from build-pairs)")
+    _add_preset(p)
+    p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=512, help="pairs per safetensors file (default: %(default)s)")
+    p.add_argument("--shard", default=None, help="i/N: encode only this machine's share of the pairs")
+    p.add_argument("--device", default=None, help="cuda | cpu | ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")

@@ -1,0 +1,220 @@
+"""Latent cache: the normalised latents of every LQ of a pair set, in safetensors shards keyed by pair id.
+
+Layout of a cache folder (default ``PAIRS/latents/<preset>``)::
+
+    identity.json                     the codec's identity (``Codec.identity()``) and the pair set's spec
+    latents-<tag>-<hash>.safetensors  one file per chunk of pairs: tensor name = pair id, C x h x w float32;
+                                      the same identity is in each file's metadata
+
+A cache holds latents of one codec only: opening it with another codec's identity, or finding a shard whose
+metadata names another codec, raises ValueError. Shards are written to a hidden temporary name and renamed, so a
+killed run loses at most the chunk in flight; a rerun encodes only ids that no shard holds. ``--shard i/N`` runs
+take the ids with ``sha256(id) % N == i`` and name their files with ``<tag> = i-of-N``, so they never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .images import atomic_write_bytes
+
+IDENTITY_JSON = "identity.json"
+# What must agree for two latents to be interchangeable; "source" (a path or hub id) may differ for the same weights.
+IDENTITY_KEYS = ("family", "latent_channels", "spatial_factor", "encoder_sha256")
+
+
+def same_codec(a: dict, b: dict) -> bool:
+    """Whether two codec identities give interchangeable latents."""
+    return all(a.get(k) == b.get(k) for k in IDENTITY_KEYS)
+
+
+def default_device() -> torch.device:
+    """The accelerator when one is present (CUDA), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_cache_dir(pairs_root: str | os.PathLike, preset_name: str) -> Path:
+    """Where `encode` puts a preset's latents by default: PAIRS/latents/<preset>."""
+    return Path(pairs_root) / "latents" / preset_name
+
+
+class LatentCache:
+    """Read access to a latent cache folder: ``id in cache``, ``cache.get(id)`` -> C x h x w, ``cache.get_many``.
+
+    ``expect`` (a codec identity dict or a Codec) makes opening fail unless the cache holds that codec's latents.
+    Handles are opened lazily per process, so the object can go into DataLoader workers.
+    """
+
+    def __init__(self, folder: str | os.PathLike, expect: "dict | object | None" = None) -> None:
+        self.folder = Path(folder)
+        path = self.folder / IDENTITY_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.folder}: no {IDENTITY_JSON} (not a latent cache)")
+        self.info: dict = json.loads(path.read_text())
+        self.identity: dict = self.info["identity"]
+        if expect is not None:
+            want = expect if isinstance(expect, dict) else expect.identity()
+            if not same_codec(self.identity, want):
+                raise ValueError(_mismatch(self.folder, self.identity, want))
+        self._index: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-scan the shard files (headers only)."""
+        from safetensors import safe_open
+
+        index: dict[str, Path] = {}
+        for shard in shard_files(self.folder):
+            with safe_open(shard, framework="pt") as f:
+                meta = f.metadata() or {}
+                ident = json.loads(meta.get("identity", "{}"))
+                if not same_codec(ident, self.identity):
+                    raise ValueError(
+                        f"{shard}: holds latents of another codec ({_describe(ident)}), this cache is "
+                        f"{_describe(self.identity)}; remove the file or use another folder"
+                    )
+                for key in f.keys():
+                    index.setdefault(key, shard)  # first file by name wins; duplicates hold the same latent
+        self._index = index
+        self._handles = {}
+
+    def __contains__(self, pair_id: object) -> bool:
+        return pair_id in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def ids(self) -> set[str]:
+        """Pair ids with a latent in the cache."""
+        return set(self._index)
+
+    def get(self, pair_id: str) -> torch.Tensor:
+        """The C x h x w normalised latent of a pair id."""
+        shard = self._index.get(pair_id)
+        if shard is None:
+            raise KeyError(f"{self.folder}: no latent for pair {pair_id!r}")
+        handle = self._handles.get(shard)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[shard] = safe_open(shard, framework="pt")
+        return handle.get_tensor(pair_id)
+
+    def get_many(self, ids: Sequence[str]) -> torch.Tensor:
+        """N x C x h x w latents of several pair ids, in order."""
+        return torch.stack([self.get(i) for i in ids])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # file handles do not cross process boundaries
+        return state
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """The latent shard files of a cache folder, sorted (hidden temporaries excluded)."""
+    return sorted(p for p in Path(folder).glob("*.safetensors") if not p.name.startswith("."))
+
+
+def _describe(ident: dict) -> str:
+    sha = str(ident.get("encoder_sha256", "?"))[:12]
+    return f"{ident.get('family')} {ident.get('latent_channels')}ch encoder {sha} from {ident.get('source')!r}"
+
+
+def _mismatch(folder: Path, have: dict, want: dict) -> str:
+    return (
+        f"{folder}: holds latents of {_describe(have)}, not of the codec given ({_describe(want)}); "
+        "latents of different VAEs are never mixed: use another --out folder"
+    )
+
+
+def open_cache(folder: str | os.PathLike, identity: dict, pairset: dict) -> LatentCache:
+    """Open a cache folder for writing latents of identity (creating it), refusing another codec or pair set."""
+    folder = Path(folder)
+    path = folder / IDENTITY_JSON
+    if path.is_file():
+        info = json.loads(path.read_text())
+        if not same_codec(info["identity"], identity):
+            raise ValueError(_mismatch(folder, info["identity"], identity))
+        if info.get("pairset") != pairset:
+            raise ValueError(f"{folder}: holds latents of pairs cut with {info.get('pairset')}, not {pairset}")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"identity": identity, "pairset": pairset, "dtype": "float32"}
+        atomic_write_bytes(path, json.dumps(info, indent=2, sort_keys=True).encode() + b"\n")
+    return LatentCache(folder)
+
+
+def encode_pairs(
+    pairs_root: str | os.PathLike,
+    codec,
+    out: str | os.PathLike,
+    batch_size: int = 16,
+    shard_size: int = 512,
+    shard: tuple[int, int] | str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Encode every LQ of a pair set that the cache at out lacks; returns counts (encoded, already cached, total).
+
+    Batched, without gradients, on ``device`` (default: CUDA when present; the codec is moved there). Every ``shard_size`` pairs become one
+    safetensors file, written atomically: a killed run resumes at the first chunk not on disk.
+    """
+    from safetensors.torch import save
+
+    from .images import load_image
+    from .pairs import PAIRSET_JSON, in_shard, parse_shard, read_manifest
+
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    pairs_root = Path(pairs_root)
+    shard = parse_shard(shard)
+    records = [r for r in read_manifest(pairs_root) if in_shard(r["id"], shard)]
+    pairset = json.loads((pairs_root / PAIRSET_JSON).read_text())["spec"] if (pairs_root / PAIRSET_JSON).is_file() else {}
+    identity = codec.identity()
+    cache = open_cache(out, identity, pairset)
+    todo = [r for r in records if r["id"] not in cache]
+    device = torch.device(device) if device is not None else default_device()
+    codec = codec.to(device).eval()
+    meta = {"identity": json.dumps(identity, sort_keys=True), "pairset": json.dumps(pairset, sort_keys=True)}
+    tag = "all" if shard[1] == 1 else f"{shard[0]}-of-{shard[1]}"
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="encode", unit="pair", disable=not progress)
+    written = []
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start : start + shard_size]
+        tensors: dict[str, torch.Tensor] = {}
+        for b in range(0, len(chunk), batch_size):
+            batch = chunk[b : b + batch_size]
+            lq = torch.cat([load_image(pairs_root / r["lq"]) for r in batch]).to(device)
+            with torch.inference_mode():
+                z = codec.encode(lq).float().cpu()
+            for r, zi in zip(batch, z):
+                tensors[r["id"]] = zi.contiguous()
+            bar.update(len(batch))
+        name = hashlib.sha256("\0".join(sorted(tensors)).encode()).hexdigest()[:16]
+        path = Path(out) / f"latents-{tag}-{name}.safetensors"
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+        written.append(path.name)
+    bar.close()
+    cache.refresh()
+    return {
+        "out": str(out),
+        "identity": identity,
+        "device": str(device),
+        "shard": list(shard),
+        "pairs_in_shard": len(records),
+        "already_cached": len(records) - len(todo),
+        "encoded": len(todo),
+        "files_written": written,
+        "cached_total": len(cache),
+    }

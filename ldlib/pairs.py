@@ -1,0 +1,565 @@
+"""Pair sets: source photos -> (HQ, LQ) crops on disk, exactly the recipe, and a torch Dataset over them.
+
+The recipe (DESIGN.md steps 1-4): source -> area 1/``pre_downsample`` -> random ``hq_size`` crop (HQ) ->
+area 1/``lq_factor`` (LQ). For speed only the source region under the crop is averaged: with the crop offset a
+multiple of ``pre_downsample`` in source pixels, ``area(source)[box] == area(source[pre * box])`` exactly.
+
+Layout of a pair set folder OUT::
+
+    pairset.json                      the spec fields that define the pixels (a rerun with another spec is refused)
+    hq/<id>.png, lq/<id>.png          8-bit RGB
+    manifest.jsonl                    one JSON line per complete pair (unsharded runs): id, source (path relative
+                                      to the source folder), crop (index), source_size [w, h] and box [left, top,
+                                      right, bottom] in source pixels after EXIF orientation, spec, seed, note
+    manifest.shard-I-of-N.jsonl       the same, one file per shard of a ``--shard I/N`` run
+    report.json / report.shard-I-of-N.json   counts, skipped files with reasons, conversions, timings
+
+Sharding: every shard owns its own manifest and report file, so shards running on several machines write into
+one OUT without collisions (PNG names are ids, and ids are unique per source file); readers merge all manifest
+files. A source file belongs to shard ``sha256(relative path) % N``, independent of listing order.
+
+Kill safety: every PNG is written to a hidden temporary name and renamed; a manifest line is appended (one
+``write`` of a whole line, then fsync) only after both PNGs are in place; readers ignore a torn last line and a
+rerun cuts it off before appending. A rerun skips pairs already listed (re-writing their PNGs if they went
+missing) and never appends a second line for an id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .images import ImageLoadError, area_downsample, atomic_write_bytes, list_images, load_rgb8, save_image, to_tensor
+
+MANIFEST = "manifest.jsonl"
+PAIRSET_JSON = "pairset.json"
+FORMAT_VERSION = 1
+
+
+class SkippedInputWarning(UserWarning):
+    """A source file was skipped (or converted) while building a pair set; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# spec
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """How pairs are cut from a source photo; the defaults are the recipe (area 0.5x, 512 crop, area 0.5x, K=1)."""
+
+    pre_downsample: int = 2  # area downsample of the source before cropping
+    hq_size: int = 512  # HQ crop (px, after pre_downsample)
+    lq_factor: int = 2  # LQ = area downsample of HQ by this factor
+    crops_per_image: int = 1  # K crops per decoded source (the decode is paid once)
+    min_source_size: int = 0  # extra minimum on the source's short side (px); the crop's own need always applies
+    seed: int = 0  # seeds every crop position (with the source path and crop index)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"PairSpec.{f.name} must be an int, got {v!r}")
+        for name in ("pre_downsample", "hq_size", "lq_factor", "crops_per_image"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PairSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hq_size % self.lq_factor:
+            raise ValueError(f"PairSpec: hq_size {self.hq_size} is not divisible by lq_factor {self.lq_factor}")
+
+    @property
+    def lq_size(self) -> int:
+        """LQ size (px)."""
+        return self.hq_size // self.lq_factor
+
+    @property
+    def source_crop(self) -> int:
+        """Side of the source region (px) under one HQ crop."""
+        return self.hq_size * self.pre_downsample
+
+    @property
+    def min_side(self) -> int:
+        """Smallest short side (px) a source must have to be used."""
+        return max(self.source_crop, self.min_source_size)
+
+    def pixel_key(self) -> dict:
+        """The fields that decide the pixels of a pair with a given id (K and the size floor do not)."""
+        return {"pre_downsample": self.pre_downsample, "hq_size": self.hq_size, "lq_factor": self.lq_factor, "seed": self.seed}
+
+    @classmethod
+    def from_preset(cls, preset: str | object = "tiny", **overrides) -> "PairSpec":
+        """The recipe spec at a preset's sizes (a Preset or its name); keyword overrides replace fields."""
+        if isinstance(preset, str):
+            from .presets import get_preset
+
+            preset = get_preset(preset)
+        base = dict(pre_downsample=preset.pre_downsample, hq_size=preset.hq_size, lq_factor=preset.lq_factor)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
+    """'i/N' (0 <= i < N) -> (i, N); None -> (0, 1)."""
+    if text is None:
+        return (0, 1)
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not m:
+            raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}")
+        i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < N")
+    return (i, n)
+
+
+def in_shard(key: str, shard: tuple[int, int]) -> bool:
+    """Whether a key (a source path or a pair id) belongs to shard (i, N); stable across machines."""
+    i, n = shard
+    return n == 1 or int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) % n == i
+
+
+def manifest_name(shard: tuple[int, int]) -> str:
+    """Manifest file name of a shard ('manifest.jsonl' when unsharded)."""
+    return MANIFEST if shard[1] == 1 else f"manifest.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def report_name(shard: tuple[int, int]) -> str:
+    """Report file name of a shard ('report.json' when unsharded)."""
+    return "report.json" if shard[1] == 1 else f"report.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def pair_id(source_rel: str, crop_index: int, seed: int) -> str:
+    """Deterministic id of crop ``crop_index`` of a source (path relative to the source folder) under a seed."""
+    h = hashlib.sha256(f"{source_rel}\0{crop_index}\0{seed}".encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_]+", "_", Path(source_rel).stem).strip("_")[:40] or "img"
+    return f"{stem}-{crop_index}-{h}"
+
+
+def crop_box(source_size: tuple[int, int], spec: PairSpec, source_rel: str, crop_index: int) -> tuple[int, int, int, int]:
+    """Crop box (left, top, right, bottom) in source pixels of crop ``crop_index``; offsets aligned to pre_downsample."""
+    w, h = source_size
+    f, s = spec.pre_downsample, spec.hq_size
+    wd, hd = w // f, h // f  # size of the area-downsampled source
+    if wd < s or hd < s:
+        raise ValueError(f"{source_rel}: {w}x{h} is too small for a {s} px crop after {f}x area downsample")
+    digest = hashlib.sha256(f"crop\0{spec.seed}\0{source_rel}\0{crop_index}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    top, left = int(rng.integers(0, hd - s + 1)), int(rng.integers(0, wd - s + 1))
+    return (left * f, top * f, (left + s) * f, (top + s) * f)
+
+
+def cut_pair(source: np.ndarray, box: tuple[int, int, int, int], spec: PairSpec) -> tuple[np.ndarray, np.ndarray]:
+    """HQ and LQ uint8 arrays of one crop box of an H x W x 3 uint8 source (the recipe, exact box averages)."""
+    left, top, right, bottom = box
+    region = torch.from_numpy(np.ascontiguousarray(source[top:bottom, left:right])).permute(2, 0, 1)[None]
+    # Averaging 0..255 integers in float32 is exact (sums of <= 2**16 terms of <= 255, power-of-two divisors),
+    # so HQ is round(mean) exactly; LQ is averaged from the unrounded HQ: the exact mean over the source.
+    hq = area_downsample(region.float(), spec.pre_downsample)
+    lq = area_downsample(hq, spec.lq_factor)
+
+    def u8(x: torch.Tensor) -> np.ndarray:
+        return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+    return u8(hq), u8(lq)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# manifest
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _parse_lines(path: Path) -> list[dict]:
+    """Records of one manifest file; a torn last line (no newline, or not JSON) is ignored."""
+    data = path.read_bytes()
+    records = []
+    lines = data.split(b"\n")
+    complete = lines[:-1]  # the part after the last newline is either empty or a torn write
+    for n, line in enumerate(complete):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {n + 1} is not valid JSON; ignored", SkippedInputWarning, stacklevel=3)
+    return records
+
+
+def manifest_files(root: str | os.PathLike) -> list[Path]:
+    """All manifest files of a pair set (unsharded first, then shards by name)."""
+    root = Path(root)
+    return [p for p in [root / MANIFEST] if p.is_file()] + sorted(root.glob("manifest.shard-*-of-*.jsonl"))
+
+
+def read_manifest(root: str | os.PathLike) -> list[dict]:
+    """Every pair record of a pair set (all shards merged, one per id), sorted by (source, crop index)."""
+    root = Path(root)
+    files = manifest_files(root)
+    if not files:
+        raise FileNotFoundError(f"{root}: no manifest.jsonl (not a pair set, or nothing built yet)")
+    seen: dict[str, dict] = {}
+    for path in files:
+        for rec in _parse_lines(path):
+            seen.setdefault(rec["id"], rec)
+    return sorted(seen.values(), key=lambda r: (r["source"], r["crop"]))
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a torn last line (left by a kill mid-append) so the next append starts on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+class _ManifestWriter:
+    """Appends whole lines to one manifest file, holding an exclusive lock so two runs of a shard never interleave."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f = open(path, "ab")
+        try:
+            import fcntl
+
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock, the per-shard files still keep machines apart
+            pass
+        except OSError as e:
+            self.f.close()
+            raise RuntimeError(f"{path}: another build is writing this shard right now") from e
+        _repair_tail(path)
+
+    def append(self, records: Iterable[dict]) -> None:
+        data = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records)
+        if data:
+            self.f.write(data)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# builder
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    src_root: str
+    rel: str
+    out: str
+    spec: PairSpec
+    crops: list[int]  # crop indices whose PNGs to write
+    new: list[int]  # of those, the ones that still need a manifest line
+
+
+def _process_source(task: _Task) -> dict:
+    """Decode one source and write its missing crops; never raises for bad input (returns a reason)."""
+    t0 = time.perf_counter()
+    result: dict = {"source": task.rel, "records": [], "skipped": None, "note": "", "decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}
+    try:
+        array, note = load_rgb8(Path(task.src_root) / task.rel)
+    except ImageLoadError as e:
+        result["skipped"] = str(e).split(": ", 1)[-1]
+        return result
+    except Exception as e:  # a batch job never stops on one file; the reason names the error
+        result["skipped"] = f"unexpected error while decoding ({type(e).__name__}: {e})"
+        return result
+    result["decode_s"] = time.perf_counter() - t0
+    result["note"] = note
+    h, w = array.shape[:2]
+    if min(h, w) < task.spec.min_side:
+        result["skipped"] = f"too small: {w}x{h}, the spec needs a short side of at least {task.spec.min_side} px"
+        return result
+    out = Path(task.out)
+    for k in task.crops:
+        t1 = time.perf_counter()
+        box = crop_box((w, h), task.spec, task.rel, k)
+        hq, lq = cut_pair(array, box, task.spec)
+        t2 = time.perf_counter()
+        pid = pair_id(task.rel, k, task.spec.seed)
+        save_image(hq, out / "hq" / f"{pid}.png")
+        save_image(lq, out / "lq" / f"{pid}.png")
+        result["cut_s"] += t2 - t1
+        result["write_s"] += time.perf_counter() - t2
+        if k in task.new:
+            result["records"].append({
+                "id": pid, "source": task.rel, "crop": k, "source_size": [w, h], "box": list(box),
+                "hq": f"hq/{pid}.png", "lq": f"lq/{pid}.png", "spec": asdict(task.spec), "seed": task.spec.seed,
+                "note": note,
+            })
+    return result
+
+
+def _worker_init() -> None:
+    # Parallelism is across processes; one intra-op thread each avoids oversubscribing the cores.
+    torch.set_num_threads(1)
+
+
+def _check_pairset(out: Path, spec: PairSpec) -> None:
+    """Record the spec's pixel key in OUT, or refuse when OUT holds pairs cut with another one."""
+    path = out / PAIRSET_JSON
+    want = {"format": FORMAT_VERSION, "spec": spec.pixel_key()}
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have.get("spec") != want["spec"]:
+            raise ValueError(
+                f"{out} holds pairs built with {have.get('spec')}, not {want['spec']}; use another OUT folder"
+            )
+        return
+    atomic_write_bytes(path, json.dumps(want, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _remove_stale_temps(out: Path) -> int:
+    """Delete hidden temporary files a killed run left in hq/ and lq/ (only safe while no other shard writes)."""
+    n = 0
+    for sub in ("hq", "lq"):
+        for p in (out / sub).glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def build_pairs(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    spec: PairSpec = PairSpec(),
+    workers: int | None = None,
+    shard: tuple[int, int] | str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build (or resume) a pair set from a folder of photos into out; returns the report (also in report.json).
+
+    ``workers``: processes (None: CPU count; 1: in this process). ``shard``: (i, N) or 'i/N'. Bad files are
+    skipped with a reason and a SkippedInputWarning; the caller decides what zero pairs means.
+    """
+    t_start = time.perf_counter()
+    src, out = Path(src).resolve(), Path(out).resolve()
+    shard = parse_shard(shard)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    files = list_images(src)  # raises FileNotFoundError naming src
+    if out == src or src in out.parents:
+        files = [p for p in files if out not in p.parents]  # never read our own output as sources
+    rels = [p.relative_to(src).as_posix() for p in files]
+    mine = [r for r in rels if in_shard(r, shard)]
+
+    for sub in ("hq", "lq"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    _check_pairset(out, spec)
+    writer = _ManifestWriter(out / manifest_name(shard))
+    try:
+        stale = _remove_stale_temps(out) if shard[1] == 1 else 0
+        listed = {r["id"] for r in read_manifest(out)} if manifest_files(out) else set()
+        tasks, complete = [], 0
+        for rel in mine:
+            ids = [pair_id(rel, k, spec.seed) for k in range(spec.crops_per_image)]
+            have = [
+                pid in listed and (out / "hq" / f"{pid}.png").is_file() and (out / "lq" / f"{pid}.png").is_file()
+                for pid in ids
+            ]
+            if all(have):
+                complete += 1
+                continue
+            crops = [k for k in range(spec.crops_per_image) if not have[k]]
+            new = [k for k in crops if ids[k] not in listed]
+            tasks.append(_Task(str(src), rel, str(out), spec, crops, new))
+
+        from tqdm.auto import tqdm
+
+        n_workers = max(1, min(workers, len(tasks)))
+        bar = tqdm(total=len(tasks), desc=f"pairs {shard[0]}/{shard[1]}" if shard[1] > 1 else "pairs", unit="img", disable=not progress)
+        skipped, converted = [], []
+        built = 0
+        timings = {"decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}
+
+        def consume(res: dict) -> None:
+            nonlocal built
+            writer.append(res["records"])  # only after both PNGs of every record are in place
+            built += len(res["records"])
+            for k in timings:
+                timings[k] += res[k]
+            if res["skipped"]:
+                skipped.append({"source": res["source"], "reason": res["skipped"]})
+                warnings.warn(f"{src / res['source']}: skipped: {res['skipped']}", SkippedInputWarning, stacklevel=3)
+            elif res["note"]:
+                converted.append({"source": res["source"], "note": res["note"]})
+                warnings.warn(f"{src / res['source']}: {res['note']}", SkippedInputWarning, stacklevel=3)
+            bar.update(1)
+
+        if n_workers == 1:
+            for task in tasks:
+                consume(_process_source(task))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
+                for res in pool.map(_process_source, tasks):  # ordered: the manifest order is deterministic
+                    consume(res)
+        bar.close()
+    finally:
+        writer.close()
+
+    total = len(read_manifest(out))
+    used = len(tasks) - len(skipped)
+    report = {
+        "source_folder": str(src),
+        "out": str(out),
+        "spec": asdict(spec),
+        "shard": list(shard),
+        "workers": n_workers,
+        "files_listed": len(rels),
+        "files_in_shard": len(mine),
+        "sources_already_complete": complete,
+        "sources_used": used,
+        "sources_skipped": len(skipped),
+        "pairs_built": built,
+        "pairs_total": total,
+        "stale_temp_files_removed": stale,
+        "skipped": skipped,
+        "converted": converted,
+        "alpha": "composited on white",
+        "timings": {
+            "total_s": round(time.perf_counter() - t_start, 4),
+            **{k: round(v, 4) for k, v in timings.items()},
+            "per_source_s": round((time.perf_counter() - t_start) / max(1, len(tasks)), 4),
+        },
+    }
+    atomic_write_bytes(out / report_name(shard), json.dumps(report, indent=2).encode() + b"\n")
+    return report
+
+
+def format_report(report: dict, max_lines: int = 12) -> str:
+    """One screen of text summarising a build report."""
+    t = report["timings"]
+    lines = [
+        f"pair set {report['out']}  (shard {report['shard'][0]}/{report['shard'][1]}, {report['workers']} worker(s))",
+        f"  spec: {report['spec']}",
+        f"  files: {report['files_listed']} listed, {report['files_in_shard']} in this shard, "
+        f"{report['sources_already_complete']} already complete, {report['sources_used']} used, "
+        f"{report['sources_skipped']} skipped",
+        f"  pairs: {report['pairs_built']} built now, {report['pairs_total']} in the set",
+        f"  time: {t['total_s']:.1f} s (decode {t['decode_s']:.1f} s, cut {t['cut_s']:.1f} s, write {t['write_s']:.1f} s)",
+    ]
+    for kind, key, what in (("skipped", "skipped", "reason"), ("converted", "converted", "note")):
+        items = report[key]
+        if items:
+            lines.append(f"  {kind}:")
+            lines += [f"    {it['source']}: {it[what]}" for it in items[:max_lines]]
+            if len(items) > max_lines:
+                lines.append(f"    ... and {len(items) - max_lines} more (see report.json)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dataset
+# ------------------------------------------------------------------------------------------------------------
+
+
+def split_by_source(records: Sequence[dict], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train ids, val ids): whole source images go to validation, never single crops; deterministic from seed.
+
+    The sorted source list is permuted with ``seed``; the first ``round(val_fraction * n)`` sources (at least one
+    when ``0 < val_fraction`` and there are two or more sources) are held out.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    sources = sorted({r["source"] for r in records})
+    n_val = int(round(val_fraction * len(sources)))
+    if val_fraction > 0 and len(sources) >= 2:
+        n_val = min(max(n_val, 1), len(sources) - 1)
+    order = np.random.default_rng(seed).permutation(len(sources))
+    val_sources = {sources[i] for i in order[:n_val]}
+    train = [r["id"] for r in records if r["source"] not in val_sources]
+    val = [r["id"] for r in records if r["source"] in val_sources]
+    return train, val
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """The pairs of a pair set as a torch Dataset.
+
+    ``PairDataset(root, ids=None, latents=None)``; item ``i`` is a dict:
+    ``id`` (str), ``source`` (str, path relative to the source folder), ``hq`` (3 x S x S float in [-1, 1]),
+    ``lq`` (3 x S/f x S/f float in [-1, 1]) and, when ``latents`` (a folder or LatentCache) is given,
+    ``latent`` (C x h x w normalised latent of that LQ). ``records`` holds the manifest lines in item order;
+    ``split(val_fraction, seed)`` returns (train, val) datasets split by source image.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        ids: Sequence[str] | None = None,
+        latents: "str | os.PathLike | object | None" = None,
+        load_images: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        records = read_manifest(self.root)
+        if ids is not None:
+            by_id = {r["id"]: r for r in records}
+            missing = [i for i in ids if i not in by_id]
+            if missing:
+                raise KeyError(f"{self.root}: {len(missing)} ids not in the pair set, e.g. {missing[0]!r}")
+            records = [by_id[i] for i in ids]
+        self.records: list[dict] = records
+        self.load_images = load_images
+        self.latents = None
+        if latents is not None:
+            from .latents import LatentCache
+
+            self.latents = latents if isinstance(latents, LatentCache) else LatentCache(latents)
+            absent = [r["id"] for r in records if r["id"] not in self.latents]
+            if absent:
+                raise KeyError(
+                    f"{self.latents.folder}: no latents for {len(absent)} of {len(records)} pairs "
+                    f"(e.g. {absent[0]!r}); run `python -m ldlib encode {self.root}` first"
+                )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        """Pair ids in item order."""
+        return [r["id"] for r in self.records]
+
+    @property
+    def sources(self) -> list[str]:
+        """Distinct source paths (sorted)."""
+        return sorted({r["source"] for r in self.records})
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        item: dict = {"id": r["id"], "source": r["source"]}
+        if self.load_images:
+            item["hq"] = to_tensor(load_rgb8(self.root / r["hq"])[0])[0]
+            item["lq"] = to_tensor(load_rgb8(self.root / r["lq"])[0])[0]
+        if self.latents is not None:
+            item["latent"] = self.latents.get(r["id"])
+        return item
+
+    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple["PairDataset", "PairDataset"]:
+        """(train, val) datasets split by source image (see split_by_source)."""
+        train, val = split_by_source(self.records, val_fraction, seed)
+        return (
+            PairDataset(self.root, train, self.latents, self.load_images),
+            PairDataset(self.root, val, self.latents, self.load_images),
+        )
