@@ -29,3 +29,22 @@ def taef2_codec(shared_dir):
     if not (shared_dir / "models" / "taef2" / "taef2_encoder.pth").is_file():
         pytest.skip("../shared/models/taef2 not found: taef2 test skipped")
     return get_preset("taef2").load_codec()
+
+
+@pytest.fixture(scope="session")
+def tiny_pairset(tmp_path_factory) -> dict:
+    """A tiny-preset pair set built from the sample photos (2 crops each) with its latent cache: paths and codec."""
+    from ldlib.latents import default_cache_dir, encode_pairs
+    from ldlib.pairs import PairSpec, build_pairs
+    from ldlib.presets import get_preset
+    from ldlib.samples import sample_folder
+
+    root = tmp_path_factory.mktemp("tiny_pairset")
+    photos = sample_folder(root / "photos")
+    pairs = root / "pairs"
+    preset = get_preset("tiny")
+    build_pairs(photos, pairs, PairSpec.from_preset(preset, crops_per_image=2), workers=1, progress=False)
+    codec = preset.load_codec()
+    latents = default_cache_dir(pairs, preset.name)
+    encode_pairs(pairs, codec, latents, batch_size=8, progress=False, device="cpu")
+    return {"photos": photos, "pairs": pairs, "latents": latents, "preset": preset, "codec": codec}
