@@ -108,6 +108,27 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher(args: argparse.Namespace) -> int:
+    """Run the preset's diffusion degrader on cached latents: targets for training the proxy (resumable)."""
+    from .degrade import diffusion_degrader
+    from .latents import default_cache_dir, default_device
+    from .presets import get_preset
+    from .teacher import TeacherSpec, describe_teacher, generate_teacher
+
+    preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+    spec = TeacherSpec(sigma_max=args.sigma_max, per_latent=args.per_latent, steps=args.steps, prompt=args.prompt, seed=args.seed)
+    device = args.device or default_device()
+    degrader = diffusion_degrader(preset, steps=spec.steps, prompt=spec.prompt, device=device, batch_size=args.batch_size)
+    latents = Path(args.latents) if args.latents else default_cache_dir(args.pairs, preset.name)
+    result = generate_teacher(
+        args.pairs, latents, degrader, args.out, spec, teacher_info=describe_teacher(degrader, preset.name),
+        batch_size=args.batch_size, shard_size=args.shard_size, shard=args.shard, device=device, progress=not args.quiet,
+    )
+    print(f"teacher {result['out']}: {result['computed']} computed now, {result['already_done']} already done "
+          f"(sigma ~ U[0, {spec.sigma_max}], {spec.steps} Euler steps, prompt {spec.prompt!r})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run benchmarks; write Markdown and JSON under runs/bench/."""
     from .bench import run_benches
@@ -160,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda | cpu | ... (default: CUDA when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("teacher", help="diffusion-degrade cached latents: training targets for the proxy")
+    p.add_argument("pairs", help="pair set folder (with latents from `encode`)")
+    p.add_argument("out", help="teacher data folder")
+    _add_preset(p)
+    p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
+    p.add_argument("--sigma-max", type=float, default=0.3, help="sigma ~ U[0, sigma-max] (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="teacher Euler steps from sigma to 0 (default: %(default)s)")
+    p.add_argument("--per-latent", type=int, default=1, help="draws (sigma, noise) per latent (default: %(default)s)")
+    p.add_argument("--prompt", default="negative", help="negative (Wan's generic negative prompt) | empty | TEXT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=256, help="records per safetensors file")
+    p.add_argument("--shard", default=None, help="i/N: this machine's share of the pairs")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")

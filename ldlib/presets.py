@@ -97,11 +97,12 @@ class Preset:
 
         if self.transformer == "tiny":
             model = tiny_wan_transformer(self.seed)
-        else:
+            model = model.to(dtype=dtype) if dtype != torch.float32 else model
+        else:  # torch_dtype here (not .to) keeps the modules diffusers wants in float32
             model = WanTransformer3DModel.from_pretrained(
                 self.transformer, subfolder=self.transformer_subfolder, torch_dtype=dtype
             )
-        return model.eval().to(device=device or "cpu", dtype=dtype)
+        return model.eval().to(device or "cpu")
 
     @property
     def text_encoder_id(self) -> str:
