@@ -1,0 +1,312 @@
+"""Sigma tuning: per-sigma statistics of a degrader, and the pictures notebook 02 shows.
+
+Statistics for each sigma (means over the samples; the same noise seed at every sigma, so curves are smooth):
+
+- ``rel_err``: latent relative error ``|D(x) - x| / |x|`` (Frobenius norms per sample);
+- ``hf_share``: the share of the error's spectral energy at high spatial frequencies: energy of
+  ``FFT2(D(x) - x)`` (summed over channels) outside the centre square ``|f_y|, |f_x| <= Nyquist / 2``, i.e. the
+  part a half-resolution latent could not hold. White noise gives 0.75 (a bit less on small grids, see
+  ``white_noise_hf_share``); a smooth (structural) change gives less,
+  speckle at the pixel scale more. Undefined (NaN) at sigma 0, where there is no error;
+- ``psnr_clean`` / ``lpips_clean``: the decoded degraded latent against the decode of the clean latent (what the
+  degradation alone does to the picture);
+- ``psnr_hq`` / ``lpips_hq``: the same against HQ. A 1x codec decodes at LQ size, so HQ is area-downsampled to the
+  decode's size first (for a recipe pair that is exactly LQ); a 2x decoder is compared with HQ itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .images import area_downsample, load_image
+
+DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
+RECIPE_RANGE = (0.0, 0.12)
+
+
+@dataclass
+class SweepConfig:
+    """What a sigma sweep measures: the sigmas, the noise seed, LPIPS' backbone, and the batch size."""
+
+    sigmas: tuple[float, ...] = DEFAULT_SIGMAS
+    seed: int = 0
+    lpips_net: str = "alex"
+    batch_size: int = 8
+
+
+# ------------------------------------------------------------------------------------------------------------
+# inputs: (HQ, LQ) pairs in memory
+# ------------------------------------------------------------------------------------------------------------
+
+
+def photo_pair(image: torch.Tensor, hq_size: int, pre_downsample: int = 2, lq_factor: int = 2,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recipe pair from a 1 x 3 x H x W photo: area 1/pre, random hq_size crop (HQ), area 1/lq_factor (LQ)."""
+    h, w = image.shape[-2:]
+    side = hq_size * pre_downsample
+    if h < side or w < side:
+        raise ValueError(f"photo {w}x{h} is too small for a {hq_size} px crop after {pre_downsample}x downsample")
+    # Crop in source pixels at offsets that are multiples of pre_downsample: area(src)[box] == area(src[pre*box]).
+    top = int(torch.randint(0, h // pre_downsample - hq_size + 1, (1,), generator=generator)) * pre_downsample
+    left = int(torch.randint(0, w // pre_downsample - hq_size + 1, (1,), generator=generator)) * pre_downsample
+    hq = area_downsample(image[..., top : top + side, left : left + side], pre_downsample)
+    return hq, area_downsample(hq, lq_factor)
+
+
+def photo_pairs(paths: Sequence[str | os.PathLike], hq_size: int, pre_downsample: int = 2, lq_factor: int = 2,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """HQ (N x 3 x S x S) and LQ batches, one seeded crop per photo; photos too small are skipped and named."""
+    g = torch.Generator().manual_seed(seed)
+    hqs, lqs, names, skipped = [], [], [], []
+    for p in paths:
+        try:
+            hq, lq = photo_pair(load_image(p), hq_size, pre_downsample, lq_factor, g)
+        except ValueError as e:  # ImageLoadError is a ValueError: skip and report
+            skipped.append(f"{p}: {e}")
+            continue
+        hqs.append(hq), lqs.append(lq), names.append(Path(p).name)
+    if skipped:
+        import warnings
+
+        warnings.warn("skipped: " + "; ".join(skipped), stacklevel=2)
+    if not hqs:
+        raise ValueError(f"no usable photo among {len(paths)} for {hq_size} px crops")
+    return torch.cat(hqs), torch.cat(lqs), names
+
+
+def sample_pairs(preset, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Recipe pairs at the preset's sizes from the sample photos shipped with scikit-image (no files needed)."""
+    from .samples import sample_paths
+
+    return photo_pairs(sample_paths()[:n], preset.hq_size, preset.pre_downsample, preset.lq_factor, seed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------------------
+
+
+def relative_error(degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``|D(x) - x| / |x|`` (Frobenius norms)."""
+    return (degraded - clean).flatten(1).norm(dim=1) / clean.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def high_freq_share(x: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
+    """Per-sample share of 2-D FFT energy with max(|f_y|, |f_x|) > cutoff * Nyquist (NaN for an all-zero sample)."""
+    if x.dim() != 4:
+        raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
+    energy = torch.fft.fft2(x.double()).abs().pow(2).sum(1)  # N x H x W, channels summed
+    fy = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64).abs().view(-1, 1)  # cycles / px; Nyquist = 0.5
+    fx = torch.fft.fftfreq(x.shape[-1], dtype=torch.float64).abs().view(1, -1)
+    high = torch.maximum(fy, fx) > cutoff * 0.5
+    total = energy.flatten(1).sum(1)
+    share = (energy * high).flatten(1).sum(1) / total
+    return torch.where(total > 0, share, torch.full_like(share, math.nan)).float()
+
+
+def white_noise_hf_share(h: int, w: int, cutoff: float = 0.5) -> float:
+    """The expected ``high_freq_share`` of white noise on an h x w grid (0.75 in the limit; less on tiny grids)."""
+    low_y = (torch.fft.fftfreq(h, dtype=torch.float64).abs() <= cutoff * 0.5).sum().item()
+    low_x = (torch.fft.fftfreq(w, dtype=torch.float64).abs() <= cutoff * 0.5).sum().item()
+    return 1.0 - low_y * low_x / (h * w)
+
+
+def reference_at(hq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """HQ at a decode's size: itself, or area-downsampled by the integer factor between them."""
+    if tuple(hq.shape[-2:]) == tuple(size):
+        return hq
+    f = hq.shape[-2] // size[0]
+    if f * size[0] != hq.shape[-2] or f * size[1] != hq.shape[-1]:
+        raise ValueError(f"HQ {tuple(hq.shape[-2:])} is not an integer multiple of the decode size {tuple(size)}")
+    return area_downsample(hq, f)
+
+
+@dataclass
+class SweepResult:
+    """Per-sigma rows of a sweep plus what was compared (for the report)."""
+
+    rows: list[dict]
+    degrader: str
+    hq_reference: str
+    lpips_pretrained: bool
+    latent_shape: tuple[int, ...]
+    hf_share_clean: float
+    hf_share_white: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    def markdown(self) -> str:
+        """The rows as a Markdown table."""
+        cols = ["sigma", "rel_err", "hf_share", "psnr_clean", "lpips_clean", "psnr_hq", "lpips_hq"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+        for r in self.rows:
+            lines.append("| " + " | ".join(f"{r[c]:.4f}" if c != "sigma" else f"{r[c]:g}" for c in cols) + " |")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def sigma_sweep(codec, degrader, lq: torch.Tensor, hq: torch.Tensor, config: SweepConfig | None = None,
+                latents: torch.Tensor | None = None, lpips_fn=None, progress: bool = True) -> SweepResult:
+    """Degrade the LQ latents at each sigma of config and measure (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from .metrics import lpips_model, psnr
+
+    config = config or SweepConfig()
+    bs = config.batch_size
+
+    def batched(fn, *xs):
+        return torch.cat([fn(*(x[i : i + bs] for x in xs)) for i in range(0, len(xs[0]), bs)])
+
+    z = latents if latents is not None else batched(codec.encode, lq)
+    dec_clean = batched(codec.decode, z)
+    ref = reference_at(hq, dec_clean.shape[-2:])
+    lp = lpips_fn if lpips_fn is not None else lpips_model(config.lpips_net)
+    rows = []
+    for s in tqdm(config.sigmas, desc="sigma sweep", disable=not progress):
+        # The same seed at every sigma: the curves differ by sigma only, not by a new noise draw.
+        g = torch.Generator(device=z.device).manual_seed(config.seed)
+        zd = torch.cat([degrader.degrade(z[i : i + bs], float(s), g) for i in range(0, len(z), bs)])
+        dec = batched(codec.decode, zd)
+        rows.append({
+            "sigma": float(s),
+            "rel_err": relative_error(zd, z).mean().item(),
+            "hf_share": high_freq_share(zd - z).mean().item(),
+            "psnr_clean": psnr(dec, dec_clean).mean().item(),
+            "lpips_clean": batched(lambda a, b: lp(a, b).flatten(), dec, dec_clean).mean().item(),
+            "psnr_hq": psnr(dec, ref).mean().item(),
+            "lpips_hq": batched(lambda a, b: lp(a, b).flatten(), dec, ref).mean().item(),
+        })
+    same = ref is hq
+    return SweepResult(
+        rows=rows,
+        degrader=type(degrader).__name__,
+        hq_reference="HQ" if same else f"HQ area-downsampled to the decode size {tuple(dec_clean.shape[-2:])}",
+        lpips_pretrained=bool(getattr(lp, "backbone_pretrained", True)),
+        latent_shape=tuple(z.shape),
+        hf_share_clean=high_freq_share(z - z.mean(dim=(2, 3), keepdim=True)).mean().item(),
+        hf_share_white=white_noise_hf_share(*z.shape[-2:]),
+        notes=[] if getattr(lp, "backbone_pretrained", True) else
+        ["LPIPS backbone randomly initialised (torchvision weights not cached): compare within this run only"],
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pictures
+# ------------------------------------------------------------------------------------------------------------
+
+
+def plot_sweep(result: SweepResult, fig=None, recipe_range: tuple[float, float] = RECIPE_RANGE):
+    """Four panels over sigma (latent error, HF share, PSNR, LPIPS) with the recipe's range shaded."""
+    import matplotlib.pyplot as plt
+
+    fig = fig or plt.figure(figsize=(13, 3.2))
+    fig.clear()
+    axes = fig.subplots(1, 4)
+    s = [r["sigma"] for r in result.rows]
+    col = lambda k: [r[k] for r in result.rows]  # noqa: E731
+    panels = [
+        ("latent |D(x)-x| / |x|", [("rel_err", "")]),
+        ("HF share of the error", [("hf_share", "")]),
+        ("PSNR (dB)", [("psnr_clean", "vs decode(clean)"), ("psnr_hq", "vs HQ")]),
+        ("LPIPS" + ("" if result.lpips_pretrained else " (random backbone)"),
+         [("lpips_clean", "vs decode(clean)"), ("lpips_hq", "vs HQ")]),
+    ]
+    for ax, (title, series) in zip(axes, panels):
+        ax.axvspan(*recipe_range, color="tab:green", alpha=0.12, label=f"recipe U{list(recipe_range)}")
+        for key, label in series:
+            ax.plot(s, col(key), "o-", label=label or None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sigma")
+    axes[1].axhline(result.hf_share_white, color="grey", ls=":", lw=1, label="white noise")
+    axes[1].axhline(result.hf_share_clean, color="tab:purple", ls="--", lw=1, label="clean latent")
+    for ax in axes[1:]:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result.degrader}: sigma sweep on {result.latent_shape[0]} latents", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _zoom(img: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+    top, left, size = box
+    return img[top : top + size, left : left + size]
+
+
+def _to_hwc(x: torch.Tensor) -> np.ndarray:
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def tuning_figure(pca, z_clean: torch.Tensor, z_deg: torch.Tensor, dec_clean: torch.Tensor, dec_deg: torch.Tensor,
+                  hq: torch.Tensor, title: str = "", zoom: float = 0.25, fig=None):
+    """Row 1: PCA(clean) | PCA(degraded) | PCA diff; row 2: decodes and HQ; row 3: centre zooms of row 2.
+
+    Takes one sample (C x h x w latents, 3 x H x W images in [-1, 1]); the PCA is the clean-fitted ``LatentPCA``.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = fig or plt.figure(figsize=(10, 10))
+    fig.clear()
+    axes = fig.subplots(3, 3)
+    pcs = [pca.rgb(z_clean[None])[0], pca.rgb(z_deg[None])[0], pca.diff_rgb(z_clean[None], z_deg[None])[0]]
+    imgs = [_to_hwc(dec_clean), _to_hwc(dec_deg), _to_hwc(hq)]
+    names = ["decode(clean)", "decode(degraded)", "HQ"]
+    for ax, im, name in zip(axes[0], pcs, ["PCA(clean)", "PCA(degraded), clean basis", "PCA(degraded) - PCA(clean)"]):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+    for ax, im, name in zip(axes[1], imgs, names):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+    for ax, im, name in zip(axes[2], imgs, names):
+        # The same region in every image, whatever its resolution (HQ may be 2x the decodes).
+        h, w = im.shape[:2]
+        size = max(8, int(min(h, w) * zoom))
+        box = ((h - size) // 2, (w - size) // 2, size)
+        ax.imshow(_zoom(im, box), interpolation="nearest")
+        ax.set_title(f"{name}, centre zoom", fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def pca_grid(pca, frames: torch.Tensor, n: int = 8, title: str = "", fig=None):
+    """PCA pictures of up to n latent frames (T x C x h x w) in one row-major grid."""
+    import matplotlib.pyplot as plt
+
+    frames = frames[: n]
+    cols = min(4, len(frames))
+    rows = math.ceil(len(frames) / cols)
+    fig = fig or plt.figure(figsize=(3.2 * cols, 2.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i < len(frames):
+            ax.imshow(pca.rgb(frames[i : i + 1])[0], interpolation="nearest")
+            ax.set_title(f"frame {i}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def degrade_frames_stats(frames: torch.Tensor, degrader, sigmas: Sequence[float], seed: int = 0) -> list[dict]:
+    """Latent-only statistics (no decoder) of degrading frames at each sigma: rel_err and hf_share."""
+    out = []
+    for s in sigmas:
+        g = torch.Generator().manual_seed(seed)
+        d = degrader.degrade(frames, float(s), g)
+        out.append({"sigma": float(s), "rel_err": relative_error(d, frames).mean().item(),
+                    "hf_share": high_freq_share(d - frames).mean().item()})
+    return out

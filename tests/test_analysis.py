@@ -1,0 +1,102 @@
+"""Sigma-sweep statistics against direct numpy / closed-form computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldlib.analysis import (
+    SweepConfig,
+    high_freq_share,
+    photo_pair,
+    reference_at,
+    relative_error,
+    sigma_sweep,
+    white_noise_hf_share,
+)
+from ldlib.degrade import NoiseDegrader, add_noise
+from ldlib.images import area_downsample
+
+
+def test_high_freq_share_closed_forms():
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    constant = torch.ones(1, 2, 16, 16)
+    checker = ((-1.0) ** (i + j)).expand(1, 2, 16, 16)
+    low_cos = torch.cos(2 * torch.pi * 2 / 16 * i).float().expand(1, 1, 16, 16)  # 0.125 cycles/px < Nyquist/2
+    high_cos = torch.cos(2 * torch.pi * 6 / 16 * j).float().expand(1, 1, 16, 16)  # 0.375 cycles/px > Nyquist/2
+    torch.testing.assert_close(high_freq_share(constant), torch.zeros(1))
+    torch.testing.assert_close(high_freq_share(checker), torch.ones(1))
+    torch.testing.assert_close(high_freq_share(low_cos), torch.zeros(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(high_freq_share(high_cos), torch.ones(1), atol=1e-6, rtol=0)
+    assert torch.isnan(high_freq_share(torch.zeros(1, 1, 4, 4))).all()
+
+
+def test_high_freq_share_matches_numpy_and_white_noise():
+    x = torch.randn(3, 4, 12, 20, generator=torch.Generator().manual_seed(0))
+    e = (np.abs(np.fft.fft2(x.double().numpy())) ** 2).sum(1)
+    fy, fx = np.abs(np.fft.fftfreq(12))[:, None], np.abs(np.fft.fftfreq(20))[None, :]
+    mask = np.maximum(fy, fx) > 0.25
+    expected = (e * mask).sum((1, 2)) / e.sum((1, 2))
+    np.testing.assert_allclose(high_freq_share(x).numpy(), expected, rtol=1e-5)
+    # Many white-noise samples average to the exact white-noise share of this grid (0.75 in the limit).
+    noise = torch.randn(200, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert abs(high_freq_share(noise).mean().item() - white_noise_hf_share(32, 32)) < 0.005
+    assert abs(white_noise_hf_share(1024, 1024) - 0.75) < 0.002
+
+
+def test_relative_error():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    expected = [np.linalg.norm((a[k] - b[k]).numpy()) / np.linalg.norm(b[k].numpy()) for k in range(2)]
+    np.testing.assert_allclose(relative_error(a, b).numpy(), expected, rtol=1e-6)
+
+
+def test_photo_pair_is_the_recipe():
+    img = torch.rand(1, 3, 100, 90) * 2 - 1
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    hq, lq = photo_pair(img, 32, 2, 2, g1)
+    hq2, _ = photo_pair(img, 32, 2, 2, g2)
+    assert hq.shape == (1, 3, 32, 32) and lq.shape == (1, 3, 16, 16) and torch.equal(hq, hq2)
+    torch.testing.assert_close(lq, area_downsample(hq, 2))
+    # HQ is a crop of the area-downsampled photo (offset on the 2x grid).
+    full = area_downsample(img[..., :100, :90], 2)
+    hits = [(t, l) for t in range(50 - 31) for l in range(45 - 31) if torch.allclose(full[..., t : t + 32, l : l + 32], hq)]
+    assert len(hits) == 1
+    with pytest.raises(ValueError, match="too small"):
+        photo_pair(img, 64, 2, 2)
+
+
+class PoolCodec:
+    """A stand-in codec: encode = 2x area downsample, decode = nearest 2x upsample (cheap, exact)."""
+
+    def encode(self, x):
+        return area_downsample(x, 2)
+
+    def decode(self, z):
+        return F.interpolate(z, scale_factor=2, mode="nearest").clamp(-1, 1)
+
+
+def test_sigma_sweep_rows_match_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    hq = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    lq = area_downsample(hq, 2)
+    mad = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731  (a cheap stand-in for LPIPS)
+    cfg = SweepConfig(sigmas=(0.0, 0.1, 0.3), seed=5, batch_size=2)
+    res = sigma_sweep(PoolCodec(), NoiseDegrader(), lq, hq, cfg, lpips_fn=mad, progress=False)
+    codec = PoolCodec()
+    z = codec.encode(lq)
+    ref = reference_at(hq, (16, 16))
+    assert torch.equal(ref, lq) and "downsampled" in res.hq_reference
+    for row, s in zip(res.rows, cfg.sigmas):
+        # Batches of 2 draw noise from one generator in sequence: the same stream as one batch of 3.
+        zd = add_noise(z, s, torch.Generator().manual_seed(5))
+        dec, dec0 = codec.decode(zd), codec.decode(z)
+        assert row["sigma"] == s
+        assert row["rel_err"] == pytest.approx(relative_error(zd, z).mean().item(), rel=1e-5)
+        assert row["lpips_clean"] == pytest.approx(mad(dec, dec0).mean().item(), rel=1e-5, abs=1e-7)
+        mse = ((dec - lq) ** 2).flatten(1).mean(1)
+        assert row["psnr_hq"] == pytest.approx((10 * torch.log10(4 / mse)).mean().item(), rel=1e-5)
+    assert res.rows[0]["rel_err"] == 0 and np.isnan(res.rows[0]["hf_share"])
+    assert res.rows[1]["rel_err"] < res.rows[2]["rel_err"]
+    assert "| 0.3 |" in res.markdown()
