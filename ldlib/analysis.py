@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .images import area_downsample, load_image
+from .images import area_downsample
 
 DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
 RECIPE_RANGE = (0.0, 0.12)
@@ -42,50 +42,35 @@ class SweepConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# inputs: (HQ, LQ) pairs in memory
+# inputs: (HQ, LQ) pairs from a pair set
 # ------------------------------------------------------------------------------------------------------------
 
 
-def photo_pair(image: torch.Tensor, hq_size: int, pre_downsample: int = 2, lq_factor: int = 2,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recipe pair from a 1 x 3 x H x W photo: area 1/pre, random hq_size crop (HQ), area 1/lq_factor (LQ)."""
-    h, w = image.shape[-2:]
-    side = hq_size * pre_downsample
-    if h < side or w < side:
-        raise ValueError(f"photo {w}x{h} is too small for a {hq_size} px crop after {pre_downsample}x downsample")
-    # Crop in source pixels at offsets that are multiples of pre_downsample: area(src)[box] == area(src[pre*box]).
-    top = int(torch.randint(0, h // pre_downsample - hq_size + 1, (1,), generator=generator)) * pre_downsample
-    left = int(torch.randint(0, w // pre_downsample - hq_size + 1, (1,), generator=generator)) * pre_downsample
-    hq = area_downsample(image[..., top : top + side, left : left + side], pre_downsample)
-    return hq, area_downsample(hq, lq_factor)
+def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str | os.PathLike | None = None,
+               n: int = 4, seed: int = 0, work_dir: str | os.PathLike = "runs/02_tune_sigma"
+               ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """HQ and LQ batches (and pair ids) of the first n pairs of a pair set at the preset's sizes.
 
+    ``pairs_dir``: an existing pair set (``python -m ldlib build-pairs``). Otherwise one is built (resumably) under
+    ``work_dir`` from ``photos`` (a folder), or from the sample photos bundled with scikit-image.
+    """
+    from .pairs import PairDataset, PairSpec, build_pairs
+    from .samples import sample_folder
 
-def photo_pairs(paths: Sequence[str | os.PathLike], hq_size: int, pre_downsample: int = 2, lq_factor: int = 2,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """HQ (N x 3 x S x S) and LQ batches, one seeded crop per photo; photos too small are skipped and named."""
-    g = torch.Generator().manual_seed(seed)
-    hqs, lqs, names, skipped = [], [], [], []
-    for p in paths:
-        try:
-            hq, lq = photo_pair(load_image(p), hq_size, pre_downsample, lq_factor, g)
-        except ValueError as e:  # ImageLoadError is a ValueError: skip and report
-            skipped.append(f"{p}: {e}")
-            continue
-        hqs.append(hq), lqs.append(lq), names.append(Path(p).name)
-    if skipped:
-        import warnings
-
-        warnings.warn("skipped: " + "; ".join(skipped), stacklevel=2)
-    if not hqs:
-        raise ValueError(f"no usable photo among {len(paths)} for {hq_size} px crops")
-    return torch.cat(hqs), torch.cat(lqs), names
-
-
-def sample_pairs(preset, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Recipe pairs at the preset's sizes from the sample photos shipped with scikit-image (no files needed)."""
-    from .samples import sample_paths
-
-    return photo_pairs(sample_paths()[:n], preset.hq_size, preset.pre_downsample, preset.lq_factor, seed)
+    work_dir = Path(work_dir)
+    if pairs_dir is None:
+        src = Path(photos) if photos else sample_folder(work_dir / "sample_photos")
+        spec = PairSpec.from_preset(preset, seed=seed)
+        pairs_dir = work_dir / f"pairs_{preset.name}_{spec.hq_size}_{src.name}"
+        report = build_pairs(src, pairs_dir, spec, workers=1, progress=False)
+        if report["pairs_total"] == 0:
+            raise ValueError(f"no pair could be cut from {src} at {spec.hq_size} px (see {pairs_dir}/report.json)")
+    ds = PairDataset(pairs_dir)
+    if len(ds) == 0:
+        raise ValueError(f"{pairs_dir}: the pair set holds no pair")
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return (torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items]),
+            [it["id"] for it in items])
 
 
 # ------------------------------------------------------------------------------------------------------------

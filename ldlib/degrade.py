@@ -217,6 +217,11 @@ class DiffusionDegrader:
         self.batch_size = batch_size
         self.last_grid: torch.Tensor | None = None
 
+    def with_steps(self, steps: int) -> "DiffusionDegrader":
+        """The same teacher (shared transformer and embeddings) with another number of Euler steps."""
+        return DiffusionDegrader(self.transformer, self.prompt_embeds, steps, self.guidance_scale,
+                                 self.negative_embeds, self.batch_size)
+
     @property
     def uses_guidance(self) -> bool:
         """Whether classifier-free guidance is on (off by default)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ldlib.analysis import (
     SweepConfig,
     high_freq_share,
-    photo_pair,
+    pair_batch,
     reference_at,
     relative_error,
     sigma_sweep,
@@ -52,21 +52,6 @@ def test_relative_error():
     np.testing.assert_allclose(relative_error(a, b).numpy(), expected, rtol=1e-6)
 
 
-def test_photo_pair_is_the_recipe():
-    img = torch.rand(1, 3, 100, 90) * 2 - 1
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    hq, lq = photo_pair(img, 32, 2, 2, g1)
-    hq2, _ = photo_pair(img, 32, 2, 2, g2)
-    assert hq.shape == (1, 3, 32, 32) and lq.shape == (1, 3, 16, 16) and torch.equal(hq, hq2)
-    torch.testing.assert_close(lq, area_downsample(hq, 2))
-    # HQ is a crop of the area-downsampled photo (offset on the 2x grid).
-    full = area_downsample(img[..., :100, :90], 2)
-    hits = [(t, l) for t in range(50 - 31) for l in range(45 - 31) if torch.allclose(full[..., t : t + 32, l : l + 32], hq)]
-    assert len(hits) == 1
-    with pytest.raises(ValueError, match="too small"):
-        photo_pair(img, 64, 2, 2)
-
-
 class PoolCodec:
     """A stand-in codec: encode = 2x area downsample, decode = nearest 2x upsample (cheap, exact)."""
 
@@ -100,3 +85,14 @@ def test_sigma_sweep_rows_match_direct_computation():
     assert res.rows[0]["rel_err"] == 0 and np.isnan(res.rows[0]["hf_share"])
     assert res.rows[1]["rel_err"] < res.rows[2]["rel_err"]
     assert "| 0.3 |" in res.markdown()
+
+
+def test_pair_batch_builds_recipe_pairs(tmp_path):
+    from ldlib.presets import get_preset
+
+    hq, lq, ids = pair_batch(get_preset("tiny"), n=2, work_dir=tmp_path)
+    assert hq.shape == (2, 3, 128, 128) and lq.shape == (2, 3, 64, 64) and len(set(ids)) == 2
+    # LQ is the area 0.5x of HQ (up to the 8-bit rounding of the stored PNGs).
+    assert (area_downsample(hq, 2) - lq).abs().max() <= 1.01 / 127.5
+    hq2, _, ids2 = pair_batch(get_preset("tiny"), n=2, work_dir=tmp_path)  # resumes: the same pairs
+    assert ids2 == ids and torch.equal(hq2, hq)
