@@ -1,0 +1,157 @@
+"""Decoder training loop: resume == uninterrupted, NaN steps skipped with weights untouched, checkpoints, summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldlib.losses import DecoderLoss, LossConfig
+from ldlib.metrics import lpips_model
+from ldlib.presets import get_preset
+from ldlib.train import (
+    GlobalBatchSampler,
+    TrainConfig,
+    load_run_codec,
+    parse_degrader,
+    sample_tensor_pairs,
+    train_decoder,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    codec = get_preset("tiny").load_codec()
+    data = sample_tensor_pairs(codec, count=4, hq_size=64, seed=0)
+    with pytest.warns(UserWarning, match="LPIPS") if True else None:
+        lp = lpips_model("alex")
+    return codec, data, lp
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1, val_count=2,
+        loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(setup, out, cfg, **kw):
+    codec, data, lp = setup
+    return train_decoder(cfg, out, data, data, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp), **kw)
+
+
+def _losses(history):
+    return [(h["step"], h["total"], h.get("d_loss")) for h in history]
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    cfg = _cfg()
+    full = _run(setup, tmp_path / "full", cfg)
+    assert full.step == 4 and full.skipped == []
+    assert "g_loss" in full.history[-1], "GAN on from step 1: the discriminator and its optimiser are exercised"
+
+    first = _run(setup, tmp_path / "cut", cfg, stop_at=2)
+    assert first.step == 2
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 2
+    with pytest.raises(ValueError, match="holds a run already"):
+        _run(setup, tmp_path / "cut", cfg)
+    second = _run(setup, tmp_path / "cut", cfg, resume=True)
+    assert second.step == 4
+    # Same losses for the resumed steps, bit for bit on CPU, and the same final weights (decoder, EMA, D).
+    assert _losses(second.history) == _losses(full.history[2:])
+    for name in ("decoder", "ema", "discriminator"):
+        a = load_file(str(tmp_path / "full" / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "cut" / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["steps_done"] == 4 and summary["finished"] and summary["skipped_steps"] == []
+    assert {"psnr_ours", "psnr_bicubic"} <= set(summary["validation"])
+    # Old checkpoints pruned to keep_checkpoints, no temporary folders left behind.
+    names = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert names == ["latest.json", "step_000002", "step_000004"]
+    assert (tmp_path / "cut" / "tb").is_dir() and any((tmp_path / "cut" / "tb").iterdir())
+
+    # The EMA decoder loads back as a 2x codec that differs from the untrained widening.
+    codec2x, cfg2 = load_run_codec(tmp_path / "cut")
+    assert codec2x.upscale == 2 and cfg2 == cfg
+    ema = load_file(str(tmp_path / "cut" / "checkpoints" / "step_000004" / "ema.safetensors"))
+    own = dict(codec2x.named_parameters())
+    assert all(torch.equal(own[k], v) for k, v in ema.items())
+
+
+class NaNAt(DecoderLoss):
+    """A loss that turns non-finite at chosen steps."""
+
+    def __init__(self, cfg, lpips, bad_steps):
+        super().__init__(cfg, lpips=lpips)
+        self.bad_steps = set(bad_steps)
+
+    def generator(self, pred, target, step, *a, **kw):
+        loss, terms = super().generator(pred, target, step, *a, **kw)
+        if step in self.bad_steps:
+            loss = loss * float("nan")
+        return loss, terms
+
+
+def test_nan_step_is_skipped_and_weights_untouched(setup, tmp_path):
+    codec, data, lp = setup
+    cfg = _cfg(steps=3, checkpoint_every=1, keep_checkpoints=5)
+    out = tmp_path / "nan"
+    train_decoder(cfg, out, data, data, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp), stop_at=1)
+    res = train_decoder(cfg, out, data, data, codec=codec, loss_fn=NaNAt(cfg.loss, lp, {1}), resume=True, stop_at=2)
+    assert res.skipped == [1] and res.history[0]["skipped"] is True
+    before, after = out / "checkpoints" / "step_000001", out / "checkpoints" / "step_000002"
+    for name in ("decoder", "ema", "discriminator"):
+        a, b = load_file(str(before / f"{name}.safetensors")), load_file(str(after / f"{name}.safetensors"))
+        # Spectral norm's power-iteration vectors (_u, _v buffers) advance on every forward; weights must not.
+        weights = [k for k in a if not k.endswith(("._u", "._v"))]
+        assert weights and all(torch.equal(a[k], b[k]) for k in weights), f"{name} changed on a skipped step"
+    opt_a = torch.load(before / "optim.pt", weights_only=True)["opt_g"]["state"]
+    opt_b = torch.load(after / "optim.pt", weights_only=True)["opt_g"]["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
+    # Training goes on after the bad step.
+    res = train_decoder(cfg, out, data, data, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp), resume=True)
+    assert res.step == 3 and res.skipped == [1] and res.history[-1]["skipped"] is False
+    a = load_file(str(after / "decoder.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step_000003" / "decoder.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accumulation_matches_bigger_batch(setup, tmp_path):
+    # batch 2 x accumulation 2 == batch 4 in one micro-step (same global batch, same per-sample noise).
+    cfg_a = _cfg(steps=2, batch=2, grad_accum=2, loss=LossConfig(lpips_net="alex", gan_start=100))
+    cfg_b = _cfg(steps=2, batch=4, grad_accum=1, loss=LossConfig(lpips_net="alex", gan_start=100))
+    a = _run(setup, tmp_path / "a", cfg_a)
+    b = _run(setup, tmp_path / "b", cfg_b)
+    for ha, hb in zip(a.history, b.history):
+        assert ha["total"] == pytest.approx(hb["total"], rel=1e-4)
+    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_000002" / "decoder.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "decoder.safetensors"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_global_batch_sampler_is_split_consistently():
+    one = GlobalBatchSampler(n=5, batch=4, world=1, rank=0, seed=3, start=0, stop=4)
+    two = [GlobalBatchSampler(n=5, batch=2, world=2, rank=r, seed=3, start=0, stop=4) for r in range(2)]
+    merged = [a + b for a, b in zip(*two)]
+    assert merged == list(one)
+    stream = [i for b in one for i in b]
+    assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))  # epochs are permutations
+    resumed = GlobalBatchSampler(n=5, batch=4, world=1, rank=0, seed=3, start=2, stop=4)
+    assert list(resumed) == list(one)[2:]
+
+
+def test_degrader_parsing(tmp_path):
+    assert parse_degrader("none") is None
+    assert type(parse_degrader("noise")).__name__ == "NoiseDegrader"
+    with pytest.raises(ValueError, match="teacher"):
+        parse_degrader("teacher")
+    with pytest.raises(FileNotFoundError, match="proxy folder"):
+        parse_degrader(f"proxy:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="unknown degrader"):
+        parse_degrader("blur")
