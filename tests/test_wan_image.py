@@ -1,0 +1,154 @@
+"""Image mode of the Wan VAE (ldlib.wan_image) against diffusers' own AutoencoderKLWan encode/decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldlib import wan_image
+from ldlib.codecs import WanCodec
+from ldlib.presets import TINY_WAN_VAE_CONFIG, get_preset
+
+diffusers = pytest.importorskip("diffusers")
+AutoencoderKLWan = diffusers.AutoencoderKLWan
+
+TOL = 1e-4  # float32, the issue's bound
+
+
+def _vae(seed: int = 0, **config) -> AutoencoderKLWan:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**config).eval()
+
+
+def _images(n: int, size: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _latents(n: int, hw: int, seed: int = 2, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, hw, hw, generator=g) * scale
+
+
+def _diffusers_encode(vae, x: torch.Tensor) -> torch.Tensor:
+    """Raw posterior mode from diffusers' public encode (video layout, one frame)."""
+    return vae.encode(x.unsqueeze(2)).latent_dist.mode().squeeze(2)
+
+
+def _diffusers_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """diffusers' public decode (clamped to [-1, 1]) of raw latents, one frame."""
+    return vae.decode(z.unsqueeze(2)).sample.squeeze(2)
+
+
+def _assert_matches_diffusers(vae, size: int, batch: int = 2) -> None:
+    x = _images(batch, size)
+    z = _latents(batch, size // 8)
+    with torch.no_grad():
+        ref_z = _diffusers_encode(vae, x)
+        ours_z = wan_image.encode_mode(vae, x)
+        ref_x = _diffusers_decode(vae, z)
+        ours_x = wan_image.decode(vae, z)
+    assert ours_z.shape == ref_z.shape == (batch, 16, size // 8, size // 8)
+    assert (ours_z - ref_z).abs().max().item() <= TOL
+    assert ours_x.shape == ref_x.shape == (batch, 3, size, size)
+    assert (ours_x.clamp(-1, 1) - ref_x).abs().max().item() <= TOL
+    assert ref_z.abs().max() > 1e-2 and ref_x.abs().max() > 1e-2  # not a trivially zero comparison
+
+
+def test_tiny_preset_encode_decode_match_diffusers():
+    vae = get_preset("tiny").load_codec().vae
+    _assert_matches_diffusers(vae, 64)
+
+
+def test_residual_variant_matches_diffusers():
+    # Wan 2.2-style residual down/up blocks (AvgDown3D / DupUp3D shortcuts, first_chunk handling).
+    _assert_matches_diffusers(_vae(3, **TINY_WAN_VAE_CONFIG, is_residual=True), 64)
+
+
+def test_full_size_default_config_matches_diffusers():
+    # The real Wan 2.1 VAE architecture (default AutoencoderKLWan config), random seeded weights, small images.
+    _assert_matches_diffusers(_vae(0), 32, batch=1)
+
+
+def test_codec_image_mode_matches_diffusers_path_and_normalisation():
+    vae = _vae(0, **TINY_WAN_VAE_CONFIG)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(8.0)  # random weights decode to small values; push some past +-1
+    img, ref = WanCodec(vae), WanCodec(vae, image_mode=False)
+    assert img.image_mode and not ref.image_mode
+    x = _images(2, 64)
+    z = _latents(2, 8, scale=3.0)
+    with torch.no_grad():
+        lat = img.encode(x)
+        # Normalisation checked independently: (mode - mean) / std from the config.
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        assert (lat - (_diffusers_encode(vae, x) - mean) / std).abs().max().item() <= TOL
+        assert (lat - ref.encode(x)).abs().max().item() <= TOL
+        raw, raw_ref = img.decode(z, clamp=False), ref.decode(z, clamp=False)
+        clamped = img.decode(z)
+    assert (raw - raw_ref).abs().max().item() <= TOL
+    assert raw.abs().max() > 1.0  # clamp=False really returns the unclamped output
+    assert torch.equal(clamped, raw.clamp(-1, 1))
+    assert (clamped - _diffusers_decode(vae, z * std + mean)).abs().max().item() <= TOL
+
+
+def test_decoder_gradients_match_diffusers_path():
+    codec = WanCodec(_vae(0, **TINY_WAN_VAE_CONFIG)).to_2x()
+    ref = WanCodec(codec.vae, image_mode=False)  # the same parameters, diffusers' forward
+    codec.vae.decoder.train()  # training mode, as the training loop runs it
+    z = _latents(2, 8, scale=2.0)
+    target = _images(2, 128, seed=5)
+    params = [p for p in codec.decoder_parameters()]
+
+    def grads(c: WanCodec) -> list[torch.Tensor | None]:
+        out = c.decode(z, clamp=False)
+        loss = (out - target).abs().mean() + out.pow(2).mean()
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    g_img, g_ref = grads(codec), grads(ref)
+    # Unused in both paths: the upsample3d time_convs, which diffusers skips on the first (only) chunk.
+    unused = [i for i, g in enumerate(g_ref) if g is None]
+    assert unused == [i for i, g in enumerate(g_img) if g is None]
+    assert len(params) - len(unused) > 10
+    for p, a, b in zip(params, g_img, g_ref):
+        if b is None:
+            continue
+        assert a.shape == p.shape
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= TOL * max(1.0, scale)
+    # The widened head's weight gets a gradient on its data tap (and exactly zero on the zero-padded taps).
+    w = codec.conv_out.weight
+    gw = g_img[[i for i, p in enumerate(params) if p is w][0]]
+    assert gw[:, :, -1].abs().sum() > 0 and torch.equal(gw[:, :, :-1], torch.zeros_like(gw[:, :, :-1]))
+
+
+def test_to_2x_is_nearest_upsample_and_export_roundtrip(tmp_path):
+    codec = WanCodec(_vae(0, **TINY_WAN_VAE_CONFIG))
+    codec2 = codec.to_2x()
+    assert codec2.image_mode and codec2.upscale == 2
+    z = _latents(1, 8, scale=2.0)
+    with torch.no_grad():
+        one = codec.decode(z, clamp=False)
+        two = codec2.decode(z, clamp=False)
+    assert two.shape == (1, 3, 128, 128)
+    assert (two - F.interpolate(one, scale_factor=2, mode="nearest")).abs().max().item() <= 1e-6
+    codec2.save_pretrained(tmp_path / "vae2x")
+    loaded = AutoencoderKLWan.from_pretrained(tmp_path / "vae2x").eval()
+    assert loaded.config.out_channels == 12
+    with torch.no_grad():
+        theirs = F.pixel_shuffle(_diffusers_decode(loaded, codec2.denormalise(z)), 2)
+        ours = codec2.decode(z)
+    assert (theirs - ours).abs().max().item() <= TOL
+
+
+def test_unsupported_config_raises_clear_error():
+    vae = _vae(0, **dict(TINY_WAN_VAE_CONFIG, patch_size=2))
+    with pytest.raises(ValueError, match="patch_size"):
+        WanCodec(vae).encode(_images(1, 32))
+    with pytest.raises(ValueError, match="patch_size"):
+        wan_image.decode(vae, _latents(1, 4))
+    with pytest.raises(ValueError, match="N x C x h x w"):
+        wan_image.decode(_vae(0, **TINY_WAN_VAE_CONFIG), _latents(1, 4).unsqueeze(2))
