@@ -127,8 +127,11 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (non-finite numbers, e.g. the PSNR of identical decodes, become None)."""
+        d = asdict(self)
+        d["rows"] = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()}
+                     for r in self.rows]
+        return d
 
     def markdown(self) -> str:
         """The rows as a Markdown table."""
@@ -167,7 +170,8 @@ def sigma_sweep(codec, degrader, lq: torch.Tensor, hq: torch.Tensor, config: Swe
             "sigma": float(s),
             "rel_err": relative_error(zd, z).mean().item(),
             "hf_share": high_freq_share(zd - z).mean().item(),
-            "psnr_clean": psnr(dec, dec_clean).mean().item(),
+            # Identical decodes have no finite PSNR (metrics.psnr would report its 1e-12 floor, ~126 dB).
+            "psnr_clean": math.inf if torch.equal(dec, dec_clean) else psnr(dec, dec_clean).mean().item(),
             "lpips_clean": batched(lambda a, b: lp(a, b).flatten(), dec, dec_clean).mean().item(),
             "psnr_hq": psnr(dec, ref).mean().item(),
             "lpips_hq": batched(lambda a, b: lp(a, b).flatten(), dec, ref).mean().item(),
@@ -199,7 +203,7 @@ def plot_sweep(result: SweepResult, fig=None, recipe_range: tuple[float, float] 
     fig.clear()
     axes = fig.subplots(1, 4)
     s = [r["sigma"] for r in result.rows]
-    col = lambda k: [r[k] for r in result.rows]  # noqa: E731
+    col = lambda k: [r[k] if math.isfinite(r[k]) else math.nan for r in result.rows]  # noqa: E731  (inf: no point)
     panels = [
         ("latent |D(x)-x| / |x|", [("rel_err", "")]),
         ("HF share of the error", [("hf_share", "")]),
@@ -295,3 +299,39 @@ def degrade_frames_stats(frames: torch.Tensor, degrader, sigmas: Sequence[float]
         out.append({"sigma": float(s), "rel_err": relative_error(d, frames).mean().item(),
                     "hf_share": high_freq_share(d - frames).mean().item()})
     return out
+
+
+def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.PathLike = "runs/sweep",
+              pairs_dir: str | os.PathLike | None = None, photos: str | os.PathLike | None = None, n: int = 8,
+              config: SweepConfig | None = None, steps: int = 1, prompt: str = "negative",
+              taef2_path: str | os.PathLike | None = None, device: str | None = None) -> SweepResult:
+    """The whole sweep for scripts: pairs, codec, degrader, statistics; writes sweep.json, sweep.md, sweep.png."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    from .degrade import make_degrader
+    from .images import atomic_write_bytes
+    from .presets import get_preset
+
+    config = config or SweepConfig()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = get_preset(preset_name, taef2_path=taef2_path)
+    out = Path(out)
+    hq, lq, ids = pair_batch(preset, pairs_dir, photos, n=n, seed=config.seed, work_dir=out)
+    codec = preset.load_codec(device)
+    deg = make_degrader(degrader, preset, steps=steps, prompt=prompt, device=device)
+    result = sigma_sweep(codec, deg, lq.to(device), hq.to(device), config)
+    result.notes.append(f"preset {preset.name}, {len(ids)} pairs: {', '.join(ids)}")
+    if degrader == "diffusion":
+        result.notes.append(f"teacher: {steps} Euler step(s), prompt {prompt!r}")
+    atomic_write_bytes(out / "sweep.json", json.dumps(result.to_dict(), indent=2).encode())
+    atomic_write_bytes(out / "sweep.md", (result.markdown() + "\n\n" + "\n".join(f"- {t}" for t in result.notes)
+                                          + "\n").encode())
+    fig = plot_sweep(result, Figure(figsize=(13, 3.2), dpi=100))
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(out / "sweep.png", buf.getvalue())
+    return result

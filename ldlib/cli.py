@@ -129,6 +129,23 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Sigma sweep of a degrader on pairs: per-sigma latent error, HF share, PSNR/LPIPS; writes JSON/Markdown/plot."""
+    from .analysis import SweepConfig, run_sweep
+
+    sigmas = tuple(float(s) for s in args.sigmas.split(","))
+    result = run_sweep(
+        args.preset, args.degrader, args.out, pairs_dir=args.pairs, photos=args.photos, n=args.n,
+        config=SweepConfig(sigmas=sigmas, seed=args.seed, lpips_net=args.lpips_net), steps=args.steps,
+        prompt=args.prompt, taef2_path=args.taef2_dir,
+    )
+    print(result.markdown())
+    for note in result.notes:
+        print(f"- {note}")
+    print(f"wrote {args.out}/sweep.json, sweep.md, sweep.png")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run benchmarks; write Markdown and JSON under runs/bench/."""
     from .bench import run_benches
@@ -198,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda | cpu (default: CUDA when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("sweep", help="sigma sweep of a degrader: latent error, HF share, PSNR/LPIPS per sigma")
+    _add_preset(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pairs", default=None, help="an existing pair set (default: build one under --out)")
+    src.add_argument("--photos", default=None, help="build pairs from this photo folder (default: sample photos)")
+    p.add_argument("--degrader", default="noise", choices=["noise", "diffusion"], help="default: %(default)s")
+    p.add_argument("--sigmas", default="0,0.03,0.06,0.09,0.12,0.2,0.3", help="comma-separated (default: %(default)s)")
+    p.add_argument("--n", type=int, default=8, help="number of pairs (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only)")
+    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
+    p.add_argument("--out", default="runs/sweep")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")
