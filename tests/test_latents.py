@@ -1,0 +1,104 @@
+"""Latent cache: latents equal the codec's own encode, resume, shards, and refusal to mix codecs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldlib.cli import main
+from ldlib.images import load_image
+from ldlib.latents import LatentCache, encode_pairs, shard_files
+from ldlib.pairs import PairDataset, PairSpec, build_pairs, read_manifest
+from ldlib.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A small pair set: 4 sources x 2 crops, HQ 64 -> LQ 32 -> tiny-Wan latents 16 x 4 x 4."""
+    root = tmp_path_factory.mktemp("latents")
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (140, 150, 3), dtype=np.uint8)).save(src / f"s{i}.png")
+    build_pairs(src, root / "pairs", PairSpec(hq_size=64, crops_per_image=2), workers=1, progress=False)
+    return root / "pairs"
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return get_preset("tiny").load_codec()
+
+
+def test_latents_are_the_codec_encode_keyed_by_id(pairs, codec, tmp_path):
+    out = tmp_path / "lat"
+    result = encode_pairs(pairs, codec, out, batch_size=3, shard_size=5, progress=False)
+    assert result["encoded"] == 8 and result["cached_total"] == 8 and len(result["files_written"]) == 2
+    cache = LatentCache(out, expect=codec)
+    records = read_manifest(pairs)
+    assert cache.ids == {r["id"] for r in records}
+    lq = torch.cat([load_image(pairs / r["lq"]) for r in records])
+    with torch.no_grad():
+        want = codec.encode(lq)
+    got = cache.get_many([r["id"] for r in records])
+    assert got.shape == (8, 16, 4, 4) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # batching may reorder float sums slightly
+    info = json.loads((out / "identity.json").read_text())
+    assert info["identity"] == codec.identity() and info["pairset"]["hq_size"] == 64
+    # The dataset serves the latent of each pair.
+    ds = PairDataset(pairs, latents=out)
+    item = ds[3]
+    torch.testing.assert_close(item["latent"], want[3], rtol=1e-4, atol=1e-5)
+    train, val = ds.split(0.25, seed=0)
+    assert "latent" in val[0] and len(val) == 2
+
+
+def test_encode_resumes_and_shards_do_not_collide(pairs, codec, tmp_path):
+    out = tmp_path / "lat"
+    first = encode_pairs(pairs, codec, out, shard="0/2", shard_size=2, progress=False)
+    second = encode_pairs(pairs, codec, out, shard="1/2", shard_size=2, progress=False)
+    assert first["encoded"] + second["encoded"] == 8 and len(LatentCache(out)) == 8
+    assert all(("-0-of-2-" in n) for n in first["files_written"]) and all(("-1-of-2-" in n) for n in second["files_written"])
+    # A killed run loses at most the file in flight: remove one file, the rerun encodes only its pairs.
+    files = shard_files(out)
+    lost = LatentCache(out)
+    from safetensors import safe_open
+
+    with safe_open(files[0], framework="pt") as f:
+        n_lost = len(list(f.keys()))
+    files[0].unlink()
+    (out / ".latents-all-x.safetensors.123.tmp").write_bytes(b"half a file")  # a temporary left by a kill
+    again = encode_pairs(pairs, codec, out, shard_size=100, progress=False)
+    assert again["encoded"] == n_lost and again["already_cached"] == 8 - n_lost
+    assert encode_pairs(pairs, codec, out, progress=False)["encoded"] == 0
+    assert LatentCache(out).ids == lost.ids
+
+
+def test_another_codec_is_refused(pairs, codec, tmp_path):
+    out = tmp_path / "lat"
+    encode_pairs(pairs, codec, out, progress=False)
+    other = get_preset("tiny", seed=1).load_codec()  # same architecture, other weights
+    assert other.identity()["encoder_sha256"] != codec.identity()["encoder_sha256"]
+    with pytest.raises(ValueError, match="never mixed"):
+        encode_pairs(pairs, other, out, progress=False)
+    with pytest.raises(ValueError, match="never mixed"):
+        LatentCache(out, expect=other)
+    # A shard from another codec dropped into the folder is caught on open.
+    foreign = tmp_path / "foreign"
+    encode_pairs(pairs, other, foreign, progress=False)
+    shard_files(foreign)[0].rename(out / "zz-foreign.safetensors")
+    with pytest.raises(ValueError, match="another codec"):
+        LatentCache(out)
+
+
+def test_cli_encode(pairs, tmp_path, capsys):
+    out = tmp_path / "cli-lat"
+    assert main(["encode", str(pairs), "--preset", "tiny", "--out", str(out), "--batch-size", "4", "--quiet"]) == 0
+    assert "8 encoded now on cpu" in capsys.readouterr().out
+    assert main(["encode", str(pairs), "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
+    assert "0 encoded now" in capsys.readouterr().out and len(LatentCache(out)) == 8
+    assert main(["encode", str(tmp_path / "nothing"), "--preset", "tiny", "--quiet"]) == 2
