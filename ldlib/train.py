@@ -124,10 +124,14 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1):
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     # The scheduler is stepped by hand once per optimiser step (accelerate would step it once per process).
     acc = Accelerator(
+        # accelerate only sets up CPU DDP (gloo) under torchrun when told it is on CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+        # Wan's decoder has parameters that a single frame never uses (temporal upsampling convs): DDP must be
+        # told, or it waits for their gradients forever.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=True)],
     )
     return acc
 
@@ -552,13 +556,14 @@ def _mean_terms(records: list[dict]) -> dict[str, float]:
 
 @dataclass
 class TrainResult:
-    """What train_decoder returns: the run folder, steps done, skipped steps, per-step history (this process)."""
+    """What train_decoder returns: run folder, steps done, skipped steps, per-step history, the live 2x codec."""
 
     out: Path
     step: int
     skipped: list[int]
     history: list[dict]
     summary: dict
+    codec2x: Any = None  # the trained 2x codec with this process's live (not EMA) weights
 
 
 def train_decoder(
@@ -795,7 +800,7 @@ def train_decoder(
     if acc.is_main_process:
         atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     log.close()
-    return TrainResult(out, step, skipped, history, summary)
+    return TrainResult(out, step, skipped, history, summary, model.codec)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -817,3 +822,152 @@ def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | o
     model = TwoXDecoder(codec.to_2x())
     model.load_trainable_state(_load_safetensors(path / ("ema.safetensors" if ema else "decoder.safetensors")), str(path))
     return model.codec.requires_grad_(False).eval(), cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# proxy training
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyTrainConfig:
+    """Proxy training settings (plain regression on teacher targets)."""
+
+    steps: int = 3000
+    batch: int = 16
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # any diffusers get_scheduler name
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    width: int = 64  # ProxyNet size knobs
+    blocks: int = 4
+    sigma_floor: float = 0.01  # the loss divides by max(sigma, floor): error measured relative to the step size
+    val_fraction: float = 0.2  # held-out share of source images
+    eval_bins: int = 6
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    mixed_precision: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def proxy_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
+    """MSE in velocity units: ((P - T) / sigma)^2, so small-sigma samples count as much as large ones.
+
+    The proxy and the teacher both move x_sigma by sigma * velocity; dividing by sigma weighs every sample by the
+    error relative to its own degradation, which is the quantity evaluate_proxy reports (plain MSE would be ruled
+    by the largest sigmas and leave the decoder's range, sigma <= 0.12, poorly fitted).
+    """
+    scale = sigma.float().clamp_min(floor).view(-1, *([1] * (pred.dim() - 1)))
+    return (((pred.float() - target.float()) / scale) ** 2).mean()
+
+
+def train_proxy(
+    cfg: ProxyTrainConfig,
+    teacher: str | os.PathLike,
+    out: str | os.PathLike,
+    latents: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    accelerator=None,
+) -> dict:
+    """Train a ProxyNet on a teacher folder (held-out split by source image); writes the proxy, eval.json, summary."""
+    from .degrade import ProxyNet, save_proxy
+    from .pairs import split_by_source
+    from .teacher import TeacherDataset, TeacherSet, evaluate_proxy, plot_proxy_eval
+
+    t_start = time.time()
+    out = Path(out)
+    acc = accelerator or make_accelerator(cfg.mixed_precision)
+    device = acc.device
+    ts = TeacherSet(teacher)
+    if len(ts) == 0:
+        raise ValueError(f"{teacher}: no teacher records; run `python -m ldlib teacher` first")
+    train_ids, val_ids = split_by_source(ts.records, cfg.val_fraction, cfg.seed)
+    train_set = TeacherDataset(ts, latents, sorted(set(train_ids)))
+    val_set = TeacherDataset(ts, train_set.latents, sorted(set(val_ids)))
+    channels = int(train_set.latents.identity["latent_channels"])
+
+    ckpts = CheckpointManager(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
+    latest = ckpts.latest() if resume else None
+    if not resume and acc.is_main_process and (out / "checkpoints" / "latest.json").is_file():
+        raise ValueError(f"{out}: holds a run already; pass resume=True (--resume) or choose another folder")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.json", json.dumps({**asdict(cfg), "teacher": str(teacher)}, indent=2).encode())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_mix_seed(cfg.seed, 23))
+        net = ProxyNet(channels=channels, width=cfg.width, blocks=cfg.blocks).to(device)
+    opt, sched = _build_optim(net.parameters(), cfg, cfg.lr, cfg.steps)
+    step, skipped = 0, []
+    if latest is not None:
+        tensors, objects, state = ckpts.load(latest, ["proxy"])
+        net.load_state_dict(tensors["proxy"])
+        opt.load_state_dict(objects["opt"])
+        sched.load_state_dict(objects["sched"])
+        step, skipped = int(state["step"]), list(state.get("skipped", []))
+        acc.print(f"resumed from {latest} at step {step}")
+    net_w, opt = acc.prepare(net, opt)
+
+    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch, acc.num_processes, acc.process_index, cfg.seed, step, stop)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
+    log = RunLogger(out, acc, total=stop, initial=step, desc="train-proxy")
+    history: list[dict] = []
+    for batch in loader:
+        x_sigma, target = batch["x_sigma"].to(device), batch["target"].to(device)
+        sigma = batch["sigma"].to(device)
+        with acc.autocast():
+            pred = net_w(x_sigma, sigma)
+        loss = proxy_loss(pred, target, sigma, cfg.sigma_floor)
+        if all_finite(acc, loss):
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(net_w.parameters(), cfg.max_grad_norm)
+            opt.step()
+        else:
+            skipped.append(step)
+            acc.print(f"step {step}: non-finite loss, step skipped")
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+        history.append(rec)
+        log.history(rec)
+        if step % cfg.log_every == 0:
+            log.scalars(step, {"loss": rec["loss"], "lr": rec["lr"]})
+        step += 1
+        log.advance(1, {"loss": rec["loss"]})
+        if step % cfg.checkpoint_every == 0 or step == stop:
+            ckpts.save(step, {"proxy": acc.unwrap_model(net_w).state_dict()},
+                       {"opt": opt.optimizer.state_dict(), "sched": sched.state_dict()}, {"skipped": skipped})
+    log.close()
+    acc.wait_for_everyone()
+    trained = acc.unwrap_model(net_w)
+    summary: dict = {"out": str(out), "teacher": str(teacher), "steps_done": step, "steps_target": cfg.steps,
+                     "finished": step >= cfg.steps, "skipped_steps": skipped, "device": str(device),
+                     "train_sources": len({r["source"] for r in train_set.records}),
+                     "val_sources": len({r["source"] for r in val_set.records}),
+                     "train_records": len(train_set), "val_records": len(val_set),
+                     "final_loss_mean_last_steps": sum(h["loss"] for h in history[-20:]) / max(1, len(history[-20:])),
+                     "wall_seconds_this_run": time.time() - t_start, "config": asdict(cfg)}
+    if acc.is_main_process:
+        save_proxy(trained, out, extra={"teacher": ts.info.get("teacher"), "spec": ts.info["spec"], "identity": ts.info["identity"]})
+        if len(val_set):
+            result = evaluate_proxy(trained, val_set, bins=cfg.eval_bins, device=device)
+            atomic_write_bytes(out / "eval.json", json.dumps(result, indent=2).encode())
+            plot_proxy_eval(result, out / "eval.png")
+            summary["eval"] = result["overall"]
+            summary["beats_baselines"] = result["beats_baselines"]
+        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    summary["history"] = history
+    return summary
