@@ -36,5 +36,15 @@ def run_demo(out: Path, preset_name: str = "tiny") -> dict:
     save_image(grid, out / "codec_roundtrip.png")
     print(f"[demo] {preset.name}: {len(lq)} sample LQ crops {tuple(lq.shape[-2:])} -> latents {tuple(z.shape[1:])}; "
           f"round-trip PSNR {psnr(rec, lq).mean():.2f} dB (random tiny VAE: low is expected) -> {out / 'codec_roundtrip.png'}")
+    # Pair set from the samples (the recipe at the preset's sizes) and its latent cache; both resume on a rerun.
+    from .latents import default_cache_dir, encode_pairs
+    from .pairs import PairSpec, build_pairs
+    from .samples import sample_folder
+
+    pairs_dir = out / "pairs"
+    report = build_pairs(sample_folder(out / "samples"), pairs_dir, PairSpec.from_preset(preset), workers=1, progress=False)
+    encoded = encode_pairs(pairs_dir, codec, default_cache_dir(pairs_dir, preset.name), progress=False)
+    print(f"[demo] pairs: {report['pairs_total']} (HQ {preset.hq_size} / LQ {preset.lq_size}) in {pairs_dir}, "
+          f"{len(report['skipped'])} skipped; latents: {encoded['cached_total']} cached in {encoded['out']}")
     print(f"[demo] done in {time.time() - t0:.1f} s")
-    return {"psnr": psnr(rec, lq).mean().item()}
+    return {"psnr": psnr(rec, lq).mean().item(), "pairs": report["pairs_total"], "latents": encoded["cached_total"]}
