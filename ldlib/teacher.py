@@ -4,9 +4,10 @@ For every (pair id, draw m) a record seed ``sha256(seed/id/m)`` fixes sigma ~ U[
 so ``x_sigma = (1 - s) x0 + s eps`` is regenerated from the clean latent instead of stored; only the teacher's
 output (the target) is stored. Layout of a teacher folder::
 
-    teacher.json                      spec, codec identity, teacher description (model, steps, prompt)
+    teacher.json                      spec, codec identity, teacher description (model, steps, prompt), and the
+                                      pair set and latent cache it was made from
     teacher-<tag>-<hash>.safetensors  targets, tensor name "<id>#<m>"; metadata "records": JSON list of
-                                      {key, id, m, seed, sigma, grid}
+                                      {key, id, source, m, seed, sigma, grid}
 
 Shard files are written atomically; a rerun computes only the records no file holds; ``--shard i/N`` takes the
 pair ids with ``sha256(id) % N == i`` (the pair builder's rule) and tags its files, so machines never collide.
@@ -142,10 +143,12 @@ class TeacherSet:
 class TeacherDataset(torch.utils.data.Dataset):
     """Items ``{key, id, sigma, x0, x_sigma, target}`` of a teacher folder, x_sigma regenerated from the latents."""
 
-    def __init__(self, teacher: TeacherSet | str | os.PathLike, latents, ids: Sequence[str] | None = None) -> None:
+    def __init__(self, teacher: TeacherSet | str | os.PathLike, latents=None, ids: Sequence[str] | None = None) -> None:
         from .latents import LatentCache
 
         self.teacher = teacher if isinstance(teacher, TeacherSet) else TeacherSet(teacher)
+        if latents is None:  # the cache the teacher data was made from
+            latents = self.teacher.info["latents"]
         self.latents = latents if isinstance(latents, LatentCache) else LatentCache(latents)
         if self.latents.identity.get("encoder_sha256") != self.teacher.info["identity"].get("encoder_sha256"):
             raise ValueError(f"{self.teacher.folder}: teacher data was made from another codec's latents than {self.latents.folder}")
@@ -193,12 +196,14 @@ def generate_teacher(
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     shard = parse_shard(shard)
     cache = LatentCache(latents)
-    ids = [r["id"] for r in read_manifest(pairs_root) if in_shard(r["id"], shard)]
+    source_of = {r["id"]: r["source"] for r in read_manifest(pairs_root) if in_shard(r["id"], shard)}
+    ids = list(source_of)
     missing = [i for i in ids if i not in cache]
     if missing:
         raise KeyError(f"{cache.folder}: no latents for {len(missing)} pairs (e.g. {missing[0]!r}); run `encode` first")
     out = Path(out)
-    info = {"spec": asdict(spec), "identity": cache.identity, "teacher": teacher_info or {}}
+    info = {"spec": asdict(spec), "identity": cache.identity, "teacher": teacher_info or {},
+            "latents": str(Path(latents).resolve()), "pairs": str(Path(pairs_root).resolve())}
     path = out / TEACHER_JSON
     if path.is_file():
         have = json.loads(path.read_text())
@@ -229,7 +234,7 @@ def generate_teacher(
             for k, ((i, m), s) in enumerate(zip(batch, seeds)):
                 key = record_key(i, m)
                 tensors[key] = target[k].contiguous()
-                records.append({"key": key, "id": i, "m": m, "seed": s, "sigma": float(sigma[k]),
+                records.append({"key": key, "id": i, "source": source_of[i], "m": m, "seed": s, "sigma": float(sigma[k]),
                                 "grid": grid[k].tolist() if grid is not None else None})
             bar.update(len(batch))
         name = hashlib.sha256("\0".join(sorted(tensors)).encode()).hexdigest()[:16]
@@ -238,3 +243,77 @@ def generate_teacher(
     bar.close()
     return {"out": str(out), "records_in_shard": len(ids) * spec.per_latent, "computed": len(todo),
             "already_done": len(ids) * spec.per_latent - len(todo), "files_written": written}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# how well a proxy matches the teacher
+# ------------------------------------------------------------------------------------------------------------
+
+
+def relative_errors(pred: torch.Tensor, x_sigma: torch.Tensor, x0: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample |P - T| / |T - x0| for the proxy and the baselines "return x_sigma" and "return x0"."""
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return t.float().flatten(1).norm(dim=1)
+
+    size = norm(target - x0).clamp_min(1e-12)  # the teacher's own degradation
+    return {"proxy": norm(pred - target) / size, "x_sigma": norm(x_sigma - target) / size, "x0": norm(x0 - target) / size}
+
+
+@torch.no_grad()
+def evaluate_proxy(net, dataset: TeacherDataset, bins: int = 6, batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> dict:
+    """Per-sigma-bin mean relative error of the proxy and both baselines on (held-out) teacher data."""
+    sigma_max = dataset.teacher.spec.sigma_max
+    edges = torch.linspace(0, sigma_max, bins + 1)
+    per: dict[str, list[torch.Tensor]] = {"proxy": [], "x_sigma": [], "x0": []}
+    sigmas = []
+    net = net.eval().to(device)
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        b = {k: torch.stack([it[k] for it in items]) for k in ("sigma", "x0", "x_sigma", "target")}
+        pred = net(b["x_sigma"].to(device), b["sigma"].to(device)).float().cpu()
+        for k, v in relative_errors(pred, b["x_sigma"], b["x0"], b["target"]).items():
+            per[k].append(v)
+        sigmas.append(b["sigma"])
+    if not sigmas:
+        raise ValueError(f"{dataset.teacher.folder}: no teacher records to evaluate")
+    s = torch.cat(sigmas)
+    err = {k: torch.cat(v) for k, v in per.items()}
+    rows = []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        mask = (s >= lo) & ((s < hi) | (hi == edges[-1].item()))
+        mask &= s > 0  # at sigma 0 the relative error is 0/0; every model is exact there
+        if mask.any():
+            rows.append({"sigma_lo": lo, "sigma_hi": hi, "count": int(mask.sum()),
+                         **{k: float(v[mask].mean()) for k, v in err.items()}})
+    overall = {k: float(v[s > 0].mean()) for k, v in err.items()}
+    return {"metric": "mean |P(x_s) - T(x_s)| / |T(x_s) - x0| per sigma bin", "bins": rows, "overall": overall,
+            "count": int(len(s)), "beats_baselines": all(r["proxy"] < min(r["x_sigma"], r["x0"]) for r in rows)}
+
+
+def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):
+    """Relative error vs sigma for the proxy and the baselines; saved to path when given; returns the figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = result["bins"]
+    mid = [(r["sigma_lo"] + r["sigma_hi"]) / 2 for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for key, label, style in (("proxy", "proxy", "o-"), ("x_sigma", 'baseline "return x_sigma"', "s--"), ("x0", 'baseline "return x0"', "^:")):
+        ax.plot(mid, [r[key] for r in rows], style, label=label)
+    ax.set_xlabel("sigma")
+    ax.set_ylabel("|P - T| / |T - x0|")
+    ax.set_yscale("log")
+    ax.set_title("proxy vs teacher on held-out latents")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
