@@ -146,6 +146,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_proxy(args: argparse.Namespace) -> int:
+    """Train the proxy degrader on teacher data; writes the proxy, OUT/eval.json and OUT/summary.json."""
+    from .train import ProxyTrainConfig, train_proxy
+
+    from .teacher import TeacherSet
+
+    made_with = TeacherSet(args.teacher).info.get("teacher", {}).get("preset")
+    if args.preset and made_with and args.preset != made_with:
+        raise ValueError(f"{args.teacher}: teacher data was made with preset {made_with!r}, not {args.preset!r}")
+    overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "width", "blocks", "seed") if getattr(args, k) is not None}
+    summary = train_proxy(ProxyTrainConfig(**overrides), args.teacher, args.out, latents=args.latents, resume=args.resume)
+    ev = summary.get("eval")
+    print(f"proxy {args.out}: {summary['steps_done']}/{summary['steps_target']} steps, "
+          f"{summary['train_records']} train / {summary['val_records']} held-out records")
+    if ev:
+        print(f"held-out |P - T| / |T - x0|: proxy {ev['proxy']:.3f}, return-x_sigma {ev['x_sigma']:.3f}, "
+              f"return-x0 {ev['x0']:.3f} -> {args.out}/eval.json, eval.png")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run benchmarks; write Markdown and JSON under runs/bench/."""
     from .bench import run_benches
@@ -230,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
     p.add_argument("--out", default="runs/sweep")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("train-proxy", help="train the cheap proxy of the diffusion degrader on teacher data")
+    p.add_argument("teacher", help="teacher data folder (from `teacher`)")
+    p.add_argument("out", help="run folder: proxy.safetensors + proxy.json, eval.json, checkpoints, tb/")
+    p.add_argument("--preset", default=None, help="check that the teacher data was made with this preset")
+    p.add_argument("--latents", default=None, help="latent cache (default: the one the teacher data was made from)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: ProxyTrainConfig.steps)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--width", type=int, default=None, help="ProxyNet channels (default 64)")
+    p.add_argument("--blocks", type=int, default=None, help="ProxyNet residual blocks (default 4)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    p.set_defaults(func=cmd_train_proxy)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")
