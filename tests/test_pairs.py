@@ -280,3 +280,24 @@ def test_dataset_items_and_split_by_source(tmp_path):
     assert any(split_by_source(ds.records, 0.34, s)[1] != val.ids for s in range(8, 12))  # and seeded
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
     assert batch["hq"].shape == (4, 3, 32, 32) and len(batch["id"]) == 4
+
+
+def test_16_bit_rgb_png_keeps_the_high_byte(tmp_path):
+    """Pillow reads 48-bit RGB PNGs as 8-bit RGB (the high byte; load_rgb8 records no note for it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rgb16 = np.random.default_rng(0).integers(0, 65536, (70, 72, 3)).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rgb16)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "rgb16.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 72, 70, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+    build_pairs(tmp_path / "src", tmp_path / "out", PairSpec(hq_size=32), workers=1, progress=False)
+    (r,) = read_manifest(tmp_path / "out")
+    l, t, rr, b = r["box"]
+    hq = np.asarray(Image.open(tmp_path / "out" / r["hq"])).astype(np.float64)
+    region = rgb16[t:b, l:rr].astype(np.int64)
+    np.testing.assert_array_equal(hq, np.round(_box_mean(region >> 8, 2)))  # Pillow keeps the high byte
+    assert np.abs(hq - _box_mean(region / 257.0, 2)).max() < 1.5  # so HQ is within 1.5 levels of the 16-bit mean
