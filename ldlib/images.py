@@ -126,7 +126,7 @@ def area_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image-like files under folder (recursive, sorted, hidden files skipped)."""
+    """Every non-hidden file under folder (recursive, sorted), images or not, so callers can report non-images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
