@@ -54,3 +54,43 @@ def lpips_model(net: str = "alex", seed: int = 0) -> torch.nn.Module:
     model.eval().requires_grad_(False)
     model.backbone_pretrained = pretrained
     return model
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of two N x C x H x W batches in [-1, 1]: scikit-image with Wang et al.'s settings.
+
+    Gaussian window sigma 1.5, population covariances, data range 2, mean over channels (``channel_axis``).
+    """
+    from skimage.metrics import structural_similarity
+
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim expects two N x C x H x W batches of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+    a = x.detach().float().cpu().numpy()
+    b = y.detach().float().cpu().numpy()
+    values = [
+        structural_similarity(a[i], b[i], data_range=2.0, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False)
+        for i in range(len(a))
+    ]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def hf_energy(x: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
+    """Per-image 2-D FFT energy (channels summed, per pixel) at max(|f_y|, |f_x|) > cutoff * Nyquist."""
+    if x.dim() != 4:
+        raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    energy = torch.fft.fft2(x.double()).abs().pow(2).sum(1) / (h * w)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).abs().view(-1, 1)  # cycles / px; Nyquist = 0.5
+    fx = torch.fft.fftfreq(w, dtype=torch.float64).abs().view(1, -1)
+    return (energy * (torch.maximum(fy, fx) > cutoff * 0.5)).flatten(1).sum(1) / (h * w)
+
+
+def speckle_ratio(x: torch.Tensor, ref: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
+    """Per-image high-frequency energy of x relative to ref (the "speckle" statistic): 1 = as much fine detail as
+    the reference, > 1 = extra grain / speckle, < 1 = blur.
+
+    The default band (above half the HQ Nyquist frequency) is exactly what a 2x upscale must invent: an LQ image
+    has no energy there.
+    """
+    return (hf_energy(x, cutoff) / hf_energy(ref, cutoff).clamp_min(1e-20)).float()

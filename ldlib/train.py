@@ -599,9 +599,11 @@ def train_decoder(
     if train_set is None:
         if pairs is None:
             raise ValueError("train_decoder: give train_set or pairs")
+        from .latents import LatentCache, default_cache_dir
         from .pairs import PairDataset
 
-        full = PairDataset(pairs, latents=latents)
+        cache = LatentCache(latents or default_cache_dir(pairs, cfg.preset), expect=codec)
+        full = PairDataset(pairs, latents=cache)
         train_set, val_set = full.split(cfg.val_fraction, cfg.seed)
         if len(train_set) == 0:
             raise ValueError(f"{pairs}: no training pairs after the held-out split")

@@ -1,0 +1,159 @@
+"""Evaluation metrics and tables, and export -> from_pretrained -> the same output as the in-memory model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldlib.evaluate import EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, verdict, write_report
+from ldlib.export import export_run
+from ldlib.losses import DecoderLoss, LossConfig
+from ldlib.metrics import hf_energy, lpips_model, speckle_ratio, ssim
+from ldlib.presets import get_preset
+from ldlib.train import TrainConfig, load_run_codec, sample_tensor_pairs, train_decoder
+
+
+@pytest.fixture(scope="module")
+def lp():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lpips_model("alex")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, lp):
+    codec = get_preset("tiny").load_codec()
+    data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
+    cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
+                      loss=LossConfig(lpips_net="alex", gan_start=100))
+    out = tmp_path_factory.mktemp("run")
+    train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    return out, codec, data
+
+
+def _img(seed, n=2, size=32):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_ssim_matches_skimage_and_bounds():
+    from skimage.metrics import structural_similarity
+
+    x = _img(0)
+    y = (x + 0.2 * _img(1)).clamp(-1, 1)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    got = ssim(x, y)
+    ref = structural_similarity(x[1].numpy(), y[1].numpy(), data_range=2.0, channel_axis=0, gaussian_weights=True,
+                                sigma=1.5, use_sample_covariance=False)
+    assert got[1].item() == pytest.approx(ref, abs=1e-6)
+    assert 0 < got.min() < 1 and ssim(x, (x + 0.5 * _img(2)).clamp(-1, 1)).mean() < got.mean()
+
+
+def test_speckle_ratio_closed_form():
+    # A checkerboard (+-a) is all energy at Nyquist: hf_energy = a^2 * channels; a constant has none.
+    size = 16
+    board = ((torch.arange(size).view(-1, 1) + torch.arange(size).view(1, -1)) % 2 * 2 - 1).float()
+    x = 0.5 * board.expand(1, 3, size, size)
+    assert hf_energy(x).item() == pytest.approx(3 * 0.25, rel=1e-6)
+    assert hf_energy(torch.full((1, 3, size, size), 0.3)).item() == pytest.approx(0.0, abs=1e-12)
+    assert speckle_ratio(2 * x, x).item() == pytest.approx(4.0, rel=1e-6)
+    # Blurring removes high frequencies: ratio < 1.
+    y = _img(3, n=1, size=64)
+    blur = F.avg_pool2d(F.pad(y, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+    assert speckle_ratio(blur, y).item() < 0.5
+
+
+def test_upsamplers():
+    x = _img(4, n=1, size=8)
+    assert torch.allclose(bicubic_2x(x), F.interpolate(x, scale_factor=2, mode="bicubic"))
+    lz = lanczos_2x(x)
+    ref = np.asarray(Image.fromarray(x[0, 1].numpy()).resize((16, 16), Image.Resampling.LANCZOS))
+    assert lz.shape == (1, 3, 16, 16) and np.allclose(lz[0, 1].numpy(), ref)
+    const = torch.full((1, 3, 8, 8), 0.25)
+    assert torch.allclose(lanczos_2x(const), torch.full((1, 3, 16, 16), 0.25), atol=1e-5)
+
+
+def test_evaluate_tables_and_verdict(tiny_run, lp, tmp_path):
+    run, codec, data = tiny_run
+    ours, _ = load_run_codec(run)
+    cfg = EvalConfig(sigmas=(0.0, 0.12), batch=2)
+    rows = evaluate_decoders(codec, {"ours": ours}, data, cfg, lpips=lp, progress=False)
+    assert {(r["method"], r["sigma"]) for r in rows} == {
+        (m, s) for m in ("decoder+bicubic", "decoder+lanczos", "ours") for s in (0.0, 0.12)}
+    # Recompute one cell independently: bicubic baseline PSNR at sigma 0.
+    with torch.no_grad():
+        base = F.interpolate(codec.decode(data.latents), scale_factor=2, mode="bicubic").clamp(-1, 1)
+    mse = ((base - data.hq) ** 2).flatten(1).mean(1)
+    expected = (10 * torch.log10(4 / mse)).mean().item()
+    cell = next(r for r in rows if r["method"] == "decoder+bicubic" and r["sigma"] == 0.0)
+    assert cell["psnr"] == pytest.approx(expected, rel=1e-5) and cell["n"] == 2
+    noisy = next(r for r in rows if r["method"] == "decoder+bicubic" and r["sigma"] == 0.12)
+    assert noisy["psnr"] != cell["psnr"]  # the degradation is applied
+
+    doc = write_report(rows, tmp_path / "ev", cfg, {"lpips_backbone_pretrained": False})
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"] == rows
+    assert "### PSNR" in (tmp_path / "ev" / "eval.md").read_text()
+    assert (tmp_path / "ev" / "eval.png").stat().st_size > 1000
+    assert doc["verdict"]["ours_beats_baselines"] in (True, False)
+    assert "| ours |" in markdown_table(rows)
+
+
+def test_verdict_logic():
+    rows = [
+        {"method": "decoder+bicubic", "sigma": 0.0, "psnr": 20.0, "lpips": 0.3},
+        {"method": "decoder+lanczos", "sigma": 0.0, "psnr": 21.0, "lpips": 0.2},
+        {"method": "ours", "sigma": 0.0, "psnr": 22.0, "lpips": 0.25},
+    ]
+    v = verdict(rows)
+    assert not v["ours_beats_baselines"]
+    assert v["failures"] == [{"sigma": 0.0, "baseline": "decoder+lanczos", "metric": "lpips", "ours": 0.25,
+                              "baseline_value": 0.2}]
+    rows[2]["lpips"] = 0.1
+    assert verdict(rows)["ours_beats_baselines"]
+
+
+def test_export_wan_roundtrip(tiny_run, tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    run, codec, data = tiny_run
+    out = export_run(run, tmp_path / "export")
+    assert "pixel_shuffle" in (out / "README.md").read_text()
+    ours, _ = load_run_codec(run)  # EMA weights, in memory
+    z = data.latents
+    with torch.no_grad():
+        expected = ours.decode(z)
+        vae = AutoencoderKLWan.from_pretrained(out).eval()  # diffusers itself, no ldlib code in the path
+        assert vae.config.out_channels == 12
+        raw = z * ours.latents_std + ours.latents_mean
+        x = vae.decode(raw.unsqueeze(2)).sample.squeeze(2)
+        got = F.pixel_shuffle(x, 2)
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    assert (got - expected).abs().max().item() < 1e-4
+    # The export is not the untrained widening: the trained weights made it through.
+    with torch.no_grad():
+        untrained = codec.to_2x().decode(z)
+    assert (untrained - expected).abs().max().item() > 1e-3
+    # Encoder weights unchanged.
+    enc_a = dict(vae.encoder.named_parameters())
+    assert all(torch.equal(enc_a[k], p) for k, p in codec.vae.encoder.named_parameters())
+
+
+def test_export_tae_roundtrip(taef2_codec, tmp_path, lp):
+    from ldlib.codecs import TAECodec
+
+    data = sample_tensor_pairs(taef2_codec, count=1, hq_size=32, seed=2)
+    cfg = TrainConfig(preset="taef2", steps=1, batch=1, warmup_steps=1, lr=1e-3, ema_decay=0.0, val_every=100,
+                      loss=LossConfig(lpips_net="alex", gan_start=100))
+    run = tmp_path / "run"
+    train_decoder(cfg, run, data, None, codec=taef2_codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    out = export_run(run, tmp_path / "export")
+    loaded = TAECodec.from_folder(out)
+    ours, _ = load_run_codec(run)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(data.latents), ours.decode(data.latents))
+    assert loaded.upscale == 2 and loaded.conv_out.out_channels == 12
