@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -174,6 +175,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_decoder(args: argparse.Namespace) -> int:
+    """Train the 2x decoder on a pair set's latent cache; writes checkpoints, tb/ and OUT/summary.json."""
+    import dataclasses
+
+    from .losses import LossConfig
+    from .train import TrainConfig, train_decoder
+
+    overrides = {k: getattr(args, k) for k in ("steps", "batch", "grad_accum", "lr", "warmup_steps", "sigma_max",
+                                               "checkpoint_every", "val_every", "ema_decay", "seed", "mixed_precision",
+                                               "num_workers") if getattr(args, k) is not None}
+    loss_overrides = {k: getattr(args, k) for k in ("lpips_net", "gan_start", "gan_weight") if getattr(args, k) is not None}
+    cfg = TrainConfig(preset=args.preset, taef2_dir=args.taef2_dir, degrader=args.degrader,
+                      grad_checkpointing=args.grad_checkpointing, compile=args.compile,
+                      loss=dataclasses.replace(LossConfig(), **loss_overrides), **overrides)
+    res = train_decoder(cfg, args.out, pairs=args.pairs, latents=args.latents, resume=args.resume)
+    s = res.summary
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per DDP process
+        print(f"train-decoder {args.out}: {s['steps_done']}/{s['steps_target']} steps, {len(s['skipped_steps'])} skipped, "
+              f"{s['samples_per_s_this_run'] or 0:.2f} samples/s; validation {s['validation']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a 2x decoder (run or export) against decoder+bicubic / +Lanczos per sigma on held-out pairs."""
+    from .evaluate import EvalConfig, markdown_table, run_evaluation
+
+    sigmas = tuple(float(s) for s in args.sigmas.split(","))
+    cfg = EvalConfig(sigmas=sigmas, degrader=args.degrader, batch=args.batch, seed=args.seed, lpips_net=args.lpips_net,
+                     max_pairs=args.max_pairs)
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    doc = run_evaluation(args.model, args.pairs, out, preset_name=args.preset, cfg=cfg, baseline_model=args.no_degrade_model,
+                         latents=args.latents, taef2_dir=args.taef2_dir)
+    print(markdown_table(doc["rows"]))
+    print(f"ours beats both baselines on PSNR and LPIPS at every sigma: {doc['verdict']['ours_beats_baselines']}; "
+          f"wrote {out / 'eval.json'}, eval.md, eval.png")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's EMA decoder as a 2x decoder folder (diffusers for wan, TAESD files for tae) + README."""
+    from .export import export_run
+
+    out = export_run(args.run, args.out, ema=not args.live)
+    print(f"exported {args.run} -> {out} (see {out / 'README.md'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
     parser = argparse.ArgumentParser(
@@ -264,6 +312,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
     p.set_defaults(func=cmd_train_proxy)
+
+    p = sub.add_parser("train-decoder", help="train the 2x decoder (accelerate: CPU, GPU bf16, `accelerate launch` DDP)")
+    p.add_argument("pairs", help="pair set folder (from build-pairs; latents from `encode`)")
+    p.add_argument("out", help="run folder: config.json, checkpoints/, tb/, history.jsonl, summary.json")
+    _add_preset(p)
+    p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
+    p.add_argument("--degrader", default="noise", help="none | noise | proxy:DIR | teacher (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: TrainConfig.steps)")
+    p.add_argument("--batch", type=int, default=None, help="samples per process per micro-step")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--sigma-max", type=float, default=None, help="sigma ~ U[0, sigma-max] (default 0.12)")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mixed-precision", default=None, choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--lpips-net", default=None, choices=["alex", "vgg", "squeeze"], help="default vgg")
+    p.add_argument("--gan-start", type=int, default=None, help="step at which the GAN terms switch on")
+    p.add_argument("--gan-weight", type=float, default=None)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    p.set_defaults(func=cmd_train_decoder)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS/speckle per sigma vs decoder+bicubic/+Lanczos, held-out pairs")
+    p.add_argument("model", help="a train-decoder run folder (EMA weights) or an exported decoder folder")
+    p.add_argument("pairs", help="pair set folder (the held-out split by source image is evaluated)")
+    _add_preset(p)
+    p.add_argument("--sigmas", default="0,0.04,0.08,0.12", help="comma-separated (default: %(default)s)")
+    p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")
+    p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
+    p.add_argument("--degrader", default="noise", help="none | noise | proxy:DIR (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
+    p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run's EMA 2x decoder (diffusers folder / TAESD files) + README")
+    p.add_argument("run", help="a train-decoder run folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")
