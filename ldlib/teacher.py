@@ -293,15 +293,12 @@ def evaluate_proxy(net, dataset: TeacherDataset, bins: int = 6, batch_size: int 
 
 def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):
     """Relative error vs sigma for the proxy and the baselines; saved to path when given; returns the figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, works in scripts and notebooks alike
 
     rows = result["bins"]
     mid = [(r["sigma_lo"] + r["sigma_hi"]) / 2 for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     for key, label, style in (("proxy", "proxy", "o-"), ("x_sigma", 'baseline "return x_sigma"', "s--"), ("x0", 'baseline "return x0"', "^:")):
         ax.plot(mid, [r[key] for r in rows], style, label=label)
     ax.set_xlabel("sigma")
@@ -316,4 +313,28 @@ def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
+
+
+@torch.no_grad()
+def teacher_vs_proxy_figure(pca, x0: torch.Tensor, degrader, net, sigmas: Sequence[float], seed: int = 0):
+    """Rows per sigma: PCA of x0 | x_sigma | teacher(x_sigma) | proxy(x_sigma), one clean-fitted basis and range."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 2.1 * len(sigmas)))
+    axes = fig.subplots(len(sigmas), 4, squeeze=False)
+    x0 = x0.float().cpu().unsqueeze(0)
+    device = next(net.parameters()).device
+    for row, sigma in zip(axes, sigmas):
+        s = torch.tensor([float(sigma)])
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        x_s = (1 - s) * x0 + s * eps
+        t = degrader.denoise(x_s.to(device), s.to(device)).float().cpu()
+        p = net(x_s.to(device), s.to(device)).float().cpu()
+        err = (p - t).norm() / (t - x0).norm().clamp_min(1e-12)
+        for ax, z, title in zip(row, (x0, x_s, t, p), ("clean x0", f"x_sigma, sigma {sigma:g}", "teacher", f"proxy (rel. err {err:.2f})")):
+            ax.imshow(pca.rgb(z)[0], interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
     return fig
