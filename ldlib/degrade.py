@@ -256,20 +256,22 @@ class DiffusionDegrader:
             raise ValueError(f"sigma must lie in [0, 1], got {s.tolist()}")
         grid = sigma_grid(s, self.steps)
         self.last_grid = grid.cpu()
-        x0 = x_sigma.float()
-        if not (s > 0).any():
-            return x_sigma.clone()
-        bs = self.batch_size or x0.shape[0]
+        # Samples at sigma 0 are returned as they are (bit-identical) and cost no transformer call.
+        active = (s > 0).nonzero().flatten()
+        out = x_sigma.clone()
+        if len(active) == 0:
+            return out
+        x0, grid_a = x_sigma[active].float(), grid[active]
+        bs = self.batch_size or len(active)
         outs = []
-        for i in range(0, x0.shape[0], bs):
-            x, g = x0[i : i + bs], grid[i : i + bs]
+        for i in range(0, len(active), bs):
+            x, g = x0[i : i + bs], grid_a[i : i + bs]
             for k in range(self.steps):
                 v = self.velocity(x, g[:, k])
                 x = x + (g[:, k + 1] - g[:, k]).view(-1, 1, 1, 1) * v
             outs.append(x)
-        out = torch.cat(outs).to(x_sigma.dtype)
-        # Exactly the input where sigma is 0 (x + 0 * v is x only when v is finite).
-        return torch.where((s == 0).view(-1, 1, 1, 1), x_sigma, out)
+        out[active] = torch.cat(outs).to(x_sigma.dtype)
+        return out
 
     def degrade(
         self, latents: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None
