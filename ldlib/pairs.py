@@ -277,7 +277,8 @@ def _process_source(task: _Task) -> dict:
     try:
         array, note = load_rgb8(Path(task.src_root) / task.rel)
     except ImageLoadError as e:
-        result["skipped"] = str(e).split(": ", 1)[-1]
+        prefix = f"{Path(task.src_root) / task.rel}: "
+        result["skipped"] = str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)  # the report names the file
         return result
     except Exception as e:  # a batch job never stops on one file; the reason names the error
         result["skipped"] = f"unexpected error while decoding ({type(e).__name__}: {e})"
@@ -544,6 +545,10 @@ class PairDataset(torch.utils.data.Dataset):
             from .latents import LatentCache
 
             self.latents = latents if isinstance(latents, LatentCache) else LatentCache(latents)
+            cut = self.latents.info.get("pairset")
+            mine = json.loads((self.root / PAIRSET_JSON).read_text())["spec"] if (self.root / PAIRSET_JSON).is_file() else None
+            if cut and mine and cut != mine:
+                raise ValueError(f"{self.latents.folder}: latents of pairs cut with {cut}, this pair set is {mine}")
             absent = [r["id"] for r in records if r["id"] not in self.latents]
             if absent:
                 raise KeyError(

@@ -102,3 +102,14 @@ def test_cli_encode(pairs, tmp_path, capsys):
     assert main(["encode", str(pairs), "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
     assert "0 encoded now" in capsys.readouterr().out and len(LatentCache(out)) == 8
     assert main(["encode", str(tmp_path / "nothing"), "--preset", "tiny", "--quiet"]) == 2
+
+
+def test_dataset_refuses_latents_of_another_pair_set(pairs, codec, tmp_path):
+    out = tmp_path / "lat"
+    encode_pairs(pairs, codec, out, progress=False)
+    other = tmp_path / "other-pairs"
+    build_pairs(pairs.parent / "src", other, PairSpec(hq_size=32, crops_per_image=2), workers=1, progress=False)
+    with pytest.raises(ValueError, match="latents of pairs cut with"):
+        PairDataset(other, latents=out)
+    with pytest.raises(ValueError, match="pairs cut with"):
+        encode_pairs(other, codec, out, progress=False)
