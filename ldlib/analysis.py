@@ -304,7 +304,8 @@ def degrade_frames_stats(frames: torch.Tensor, degrader, sigmas: Sequence[float]
 def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.PathLike = "runs/sweep",
               pairs_dir: str | os.PathLike | None = None, photos: str | os.PathLike | None = None, n: int = 8,
               config: SweepConfig | None = None, steps: int = 1, prompt: str = "negative",
-              taef2_path: str | os.PathLike | None = None, device: str | None = None) -> SweepResult:
+              taef2_path: str | os.PathLike | None = None, device: str | None = None,
+              proxy_dir: str | os.PathLike | None = None) -> SweepResult:
     """The whole sweep for scripts: pairs, codec, degrader, statistics; writes sweep.json, sweep.md, sweep.png."""
     import json
 
@@ -320,11 +321,20 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
     out = Path(out)
     hq, lq, ids = pair_batch(preset, pairs_dir, photos, n=n, seed=config.seed, work_dir=out)
     codec = preset.load_codec(device)
-    deg = make_degrader(degrader, preset, steps=steps, prompt=prompt, device=device)
+    proxy = None
+    if degrader == "proxy":
+        from .degrade import load_proxy
+
+        if proxy_dir is None:
+            raise ValueError("the proxy degrader needs proxy_dir (a folder written by save_proxy)")
+        proxy = load_proxy(proxy_dir, device)
+    deg = make_degrader(degrader, preset, steps=steps, prompt=prompt, device=device, proxy_net=proxy)
     result = sigma_sweep(codec, deg, lq.to(device), hq.to(device), config)
     result.notes.append(f"preset {preset.name}, {len(ids)} pairs: {', '.join(ids)}")
     if degrader == "diffusion":
         result.notes.append(f"teacher: {steps} Euler step(s), prompt {prompt!r}")
+    if degrader == "proxy":
+        result.notes.append(f"proxy: {proxy_dir}")
     atomic_write_bytes(out / "sweep.json", json.dumps(result.to_dict(), indent=2).encode())
     atomic_write_bytes(out / "sweep.md", (result.markdown() + "\n\n" + "\n".join(f"- {t}" for t in result.notes)
                                           + "\n").encode())

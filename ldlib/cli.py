@@ -138,7 +138,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(
         args.preset, args.degrader, args.out, pairs_dir=args.pairs, photos=args.photos, n=args.n,
         config=SweepConfig(sigmas=sigmas, seed=args.seed, lpips_net=args.lpips_net), steps=args.steps,
-        prompt=args.prompt, taef2_path=args.taef2_dir,
+        prompt=args.prompt, taef2_path=args.taef2_dir, proxy_dir=args.proxy,
     )
     print(result.markdown())
     for note in result.notes:
@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", default=None, help="an existing pair set (default: build one under --out)")
     src.add_argument("--photos", default=None, help="build pairs from this photo folder (default: sample photos)")
-    p.add_argument("--degrader", default="noise", choices=["noise", "diffusion"], help="default: %(default)s")
+    p.add_argument("--degrader", default="noise", choices=["noise", "diffusion", "proxy"], help="default: %(default)s")
+    p.add_argument("--proxy", default=None, help="trained proxy folder (for --degrader proxy)")
     p.add_argument("--sigmas", default="0,0.03,0.06,0.09,0.12,0.2,0.3", help="comma-separated (default: %(default)s)")
     p.add_argument("--n", type=int, default=8, help="number of pairs (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only)")

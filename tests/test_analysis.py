@@ -96,3 +96,16 @@ def test_pair_batch_builds_recipe_pairs(tmp_path):
     assert (area_downsample(hq, 2) - lq).abs().max() <= 1.01 / 127.5
     hq2, _, ids2 = pair_batch(get_preset("tiny"), n=2, work_dir=tmp_path)  # resumes: the same pairs
     assert ids2 == ids and torch.equal(hq2, hq)
+
+
+def test_sweep_cli_writes_results(tmp_path, capsys):
+    import json
+
+    from ldlib.cli import main
+
+    assert main(["sweep", "--n", "1", "--sigmas", "0,0.1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["sigma"] for r in data["rows"]] == [0.0, 0.1]
+    assert data["rows"][0]["psnr_clean"] is None and data["rows"][0]["rel_err"] == 0  # identical: no finite PSNR
+    assert data["rows"][1]["rel_err"] > 0 and data["degrader"] == "NoiseDegrader"
+    assert (tmp_path / "sweep.png").stat().st_size > 1000 and "| 0.1 |" in capsys.readouterr().out
