@@ -44,15 +44,18 @@ def _to_uint8_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
 
 
 def load_rgb8(path: str | os.PathLike) -> tuple[np.ndarray, str]:
-    """Load an image file as an H x W x 3 uint8 array (EXIF orientation applied) and a conversion note."""
+    """Load an image file as an H x W x 3 uint8 array (EXIF orientation applied) and a conversion note.
+
+    The array may be read-only (it wraps Pillow's buffer without a copy): copy it before writing into it.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             # Pillow warns before its hard limit; we want one clear error type instead.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
                 img.load()
+                ImageOps.exif_transpose(img, in_place=True)  # in place: no full-image copy when upright
                 array, note = _to_uint8_rgb(img)
     except FileNotFoundError as e:
         raise ImageLoadError(f"{path}: no such file") from e
@@ -60,12 +63,12 @@ def load_rgb8(path: str | os.PathLike) -> tuple[np.ndarray, str]:
         raise ImageLoadError(f"{path}: too many pixels (decompression bomb limit): {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{path}: not a decodable image ({type(e).__name__}: {e})") from e
-    return np.require(array, dtype=np.uint8, requirements=["C", "W"]), note
+    return array, note
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 array -> 1 x 3 x H x W float tensor in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+    x = torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)  # astype copies: fine for read-only input
     return (x / 127.5 - 1.0).unsqueeze(0)
 
 

@@ -164,7 +164,7 @@ def crop_box(source_size: tuple[int, int], spec: PairSpec, source_rel: str, crop
 def cut_pair(source: np.ndarray, box: tuple[int, int, int, int], spec: PairSpec) -> tuple[np.ndarray, np.ndarray]:
     """HQ and LQ uint8 arrays of one crop box of an H x W x 3 uint8 source (the recipe, exact box averages)."""
     left, top, right, bottom = box
-    region = torch.from_numpy(np.ascontiguousarray(source[top:bottom, left:right])).permute(2, 0, 1)[None]
+    region = torch.from_numpy(source[top:bottom, left:right].copy()).permute(2, 0, 1)[None]  # source may be read-only
     # Averaging 0..255 integers in float32 is exact (sums of <= 2**16 terms of <= 255, power-of-two divisors),
     # so HQ is round(mean) exactly; LQ is averaged from the unrounded HQ: the exact mean over the source.
     hq = area_downsample(region.float(), spec.pre_downsample)
