@@ -234,3 +234,28 @@ def test_make_degrader_errors():
         make_degrader("proxy")
     with pytest.raises(ValueError, match="no diffusion transformer"):
         get_preset("tiny", transformer=None).load_transformer()
+
+
+def test_prompt_embedding_from_a_pipeline_folder(tmp_path):
+    """The real loading path (AutoTokenizer + UMT5EncoderModel.from_pretrained from <repo>/tokenizer and
+    <repo>/text_encoder), exercised on a local folder holding a tiny encoder and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # T5 appends eos
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        tmp_path / "repo" / "tokenizer"
+    )
+    tiny_umt5_encoder(0).save_pretrained(tmp_path / "repo" / "text_encoder")
+    preset = get_preset("tiny", transformer=str(tmp_path / "repo"))
+    assert preset.text_encoder_id == str(tmp_path / "repo")
+    emb = prompt_embedding(preset, "hello world", cache_dir=tmp_path / "cache", max_sequence_length=16)
+    ids = torch.tensor([[3, 4, 1] + [0] * 13])
+    with torch.no_grad():
+        ref = tiny_umt5_encoder(0)(ids, (torch.arange(16) < 3).long()[None]).last_hidden_state
+    assert emb.shape == (1, 16, 32)
+    torch.testing.assert_close(emb[0, :3], ref[0, :3])
+    assert emb[0, 3:].eq(0).all()
