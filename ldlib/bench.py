@@ -39,6 +39,8 @@ def _markdown(name: str, result: dict) -> str:
         lines.append("")
     for k, v in result.get("ratios", {}).items():
         lines.append(f"- **{k}**: {v:.3g}x")
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
 
 
@@ -216,3 +218,262 @@ def bench_pairs(preset_name: str, quick: bool) -> dict:
 
 
 BENCHES["pairs"] = bench_pairs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# codec / train: Wan VAE image mode (ldlib.wan_image) vs diffusers' 3-D forward, full-size config
+# ------------------------------------------------------------------------------------------------------------
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                      sync: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """Median wall and CPU time of each fn, running them in turn every round (a noisy machine hits all alike).
+
+    Returns name -> {"wall_s", "cpu_s", "walls"}; "walls" (per round, in order) lets callers take per-round ratios.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    walls: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            walls[k].append(time.perf_counter() - t)
+            cpus[k].append(time.process_time() - c)
+    return {k: {"wall_s": statistics.median(walls[k]), "cpu_s": statistics.median(cpus[k]), "walls": walls[k]}
+            for k in fns}
+
+
+def _round_ratio(timings: dict[str, dict], slow: str, fast: str) -> float:
+    """Median over rounds of slow/fast wall time (each round ran both back to back)."""
+    return statistics.median(a / b for a, b in zip(timings[slow]["walls"], timings[fast]["walls"]))
+
+
+def _full_wan_vae(seed: int = 0, config: dict | None = None):
+    """A seeded random-weight AutoencoderKLWan; the default config is the real Wan 2.1 VAE architecture."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**(config or {})).eval()
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def bench_codec(preset_name: str, quick: bool, vae_config: dict | None = None, size: int | None = None) -> dict:
+    """Wan VAE encode (256 px) and decode (16 x 32 x 32): diffusers' 3-D forward vs image mode, full-size config.
+
+    ``preset_name`` does not apply: both paths run the real Wan 2.1 VAE architecture with random weights (speed
+    does not depend on the weight values; the real weights need the hub). ``vae_config`` / ``size`` (image px)
+    override the config and the size (tests).
+    """
+    import torch
+
+    from .codecs import WanCodec
+
+    device = _device()
+    size = size or (128 if quick else 256)
+    vae = _full_wan_vae(0, vae_config).to(device)
+    codecs = {"diffusers": WanCodec(vae, image_mode=False).to(device), "image mode": WanCodec(vae).to(device)}
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device)
+    latents = torch.randn(1, vae.config.z_dim, size // 8, size // 8, generator=g).to(device)
+    repeats, warmup = (2, 1) if quick else (5, 1)
+    rows, ratios = [], {}
+    with torch.no_grad():
+        for op, arg, call in (
+            (f"encode {size} px", images, lambda c, a: c.encode(a)),
+            (f"decode {vae.config.z_dim}x{size // 8}x{size // 8}", latents, lambda c, a: c.decode(a, clamp=False)),
+        ):
+            outs = {k: call(c, arg) for k, c in codecs.items()}
+            diff = (outs["diffusers"] - outs["image mode"]).abs().max().item()
+            t = timed_interleaved({k: (lambda c=c: call(c, arg)) for k, c in codecs.items()}, repeats, warmup,
+                                  sync=_sync(device))
+            for k in codecs:
+                rows.append({"op": op, "variant": k, "wall_s": t[k]["wall_s"], "cpu_s": t[k]["cpu_s"],
+                             "max_abs_diff": diff if k == "image mode" else 0.0})
+            name = op.split()[0]
+            ratios[f"{name} speed-up, image mode vs diffusers (wall, median per round)"] = _round_ratio(
+                t, "diffusers", "image mode")
+            ratios[f"{name} speed-up (CPU time)"] = t["diffusers"]["cpu_s"] / t["image mode"]["cpu_s"]
+    cfg = "custom config" if vae_config else "full-size default AutoencoderKLWan config (= Wan 2.1 VAE)"
+    return {
+        "title": f"Wan VAE, {cfg}, random weights, batch 1, float32, {device.type}, "
+                 f"{torch.get_num_threads()} threads, {repeats} rounds after {warmup} warm-up",
+        "rows": rows,
+        "ratios": ratios,
+    }
+
+
+BENCHES["codec"] = bench_codec
+
+
+def _train_setup(hq: int, image_mode: bool, device, vae_config: dict | None = None, seed: int = 0):
+    """Everything one decoder training step needs: the 2x codec, the L1 + LPIPS loss, a latent and an HQ target."""
+    import warnings
+
+    import torch
+
+    from .codecs import WanCodec
+    from .losses import DecoderLoss, LossConfig
+
+    codec = WanCodec(_full_wan_vae(seed, vae_config), image_mode=image_mode).to_2x().to(device)
+    for m in codec.encoder_modules():
+        m.requires_grad_(False)
+    codec.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lpips_model's offline "random backbone" warning: reported in the notes
+        loss = DecoderLoss(LossConfig(gan_weight=0.0)).to(device)
+    g = torch.Generator().manual_seed(seed + 1)
+    hw = hq // codec.upscale // codec.spatial_factor
+    z = torch.randn(1, codec.latent_channels, hw, hw, generator=g).to(device)
+    target = (torch.rand(1, 3, hq, hq, generator=g) * 2 - 1).to(device)
+    return codec, loss, z, target
+
+
+def _train_step(codec, loss, z, target) -> None:
+    """Forward through the 2x head (unclamped), L1 + LPIPS, backward; grads are left on the parameters."""
+    out = codec.decode(z, clamp=False)
+    rec, _ = loss.reconstruction(out, target)
+    rec.backward()
+
+
+def _zero_grads(codec) -> None:
+    for p in codec.parameters():
+        p.grad = None
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _train_memory_child() -> None:
+    """Subprocess entry: peak resident memory (MB) of one CPU training step above the set-up baseline, as JSON."""
+    import sys
+
+    import torch
+
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    codec, loss, z, target = _train_setup(spec["hq"], spec["image_mode"], torch.device("cpu"), spec["vae_config"])
+    # Reset the kernel's high-water mark (Linux >= 4.0) so set-up transients (model init, to_2x copy) don't count.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_mb("VmRSS")
+    _train_step(codec, loss, z, target)
+    peak = _rss_mb("VmHWM")
+    print(json.dumps({"base_mb": base, "peak_mb": peak, "step_mb": peak - base}))
+
+
+def _train_memory(hq: int, image_mode: bool, device, vae_config: dict | None) -> float:
+    """Peak memory (MB) one training step adds: CUDA allocator peak, or on CPU the RSS peak in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if device.type == "cuda":
+        codec, loss, z, target = _train_setup(hq, image_mode, device, vae_config)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _train_step(codec, loss, z, target)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    spec = {"hq": hq, "image_mode": image_mode, "vae_config": vae_config, "threads": torch.get_num_threads()}
+    # A fixed mmap threshold makes glibc return freed large blocks to the OS, so RSS tracks live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from ldlib.bench import _train_memory_child; _train_memory_child()", json.dumps(spec)],
+        capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench train: memory probe failed:\n{proc.stderr[-2000:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["step_mb"])
+
+
+def bench_train(preset_name: str, quick: bool, vae_config: dict | None = None, hq: int | None = None) -> dict:
+    """One decoder training step (2x head, L1 + LPIPS, forward + backward) at the preset's HQ size.
+
+    Wan numbers come from the full-size Wan 2.1 VAE config with random weights, whatever the preset's codec (the
+    tiny and taef2 presets contribute their sizes only); diffusers' 3-D forward vs image mode on the same weights.
+    ``vae_config`` / ``hq`` override the config and the HQ size (tests).
+    """
+    import torch
+
+    from .codecs import WanCodec
+    from .presets import get_preset
+
+    device = _device()
+    preset = get_preset(preset_name)
+    hq = hq or (min(preset.hq_size, 128) if quick else preset.hq_size)
+    # The gradient check below runs one step of each variant first: that is the warm-up.
+    repeats = 1 if quick else 3
+    codec, loss, z, target = _train_setup(hq, True, device, vae_config)
+    variants = {"diffusers": WanCodec(codec.vae, image_mode=False), "image mode": codec}  # the same parameters
+
+    grads = {}
+    for k, c in variants.items():
+        _train_step(c, loss, z, target)
+        grads[k] = [p.grad.clone() if p.grad is not None else None for p in codec.decoder_parameters()]
+        _zero_grads(codec)
+    grad_diff = max((a - b).abs().max().item() for a, b in zip(grads["diffusers"], grads["image mode"])
+                    if a is not None)
+    grad_scale = max(a.abs().max().item() for a in grads["diffusers"] if a is not None)
+    del grads
+
+    def step(c) -> None:
+        _train_step(c, loss, z, target)
+        _zero_grads(codec)
+
+    t = timed_interleaved({k: (lambda c=c: step(c)) for k, c in variants.items()}, repeats, warmup=0,
+                          sync=_sync(device))
+    del variants, codec, loss
+    # --quick skips the memory probes: each is a fresh process that builds the full-size model again.
+    mem = {k: None if quick else _train_memory(hq, k == "image mode", device, vae_config)
+           for k in ("diffusers", "image mode")}
+    rows = [{"variant": k, "wall_s": t[k]["wall_s"], "cpu_s": t[k]["cpu_s"], "peak_step_mb": mem[k]}
+            for k in ("diffusers", "image mode")]
+    lpips_note = "LPIPS (VGG, ldlib.metrics.lpips_model): torchvision backbone weights cannot be downloaded here, " \
+                 "so unless they are cached its backbone is random (pnet_rand=True); the cost is the same"
+    return {
+        "title": f"decoder training step (forward + backward, 2x head, L1 + LPIPS-VGG), HQ {hq} px "
+                 f"({preset.name} size), latent {z.shape[1]}x{z.shape[2]}x{z.shape[3]}, batch 1, full-size Wan "
+                 f"VAE config, random weights, float32, {device.type}, {torch.get_num_threads()} threads, "
+                 f"{repeats} rounds after 1 warm-up",
+        "rows": rows,
+        "ratios": {
+            "step speed-up, image mode vs diffusers (wall, median per round)": _round_ratio(t, "diffusers", "image mode"),
+            "step speed-up (CPU time)": t["diffusers"]["cpu_s"] / t["image mode"]["cpu_s"],
+            **({} if quick else {"peak step memory, diffusers / image mode": mem["diffusers"] / mem["image mode"]}),
+        },
+        "notes": [
+            f"max abs gradient difference image mode vs diffusers: {grad_diff:.3g} (largest gradient {grad_scale:.3g})",
+            "peak memory: " + ("skipped (--quick)" if quick else "torch.cuda.max_memory_allocated above the set-up baseline" if device.type == "cuda"
+                               else "RSS high-water mark of one step in a fresh process, above its set-up baseline"),
+            lpips_note,
+        ],
+    }
+
+
+BENCHES["train"] = bench_train

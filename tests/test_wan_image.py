@@ -99,8 +99,8 @@ def test_decoder_gradients_match_diffusers_path():
     codec = WanCodec(_vae(0, **TINY_WAN_VAE_CONFIG)).to_2x()
     ref = WanCodec(codec.vae, image_mode=False)  # the same parameters, diffusers' forward
     codec.vae.decoder.train()  # training mode, as the training loop runs it
-    z = _latents(2, 8, scale=2.0)
-    target = _images(2, 128, seed=5)
+    z = _latents(1, 8, scale=2.0)
+    target = _images(1, 128, seed=5)
     params = [p for p in codec.decoder_parameters()]
 
     def grads(c: WanCodec) -> list[torch.Tensor | None]:
@@ -152,3 +152,28 @@ def test_unsupported_config_raises_clear_error():
         wan_image.decode(vae, _latents(1, 4))
     with pytest.raises(ValueError, match="N x C x h x w"):
         wan_image.decode(_vae(0, **TINY_WAN_VAE_CONFIG), _latents(1, 4).unsqueeze(2))
+
+
+def test_codec_and_train_benches_smoke(tmp_path, monkeypatch):
+    # The benches' plumbing at tiny size (the real runs use the full-size config: `python -m ldlib bench codec`).
+    import functools
+    import json
+
+    from ldlib import bench
+
+    for name, size in (("codec", {"size": 64}), ("train", {"hq": 64})):
+        small = functools.partial(bench.BENCHES[name], vae_config=TINY_WAN_VAE_CONFIG, **size)
+        monkeypatch.setitem(bench.BENCHES, name, small)
+    results = bench.run_benches("codec", tmp_path, quick=True)
+    results.update(bench.run_benches("train", tmp_path, quick=True))
+    for name in ("codec", "train"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == results[name]["rows"]
+        assert "speed-up" in (tmp_path / f"{name}.md").read_text()
+    codec_rows = results["codec"]["rows"]
+    assert [r["variant"] for r in codec_rows] == ["diffusers", "image mode"] * 2
+    assert all(r["wall_s"] > 0 and r["max_abs_diff"] <= TOL for r in codec_rows)
+    assert all(v > 0 for v in results["codec"]["ratios"].values())
+    train = results["train"]
+    assert [r["variant"] for r in train["rows"]] == ["diffusers", "image mode"]
+    grad_note = train["notes"][0]
+    assert float(grad_note.split(": ")[1].split()[0]) <= TOL
