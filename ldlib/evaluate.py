@@ -38,6 +38,9 @@ class EvalConfig:
     batch: int = 4
     seed: int = 0
     lpips_net: str = "alex"  # the usual evaluation LPIPS (training defaults to VGG)
+    # Offline (random LPIPS backbone) a seed other than the training loss's (0) keeps the metric from being the
+    # very function the decoder was trained on; with real torchvision weights the seed changes nothing.
+    lpips_seed: int = 1
     max_pairs: int | None = None
     extra: dict = field(default_factory=dict)  # recorded as-is (e.g. model paths)
 
@@ -95,7 +98,7 @@ def evaluate_decoders(
     cfg = cfg or EvalConfig()
     if degrader == "config":
         degrader = parse_degrader(cfg.degrader)
-    lpips = lpips if lpips is not None else lpips_model(cfg.lpips_net)
+    lpips = lpips if lpips is not None else lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
     n = len(dataset) if cfg.max_pairs is None else min(cfg.max_pairs, len(dataset))
     if n == 0:
         raise ValueError("evaluate: the held-out set is empty")
@@ -281,7 +284,7 @@ def run_evaluation(
     _, held_out = PairDataset(pairs, latents=cache).split(vf, seed)
     from .metrics import lpips_model
 
-    lp = lpips_model(cfg.lpips_net)
+    lp = lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
     rows = evaluate_decoders(original, decoders, held_out, cfg, lpips=lp)
     info.update(pairs=str(pairs), preset=preset.name, held_out_pairs=len(held_out), val_fraction=vf, split_seed=seed,
                 held_out_sources=held_out.sources, baseline_model=str(baseline_model) if baseline_model else None,
