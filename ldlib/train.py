@@ -421,7 +421,13 @@ class TwoXDecoder(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward (diffusers' own switch for VAEs; per-block for TAESD decoders)."""
         vae = getattr(self.codec, "vae", None)
-        if vae is not None and hasattr(vae, "enable_gradient_checkpointing"):
+        if self.codec.family == "wan":
+            # diffusers refuses enable_gradient_checkpointing() for AutoencoderKLWan; ldlib's image-mode decoder
+            # reads the same flag per block.
+            if not getattr(self.codec, "image_mode", False):
+                raise ValueError("gradient checkpointing of a Wan decoder needs WanCodec(image_mode=True)")
+            vae.decoder.gradient_checkpointing = True
+        elif vae is not None:
             vae.enable_gradient_checkpointing()
         self._checkpointing = True
 

@@ -183,9 +183,17 @@ def encoder_forward(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def decoder_forward(decoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """WanDecoder3d on N x z x h x w latents (after post_quant_conv) -> N x out_channels x H x W, unclamped."""
     x = causal_conv2d(decoder.conv_in, x)
-    x = mid_block(decoder.mid_block, x)
-    for up_block in decoder.up_blocks:
-        x = _layer(up_block, x)
+    # diffusers' enable_gradient_checkpointing() sets this flag; honour it per block (activations recomputed in backward).
+    if getattr(decoder, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(mid_block, decoder.mid_block, x, use_reentrant=False)
+        for up_block in decoder.up_blocks:
+            x = checkpoint(_layer, up_block, x, use_reentrant=False)
+    else:
+        x = mid_block(decoder.mid_block, x)
+        for up_block in decoder.up_blocks:
+            x = _layer(up_block, x)
     x = _act(decoder, rms_norm(decoder.norm_out, x))
     return causal_conv2d(decoder.conv_out, x)
 

@@ -155,3 +155,26 @@ def test_degrader_parsing(tmp_path):
         parse_degrader(f"proxy:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="unknown degrader"):
         parse_degrader("blur")
+
+
+def test_gradient_checkpointing_same_gradients(setup, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    from ldlib.train import TwoXDecoder
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    codec, data, _ = setup
+    z, hq = data.latents[:2], data.hq[:2]
+    grads = []
+    for ckpt in (False, True):
+        model = TwoXDecoder(codec.to_2x())
+        if ckpt:
+            model.enable_gradient_checkpointing()
+            assert model.codec.vae.decoder.gradient_checkpointing
+        (model(z) - hq).abs().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.trainable_state().items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5) for k in grads[0])
+    assert len(calls) >= 2, "the checkpointed path was not taken"
