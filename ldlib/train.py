@@ -120,8 +120,15 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from accelerate.state import AcceleratorState
+
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one precision per process and refuses another; a notebook that trains twice with
+        # different settings needs a fresh state (the process group, PartialState, is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
     # The scheduler is stepped by hand once per optimiser step (accelerate would step it once per process).
     acc = Accelerator(
         # accelerate only sets up CPU DDP (gloo) under torchrun when told it is on CPU.

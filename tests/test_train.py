@@ -24,7 +24,7 @@ from ldlib.train import (
 @pytest.fixture(scope="module")
 def setup():
     codec = get_preset("tiny").load_codec()
-    data = sample_tensor_pairs(codec, count=4, hq_size=64, seed=0)
+    data = sample_tensor_pairs(codec, count=4, hq_size=32, seed=0)
     with pytest.warns(UserWarning, match="LPIPS") if True else None:
         lp = lpips_model("alex")
     return codec, data, lp
@@ -178,3 +178,12 @@ def test_gradient_checkpointing_same_gradients(setup, monkeypatch):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5) for k in grads[0])
     assert len(calls) >= 2, "the checkpointed path was not taken"
+
+
+def test_bf16_autocast_runs_and_records_precision(setup, tmp_path):
+    # The GPU default (bf16 autocast) exercised on CPU: finite losses, GAN and adaptive weight included.
+    res = _run(setup, tmp_path / "bf16", _cfg(steps=2, checkpoint_every=2, mixed_precision="bf16"))
+    assert res.summary["mixed_precision"] == "bf16" and res.skipped == []
+    assert all(torch.isfinite(torch.tensor(h["total"])) for h in res.history) and "adaptive_weight" in res.history[-1]
+    # And a later fp32 run in the same process is not refused by accelerate's one-precision-per-process state.
+    assert _run(setup, tmp_path / "fp32", _cfg(steps=1, checkpoint_every=1)).summary["mixed_precision"] == "no"
