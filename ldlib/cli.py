@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="run folder: config.json, checkpoints/, tb/, history.jsonl, summary.json")
     _add_preset(p)
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
-    p.add_argument("--degrader", default="noise", help="none | noise | proxy:DIR | teacher (default: %(default)s)")
+    p.add_argument("--degrader", default="noise", help="none | noise | proxy:DIR | teacher:DIR (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: TrainConfig.steps)")
     p.add_argument("--batch", type=int, default=None, help="samples per process per micro-step")
     p.add_argument("--grad-accum", type=int, default=None)

@@ -406,7 +406,10 @@ def _even_crop(x: torch.Tensor) -> torch.Tensor:
 
 
 def _collate(items: list[dict]) -> dict:
-    return {k: torch.stack([it[k] for it in items]) for k in ("latent", "hq") if k in items[0]}
+    out = {k: torch.stack([it[k] for it in items]) for k in ("latent", "hq") if k in items[0]}
+    if "id" in items[0]:
+        out["id"] = [it["id"] for it in items]
+    return out
 
 
 class TwoXDecoder(nn.Module):
@@ -468,8 +471,45 @@ class TwoXDecoder(nn.Module):
                 p.copy_(sd[n].to(p))
 
 
-def parse_degrader(spec: str, preset=None):
-    """``none`` | ``noise`` | ``proxy:DIR`` | ``teacher`` -> a degrader (None for no degradation)."""
+class TeacherLatents:
+    """Cached teacher outputs as the degradation (``--degrader teacher:DIR``, data from `python -m ldlib teacher`).
+
+    Per sample, one of its pair's teacher records with sigma <= sigma_max is drawn (seeded); the record's own sigma
+    is the sample's sigma. A pair with no such record is used clean (sigma 0); how many pairs are covered is in
+    ``coverage``. Needs pair ids, so it works with pair-set datasets (items with "id").
+    """
+
+    def __init__(self, folder: str | os.PathLike, sigma_max: float, codec=None) -> None:
+        from .teacher import TeacherSet
+
+        self.teacher = TeacherSet(folder)
+        if codec is not None:
+            from .latents import same_codec
+
+            if not same_codec(self.teacher.info.get("identity", {}), codec.identity()):
+                raise ValueError(f"{folder}: teacher data was made from another codec's latents than this preset's")
+        self.by_id: dict[str, list[dict]] = {}
+        for r in self.teacher.records:
+            if r["sigma"] <= sigma_max:
+                self.by_id.setdefault(r["id"], []).append(r)
+        if not self.by_id:
+            raise ValueError(f"{folder}: no teacher record has sigma <= {sigma_max}")
+
+    def coverage(self, ids: Sequence[str]) -> float:
+        """Share of the given pair ids that have at least one usable teacher record."""
+        return sum(i in self.by_id for i in ids) / max(1, len(ids))
+
+    def pick(self, pair_id: str, latent: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+        """(degraded latent, sigma) for one sample: a random usable teacher record, or the clean latent."""
+        recs = self.by_id.get(pair_id)
+        if not recs:
+            return latent, 0.0
+        r = recs[int(torch.randint(0, len(recs), (), generator=generator))]
+        return self.teacher.target(r["key"]).to(latent), float(r["sigma"])
+
+
+def parse_degrader(spec: str, preset=None, sigma_max: float = 0.12, codec=None):
+    """``none`` | ``noise`` | ``proxy:DIR`` | ``teacher:DIR`` -> a degrader (None for no degradation)."""
     from .degrade import NoiseDegrader
 
     if spec in ("none", "", None):
@@ -487,11 +527,14 @@ def parse_degrader(spec: str, preset=None):
             raise ValueError("proxy degrader: ldlib.degrade has no load_proxy(DIR) yet (the proxy issue adds it)")
         return degrade.ProxyDegrader(loader(folder))
     if spec == "teacher":
-        raise ValueError(
-            "degrader 'teacher' (cached teacher latents) is not available yet: the teacher cache comes with the "
-            "proxy issue; use --degrader noise or proxy:DIR"
-        )
-    raise ValueError(f"unknown degrader {spec!r}; choose none | noise | proxy:DIR | teacher")
+        raise ValueError("degrader 'teacher' needs the teacher data folder: --degrader teacher:DIR "
+                         "(made by `python -m ldlib teacher PAIRS DIR`)")
+    if spec.startswith("teacher:"):
+        folder = Path(spec.split(":", 1)[1])
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: teacher data folder not found (run `python -m ldlib teacher`)")
+        return TeacherLatents(folder, sigma_max, codec)
+    raise ValueError(f"unknown degrader {spec!r}; choose none | noise | proxy:DIR | teacher:DIR")
 
 
 def crop_pairs(
@@ -518,7 +561,8 @@ def crop_pairs(
 
 
 def degrade_batch(
-    degrader, latents: torch.Tensor, indices: Sequence[int], step: int, cfg: TrainConfig
+    degrader, latents: torch.Tensor, indices: Sequence[int], step: int, cfg: TrainConfig,
+    ids: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(degraded latents, sigmas): each sample's sigma ~ U[sigma_min, sigma_max] and noise from its own generator.
 
@@ -528,9 +572,16 @@ def degrade_batch(
     sig, outs = [], []
     for j, idx in enumerate(indices):
         g = sample_generator(cfg.seed, step, int(idx), stream=1)
+        z = latents[j : j + 1]
+        if isinstance(degrader, TeacherLatents):
+            if ids is None:
+                raise ValueError("the teacher degrader needs pair ids: train on a pair set (PairDataset)")
+            zt, s = degrader.pick(ids[j], z[0], g)
+            sig.append(s)
+            outs.append(zt.unsqueeze(0))
+            continue
         s = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * torch.rand((), generator=g).item()
         sig.append(s)
-        z = latents[j : j + 1]
         if degrader is not None and s > 0:
             if z.device.type != "cpu":
                 dg = torch.Generator(device=z.device).manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
@@ -632,7 +683,7 @@ def train_decoder(
         _, codec = _preset_and_codec(cfg)
     degrader_from_config = isinstance(degrader, str) and degrader == "config"
     if degrader_from_config:
-        degrader = parse_degrader(cfg.degrader)
+        degrader = parse_degrader(cfg.degrader, sigma_max=cfg.sigma_max, codec=codec)
     if train_set is None:
         if pairs is None:
             raise ValueError("train_decoder: give train_set or pairs")
@@ -644,6 +695,13 @@ def train_decoder(
         train_set, val_set = full.split(cfg.val_fraction, cfg.seed)
         if len(train_set) == 0:
             raise ValueError(f"{pairs}: no training pairs after the held-out split")
+
+    if isinstance(degrader, TeacherLatents):
+        ids = getattr(train_set, "ids", None)
+        if ids is None:
+            raise ValueError("the teacher degrader needs a pair-set dataset (items with pair ids)")
+        acc.print(f"teacher data: {degrader.coverage(ids):.0%} of {len(ids)} training pairs have a record with "
+                  f"sigma <= {cfg.sigma_max} (the rest train clean)")
 
     ckpts = CheckpointManager(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
     latest = ckpts.latest() if resume else None
@@ -707,7 +765,7 @@ def train_decoder(
     val_batch = None
     if val_set is not None and len(val_set) > 0 and acc.is_main_process:
         items = [val_set[i] for i in range(min(cfg.val_count, len(val_set)))]
-        val_batch = {k: v.to(device) for k, v in _collate(items).items()}
+        val_batch = {k: v.to(device) for k, v in _collate(items).items() if torch.is_tensor(v)}
 
     log = RunLogger(out, acc, total=stop, initial=step, desc="train-decoder")
     history: list[dict] = []
@@ -736,7 +794,11 @@ def train_decoder(
         model.eval()
         try:
             with acc.autocast():
-                grid, val_metrics = validation_images(original, model, val_batch, cfg.val_sigma, degrader, cfg.seed)
+                # Teacher data exists for training pairs only: the grid shows the noise-only degradation then.
+                from .degrade import NoiseDegrader
+
+                val_deg = NoiseDegrader() if isinstance(degrader, TeacherLatents) else degrader
+                grid, val_metrics = validation_images(original, model, val_batch, cfg.val_sigma, val_deg, cfg.seed)
         finally:
             model.train()
             ema.restore(dec_params)
@@ -751,7 +813,7 @@ def train_decoder(
         hq = batch["hq"].to(device, non_blocking=True)
         if cfg.latent_crop:
             z, hq = crop_pairs(z, hq, cfg.latent_crop, mine, step, cfg.seed)
-        zd, sig = degrade_batch(degrader, z, mine, step, cfg)
+        zd, sig = degrade_batch(degrader, z, mine, step, cfg, batch.get("id"))
         with acc.accumulate(fwd, disc_w):
             with acc.autocast():
                 pred = fwd(zd)

@@ -149,7 +149,7 @@ def test_global_batch_sampler_is_split_consistently():
 def test_degrader_parsing(tmp_path):
     assert parse_degrader("none") is None
     assert type(parse_degrader("noise")).__name__ == "NoiseDegrader"
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(ValueError, match="teacher:DIR"):
         parse_degrader("teacher")
     with pytest.raises(FileNotFoundError, match="proxy folder"):
         parse_degrader(f"proxy:{tmp_path / 'missing'}")
@@ -206,3 +206,44 @@ def test_crop_pairs_are_aligned():
     assert torch.equal(zc, zc2)  # seeded: resume and DDP see the same crops
     with pytest.raises(ValueError, match="larger"):
         crop_pairs(z, hq, 7, indices=[0, 1, 2], step=0, seed=0)
+
+
+def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
+    from ldlib.degrade import diffusion_degrader
+    from ldlib.latents import LatentCache, default_cache_dir, encode_pairs
+    from ldlib.pairs import PairDataset, PairSpec, build_pairs
+    from ldlib.samples import sample_folder
+    from ldlib.teacher import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
+    from ldlib.train import TeacherLatents, degrade_batch
+
+    codec, _, lp = setup
+    preset = get_preset("tiny")
+    pairs = tmp_path / "pairs"
+    build_pairs(sample_folder(tmp_path / "photos"), pairs, PairSpec.from_preset(preset, hq_size=32), workers=1,
+                progress=False)
+    latents = default_cache_dir(pairs, "tiny")
+    encode_pairs(pairs, codec, latents, progress=False)
+    deg = diffusion_degrader(preset, steps=1, cache_dir=tmp_path / "prompts")
+    generate_teacher(pairs, latents, deg, tmp_path / "teacher", TeacherSpec(sigma_max=0.2, per_latent=2),
+                     teacher_info=describe_teacher(deg, "tiny"), progress=False)
+
+    tl = parse_degrader(f"teacher:{tmp_path / 'teacher'}", sigma_max=0.12, codec=codec)
+    assert isinstance(tl, TeacherLatents)
+    ts = TeacherSet(tmp_path / "teacher")
+    ds = PairDataset(pairs, latents=LatentCache(latents))
+    items = [ds[i] for i in range(len(ds))]
+    z = torch.stack([it["latent"] for it in items])
+    ids = [it["id"] for it in items]
+    zd, sig = degrade_batch(tl, z, list(range(len(ids))), step=0, cfg=_cfg(), ids=ids)
+    for j, pid in enumerate(ids):
+        usable = [r for r in ts.records if r["id"] == pid and r["sigma"] <= 0.12]
+        if usable:  # one of its teacher targets, with that record's sigma
+            match = [r for r in usable if torch.equal(ts.target(r["key"]), zd[j])]
+            assert match and sig[j].item() == pytest.approx(match[0]["sigma"])
+        else:  # no record in range: trained clean
+            assert torch.equal(zd[j], z[j]) and sig[j].item() == 0.0
+    assert 0 < tl.coverage(ids) <= 1
+
+    cfg = _cfg(steps=1, degrader=f"teacher:{tmp_path / 'teacher'}", val_fraction=0.34)
+    res = train_decoder(cfg, tmp_path / "run", pairs=pairs, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    assert res.step == 1 and res.summary["degrader"] == cfg.degrader
