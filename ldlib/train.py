@@ -696,6 +696,8 @@ def train_decoder(
         if len(train_set) == 0:
             raise ValueError(f"{pairs}: no training pairs after the held-out split")
 
+    if isinstance(getattr(degrader, "net", None), nn.Module):
+        degrader.net.to(device).eval()  # a proxy runs where the latents are
     if isinstance(degrader, TeacherLatents):
         ids = getattr(train_set, "ids", None)
         if ids is None:

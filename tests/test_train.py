@@ -247,3 +247,24 @@ def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
     cfg = _cfg(steps=1, degrader=f"teacher:{tmp_path / 'teacher'}", val_fraction=0.34)
     res = train_decoder(cfg, tmp_path / "run", pairs=pairs, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
     assert res.step == 1 and res.summary["degrader"] == cfg.degrader
+
+
+def test_proxy_degrader_from_folder(setup, tmp_path):
+    from ldlib.degrade import ProxyDegrader, ProxyNet, save_proxy
+    from ldlib.train import degrade_batch
+
+    codec, data, lp = setup
+    torch.manual_seed(0)
+    save_proxy(ProxyNet(channels=16, width=8, blocks=1), tmp_path / "proxy")
+    deg = parse_degrader(f"proxy:{tmp_path / 'proxy'}")
+    assert isinstance(deg, ProxyDegrader)
+    cfg = _cfg(steps=1, degrader=f"proxy:{tmp_path / 'proxy'}")
+    zd, sig = degrade_batch(deg, data.latents[:2], [0, 1], step=3, cfg=cfg)
+    from ldlib.train import sample_generator
+
+    g = sample_generator(cfg.seed, 3, 1, stream=1)
+    s = cfg.sigma_max * torch.rand((), generator=g).item()
+    assert sig[1].item() == pytest.approx(s)
+    assert torch.equal(zd[1:2], deg.degrade(data.latents[1:2], s, g))
+    res = _run(setup, tmp_path / "run", cfg)
+    assert res.step == 1 and res.summary["degrader"] == cfg.degrader
