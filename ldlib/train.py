@@ -808,6 +808,13 @@ def train_decoder(
         log.scalars(step, val_metrics, prefix="val")
 
     micro = micro_start
+    scoped = contextlib.ExitStack()
+    if cfg.compile:
+        import torch._functorch.config as functorch_config
+
+        # The adaptive GAN weight differentiates the same graph twice (retain_graph=True), which compiled backward
+        # graphs with donated buffers refuse; switch donation off for this loop only.
+        scoped.enter_context(functorch_config.patch(donated_buffer=False))
     for batch in loader:
         global_idx = sampler.global_batch(micro)
         mine = global_idx[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
@@ -875,6 +882,7 @@ def train_decoder(
                 if step % cfg.checkpoint_every == 0 or step == stop:
                     save_checkpoint()
         micro += 1
+    scoped.close()
     if acc.is_main_process and (step % cfg.val_every != 0 or not val_metrics):
         validate()
     acc.wait_for_everyone()

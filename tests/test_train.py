@@ -268,3 +268,13 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
     assert torch.equal(zd[1:2], deg.degrade(data.latents[1:2], s, g))
     res = _run(setup, tmp_path / "run", cfg)
     assert res.step == 1 and res.summary["degrader"] == cfg.degrader
+
+
+def test_torch_compile_same_losses(setup, tmp_path):
+    # GAN on from step 1: the adaptive weight's double differentiation must work through compiled graphs too.
+    cfg = dict(steps=2, checkpoint_every=2, loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=0,
+                                                              disc_channels=8, disc_layers=2))
+    plain = _run(setup, tmp_path / "plain", _cfg(**cfg))
+    compiled = _run(setup, tmp_path / "compiled", _cfg(compile=True, **cfg))
+    for a, b in zip(plain.history, compiled.history):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-6)
