@@ -14,6 +14,9 @@ What diffusers does for the first (only) chunk, reproduced exactly:
   unit time axis through diffusers' own modules;
 - the feature cache itself is skipped: with one frame it only stores values nobody reads.
 
+So, as in diffusers for one frame, the resamplers' ``time_conv`` parameters get no gradient (DDP needs
+``find_unused_parameters=True`` or those parameters frozen).
+
 Not supported (clear error): ``patch_size`` (Wan 2.2's patchified VAE). Spatial tiling / slicing settings of the
 VAE are ignored (image mode always decodes the whole batch in one pass, like ``WanCodec``'s diffusers path).
 """
