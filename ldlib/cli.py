@@ -184,7 +184,7 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "grad_accum", "lr", "warmup_steps", "sigma_max",
                                                "checkpoint_every", "val_every", "ema_decay", "seed", "mixed_precision",
-                                               "num_workers", "val_fraction", "latent_crop") if getattr(args, k) is not None}
+                                               "num_workers", "val_fraction") if getattr(args, k) is not None}
     loss_overrides = {k: getattr(args, k) for k in ("lpips_net", "gan_start", "gan_weight", "disc_channels")
                       if getattr(args, k) is not None}
     cfg = TrainConfig(preset=args.preset, taef2_dir=args.taef2_dir, degrader=args.degrader,
@@ -338,7 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gan-weight", type=float, default=None)
     p.add_argument("--disc-channels", type=int, default=None, help="discriminator width (default 64)")
     p.add_argument("--val-fraction", type=float, default=None, help="held-out share of source photos (default 0.1)")
-    p.add_argument("--latent-crop", type=int, default=None, help="train on random N x N latent crops (cheaper steps)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")

@@ -75,7 +75,6 @@ class TrainConfig:
     val_every: int = 500
     val_count: int = 4  # validation images in the grid / metrics
     val_sigma: float = 0.06  # fixed sigma of the validation grid (half the training range)
-    latent_crop: int | None = None  # train on random latent x latent crops (HQ: 2 * spatial factor x larger); None: whole
     val_fraction: float = 0.1  # held-out share of source images (pair sets)
     log_every: int = 10
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
@@ -537,29 +536,6 @@ def parse_degrader(spec: str, preset=None, sigma_max: float = 0.12, codec=None):
     raise ValueError(f"unknown degrader {spec!r}; choose none | noise | proxy:DIR | teacher:DIR")
 
 
-def crop_pairs(
-    z: torch.Tensor, hq: torch.Tensor, size: int, indices: Sequence[int], step: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned random crops: size x size of each latent and the HQ region it decodes to (per-sample seeded offsets).
-
-    The HQ/latent scale is read off the shapes (2x decoder: 2 * the codec's spatial factor).
-    """
-    h, w = z.shape[-2:]
-    scale = hq.shape[-1] // w
-    if size > min(h, w):
-        raise ValueError(f"latent_crop {size} is larger than the latents ({h}x{w})")
-    if hq.shape[-2] != h * scale or hq.shape[-1] != w * scale:
-        raise ValueError(f"HQ {tuple(hq.shape[-2:])} is not a multiple of the latent grid {h}x{w}")
-    zs, hs = [], []
-    for j, idx in enumerate(indices):
-        g = sample_generator(seed, step, int(idx), stream=3)
-        top = int(torch.randint(0, h - size + 1, (), generator=g))
-        left = int(torch.randint(0, w - size + 1, (), generator=g))
-        zs.append(z[j, :, top : top + size, left : left + size])
-        hs.append(hq[j, :, top * scale : (top + size) * scale, left * scale : (left + size) * scale])
-    return torch.stack(zs), torch.stack(hs)
-
-
 def degrade_batch(
     degrader, latents: torch.Tensor, indices: Sequence[int], step: int, cfg: TrainConfig,
     ids: Sequence[str] | None = None,
@@ -820,8 +796,6 @@ def train_decoder(
         mine = global_idx[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
         z = batch["latent"].to(device, non_blocking=True)
         hq = batch["hq"].to(device, non_blocking=True)
-        if cfg.latent_crop:
-            z, hq = crop_pairs(z, hq, cfg.latent_crop, mine, step, cfg.seed)
         zd, sig = degrade_batch(degrader, z, mine, step, cfg, batch.get("id"))
         with acc.accumulate(fwd, disc_w):
             with acc.autocast():
