@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -44,6 +44,59 @@ def default_cache_dir(pairs_root: str | os.PathLike, preset_name: str) -> Path:
     return Path(pairs_root) / "latents" / preset_name
 
 
+class ShardedTensors:
+    """Named tensors spread over safetensors files, read lazily; file handles are opened per process.
+
+    ``scan(files, check)`` reads the headers (the first file holding a name wins; ``check(file, metadata)`` may
+    refuse a file by raising); ``get(name)`` reads one tensor. Picklable, so it can go into DataLoader workers.
+    """
+
+    def __init__(self) -> None:
+        self._index: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+
+    def scan(self, files: Sequence[Path], check: Callable[[Path, dict], None] | None = None) -> list[dict]:
+        """Index the tensors of files; returns each file's metadata, in file order."""
+        from safetensors import safe_open
+
+        index: dict[str, Path] = {}
+        metas = []
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if check is not None:
+                    check(path, meta)
+                for key in f.keys():
+                    index.setdefault(key, path)
+            metas.append(meta)
+        self._index, self._handles = index, {}
+        return metas
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def names(self) -> set[str]:
+        """Names of all indexed tensors."""
+        return set(self._index)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by name (KeyError when no file holds it)."""
+        path = self._index[name]
+        handle = self._handles.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[path] = safe_open(path, framework="pt")
+        return handle.get_tensor(name)
+
+    def __getstate__(self) -> dict:
+        return {"_index": self._index, "_handles": {}}  # file handles do not cross process boundaries
+
+
 class LatentCache:
     """Read access to a latent cache folder: ``id in cache``, ``cache.get(id)`` -> C x h x w, ``cache.get_many``.
 
@@ -62,60 +115,43 @@ class LatentCache:
             want = expect if isinstance(expect, dict) else expect.identity()
             if not same_codec(self.identity, want):
                 raise ValueError(_mismatch(self.folder, self.identity, want))
-        self._index: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._shards = ShardedTensors()
         self.refresh()
 
     def refresh(self) -> None:
         """Re-scan the shard files (headers only)."""
-        from safetensors import safe_open
 
-        index: dict[str, Path] = {}
-        for shard in shard_files(self.folder):
-            with safe_open(shard, framework="pt") as f:
-                meta = f.metadata() or {}
-                ident = json.loads(meta.get("identity", "{}"))
-                if not same_codec(ident, self.identity):
-                    raise ValueError(
-                        f"{shard}: holds latents of another codec ({_describe(ident)}), this cache is "
-                        f"{_describe(self.identity)}; remove the file or use another folder"
-                    )
-                for key in f.keys():
-                    index.setdefault(key, shard)  # first file by name wins; duplicates hold the same latent
-        self._index = index
-        self._handles = {}
+        def check(shard: Path, meta: dict) -> None:
+            ident = json.loads(meta.get("identity", "{}"))
+            if not same_codec(ident, self.identity):
+                raise ValueError(
+                    f"{shard}: holds latents of another codec ({_describe(ident)}), this cache is "
+                    f"{_describe(self.identity)}; remove the file or use another folder"
+                )
+
+        # The first file by name wins; duplicates (a rerun racing a shard) hold the same latent.
+        self._shards.scan(shard_files(self.folder), check)
 
     def __contains__(self, pair_id: object) -> bool:
-        return pair_id in self._index
+        return pair_id in self._shards
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._shards)
 
     @property
     def ids(self) -> set[str]:
         """Pair ids with a latent in the cache."""
-        return set(self._index)
+        return self._shards.names
 
     def get(self, pair_id: str) -> torch.Tensor:
         """The C x h x w normalised latent of a pair id."""
-        shard = self._index.get(pair_id)
-        if shard is None:
+        if pair_id not in self._shards:
             raise KeyError(f"{self.folder}: no latent for pair {pair_id!r}")
-        handle = self._handles.get(shard)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[shard] = safe_open(shard, framework="pt")
-        return handle.get_tensor(pair_id)
+        return self._shards.get(pair_id)
 
     def get_many(self, ids: Sequence[str]) -> torch.Tensor:
         """N x C x h x w latents of several pair ids, in order."""
         return torch.stack([self.get(i) for i in ids])
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_handles"] = {}  # file handles do not cross process boundaries
-        return state
 
 
 def shard_files(folder: str | os.PathLike) -> list[Path]:

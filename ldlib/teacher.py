@@ -103,41 +103,30 @@ class TeacherSet:
 
     def refresh(self) -> None:
         """Re-scan the shard files (headers only)."""
-        from safetensors import safe_open
+        from .latents import ShardedTensors
 
-        self._where: dict[str, Path] = {}
+        self._targets = ShardedTensors()
+        metas = self._targets.scan(shard_files(self.folder))
+        seen: set[str] = set()
         self.records: list[dict] = []
-        for shard in shard_files(self.folder):
-            with safe_open(shard, framework="pt") as f:
-                for rec in json.loads((f.metadata() or {}).get("records", "[]")):
-                    if rec["key"] not in self._where:
-                        self._where[rec["key"]] = shard
-                        self.records.append(rec)
+        for meta in metas:
+            for rec in json.loads(meta.get("records", "[]")):
+                if rec["key"] not in seen:  # the first file holding a key wins, as for its tensor
+                    seen.add(rec["key"])
+                    self.records.append(rec)
         self.records.sort(key=lambda r: r["key"])
-        self._handles: dict[Path, object] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._where
+        return key in self._targets
 
     def target(self, key: str) -> torch.Tensor:
         """The teacher's output (C x h x w) for a record key."""
-        shard = self._where.get(key)
-        if shard is None:
+        if key not in self._targets:
             raise KeyError(f"{self.folder}: no teacher record {key!r}")
-        handle = self._handles.get(shard)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[shard] = safe_open(shard, framework="pt")
-        return handle.get_tensor(key)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_handles"] = {}  # file handles do not cross process boundaries
-        return state
+        return self._targets.get(key)
 
 
 class TeacherDataset(torch.utils.data.Dataset):
