@@ -305,6 +305,19 @@ class CheckpointManager:
         return tensors, objects, state
 
 
+def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> tuple[CheckpointManager, Path | None]:
+    """Set up a run folder: its checkpoints and the one to resume from; refuses to overwrite a run unless resuming."""
+    ckpts = CheckpointManager(out / "checkpoints", accelerator, keep=keep)
+    latest = ckpts.latest() if resume else None
+    if not resume and accelerator.is_main_process and (out / "checkpoints" / "latest.json").is_file():
+        raise ValueError(f"{out}: holds a run already; pass resume=True (--resume) or choose another folder")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
+    accelerator.wait_for_everyone()
+    return ckpts, latest
+
+
 class RunLogger:
     """tqdm progress bar + TensorBoard writer + history.jsonl, active on the main process only."""
 
@@ -681,14 +694,7 @@ def train_decoder(
         acc.print(f"teacher data: {degrader.coverage(ids):.0%} of {len(ids)} training pairs have a record with "
                   f"sigma <= {cfg.sigma_max} (the rest train clean)")
 
-    ckpts = CheckpointManager(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
-    latest = ckpts.latest() if resume else None
-    if not resume and acc.is_main_process and (out / "checkpoints" / "latest.json").is_file():
-        raise ValueError(f"{out}: holds a run already; pass resume=True (--resume) or choose another folder")
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
-    acc.wait_for_everyone()
+    ckpts, latest = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
 
     # --- models -------------------------------------------------------------------------------------------
     original = codec.eval().to(device)  # frozen 1x decoder for the baseline column of the grid
@@ -984,13 +990,7 @@ def train_proxy(
     val_set = TeacherDataset(ts, train_set.latents, sorted(set(val_ids)))
     channels = int(train_set.latents.identity["latent_channels"])
 
-    ckpts = CheckpointManager(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
-    latest = ckpts.latest() if resume else None
-    if not resume and acc.is_main_process and (out / "checkpoints" / "latest.json").is_file():
-        raise ValueError(f"{out}: holds a run already; pass resume=True (--resume) or choose another folder")
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", json.dumps({**asdict(cfg), "teacher": str(teacher)}, indent=2).encode())
+    ckpts, latest = open_run(out, acc, resume, cfg.keep_checkpoints, {**asdict(cfg), "teacher": str(teacher)})
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_mix_seed(cfg.seed, 23))
