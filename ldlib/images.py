@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,27 +45,50 @@ def _to_uint8_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
     return np.asarray(img.convert("RGB")), f"{mode} converted to RGB"
 
 
+@contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """A fully decoded, EXIF-upright Pillow image of a file; a failure to read it is an ImageLoadError naming it."""
+    path = Path(path)
+    img = None
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before its hard limit; we want one clear error type instead.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-image copy when upright
+    except FileNotFoundError as e:
+        raise ImageLoadError(f"{path}: no such file") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if img is not None:
+            img.close()
+        raise ImageLoadError(f"{path}: too many pixels (decompression bomb limit): {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        if img is not None:
+            img.close()
+        raise ImageLoadError(f"{path}: not a decodable image ({type(e).__name__}: {e})") from e
+    try:
+        yield img
+    finally:
+        img.close()
+
+
+def rgb8(img: Image.Image, box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, str]:
+    """H x W x 3 uint8 RGB array of an image, or of a box (left, top, right, bottom) of it, and a conversion note.
+
+    Cropping first copies only the region out of Pillow (a 4k photo's full copy costs as much as a crop's work).
+    The array may be read-only: copy it before writing into it.
+    """
+    return _to_uint8_rgb(img if box is None else img.crop(box))
+
+
 def load_rgb8(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     """Load an image file as an H x W x 3 uint8 array (EXIF orientation applied) and a conversion note.
 
     The array may be read-only (it wraps Pillow's buffer without a copy): copy it before writing into it.
     """
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns before its hard limit; we want one clear error type instead.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                ImageOps.exif_transpose(img, in_place=True)  # in place: no full-image copy when upright
-                array, note = _to_uint8_rgb(img)
-    except FileNotFoundError as e:
-        raise ImageLoadError(f"{path}: no such file") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: too many pixels (decompression bomb limit): {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{path}: not a decodable image ({type(e).__name__}: {e})") from e
-    return array, note
+    with open_image(path) as img:
+        return rgb8(img)
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:

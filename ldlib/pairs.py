@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .images import ImageLoadError, area_downsample, atomic_write_bytes, list_images, load_rgb8, save_image, to_tensor
+from .images import ImageLoadError, area_downsample, atomic_write_bytes, list_images, load_rgb8, open_image, rgb8, save_image, to_tensor
 
 MANIFEST = "manifest.jsonl"
 PAIRSET_JSON = "pairset.json"
@@ -270,31 +270,18 @@ class _Task:
     new: list[int]  # of those, the ones that still need a manifest line
 
 
-def _process_source(task: _Task) -> dict:
-    """Decode one source and write its missing crops; never raises for bad input (returns a reason)."""
-    t0 = time.perf_counter()
-    result: dict = {"source": task.rel, "records": [], "skipped": None, "note": "", "decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}
-    try:
-        array, note = load_rgb8(Path(task.src_root) / task.rel)
-    except ImageLoadError as e:
-        prefix = f"{Path(task.src_root) / task.rel}: "
-        result["skipped"] = str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)  # the report names the file
-        return result
-    except Exception as e:  # a batch job never stops on one file; the reason names the error
-        result["skipped"] = f"unexpected error while decoding ({type(e).__name__}: {e})"
-        return result
-    result["decode_s"] = time.perf_counter() - t0
-    result["note"] = note
-    h, w = array.shape[:2]
-    if min(h, w) < task.spec.min_side:
-        result["skipped"] = f"too small: {w}x{h}, the spec needs a short side of at least {task.spec.min_side} px"
-        return result
+def _cut_and_write(img, size: tuple[int, int], task: "_Task", result: dict) -> None:
+    """Cut the task's crops out of a decoded source and write their PNGs; manifest records go into result."""
+    w, h = size
     out = Path(task.out)
     for k in task.crops:
         t1 = time.perf_counter()
         box = crop_box((w, h), task.spec, task.rel, k)
-        hq, lq = cut_pair(array, box, task.spec)
+        # Only the crop's region leaves Pillow (no full-image array): the cut costs little next to the decode.
+        region, note = rgb8(img, box)
+        hq, lq = cut_pair(region, (0, 0, box[2] - box[0], box[3] - box[1]), task.spec)
         t2 = time.perf_counter()
+        result["note"] = note
         pid = pair_id(task.rel, k, task.spec.seed)
         save_image(hq, out / "hq" / f"{pid}.png")
         save_image(lq, out / "lq" / f"{pid}.png")
@@ -306,6 +293,25 @@ def _process_source(task: _Task) -> dict:
                 "hq": f"hq/{pid}.png", "lq": f"lq/{pid}.png", "spec": asdict(task.spec), "seed": task.spec.seed,
                 "note": note,
             })
+
+
+def _process_source(task: _Task) -> dict:
+    """Decode one source and write its missing crops; never raises for bad input (returns a reason)."""
+    t0 = time.perf_counter()
+    result: dict = {"source": task.rel, "records": [], "skipped": None, "note": "", "decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}
+    try:
+        with open_image(Path(task.src_root) / task.rel) as img:
+            result["decode_s"] = time.perf_counter() - t0
+            w, h = img.size
+            if min(h, w) < task.spec.min_side:
+                result["skipped"] = f"too small: {w}x{h}, the spec needs a short side of at least {task.spec.min_side} px"
+                return result
+            _cut_and_write(img, (w, h), task, result)
+    except ImageLoadError as e:
+        prefix = f"{Path(task.src_root) / task.rel}: "
+        result["skipped"] = str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)  # the report names the file
+    except Exception as e:  # a batch job never stops on one file; the reason names the error
+        result["skipped"] = f"unexpected error while processing ({type(e).__name__}: {e})"
     return result
 
 
