@@ -18,6 +18,15 @@ def _add_preset(p: argparse.ArgumentParser, default: str = "tiny") -> None:
     p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: $LDLIB_TAEF2_DIR or ../shared)")
 
 
+def _add_batch_job(p: argparse.ArgumentParser, batch_size: int, shard_size: int, unit: str) -> None:
+    """The options every batched, sharded, resumable writer of safetensors shards takes (encode, teacher)."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help="default: %(default)s")
+    p.add_argument("--shard-size", type=int, default=shard_size, help=f"{unit} per safetensors file (default: %(default)s)")
+    p.add_argument("--shard", default=None, help="i/N: only this machine's share of the pairs")
+    p.add_argument("--device", default=None, help="cuda | cpu | ... (default: CUDA when present)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_codec_check(args: argparse.Namespace) -> int:
     """Encode and decode one image with a preset's VAE; print PSNR against the input."""
     import torch
@@ -261,11 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="pair set folder (from build-pairs)")
     _add_preset(p)
     p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=512, help="pairs per safetensors file (default: %(default)s)")
-    p.add_argument("--shard", default=None, help="i/N: encode only this machine's share of the pairs")
-    p.add_argument("--device", default=None, help="cuda | cpu | ... (default: CUDA when present)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_batch_job(p, batch_size=16, shard_size=512, unit="pairs")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("teacher", help="diffusion-degrade cached latents: training targets for the proxy")
@@ -278,11 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-latent", type=int, default=1, help="draws (sigma, noise) per latent (default: %(default)s)")
     p.add_argument("--prompt", default="negative", help="negative (Wan's generic negative prompt) | empty | TEXT")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=256, help="records per safetensors file")
-    p.add_argument("--shard", default=None, help="i/N: this machine's share of the pairs")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: CUDA when present)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_batch_job(p, batch_size=8, shard_size=256, unit="records")
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("sweep", help="sigma sweep of a degrader: latent error, HF share, PSNR/LPIPS per sigma")
