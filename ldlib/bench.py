@@ -302,11 +302,13 @@ def bench_codec(preset_name: str, quick: bool, vae_config: dict | None = None, s
         ):
             outs = {k: call(c, arg) for k, c in codecs.items()}
             diff = (outs["diffusers"] - outs["image mode"]).abs().max().item()
+            scale = outs["diffusers"].abs().max().item()
             t = timed_interleaved({k: (lambda c=c: call(c, arg)) for k, c in codecs.items()}, repeats, warmup,
                                   sync=_sync(device))
             for k in codecs:
                 rows.append({"op": op, "variant": k, "wall_s": t[k]["wall_s"], "cpu_s": t[k]["cpu_s"],
-                             "max_abs_diff": diff if k == "image mode" else 0.0})
+                             "max_abs_diff": diff if k == "image mode" else 0.0,
+                             "max_rel_diff": diff / max(scale, 1e-30) if k == "image mode" else 0.0})
             name = op.split()[0]
             rounds[op] = {k: t[k]["walls"] for k in codecs}
             ratios[f"{name} speed-up, image mode vs diffusers (wall, median per round)"] = _round_ratio(
@@ -478,6 +480,7 @@ def bench_train(preset_name: str, quick: bool, vae_config: dict | None = None, h
             lpips_note,
         ],
         "rounds_wall_s": {k: t[k]["walls"] for k in ("diffusers", "image mode")},
+        "gradient_check": {"max_abs_diff": grad_diff, "largest_gradient": grad_scale},
     }
 
 

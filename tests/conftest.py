@@ -48,3 +48,12 @@ def tiny_pairset(tmp_path_factory) -> dict:
     latents = default_cache_dir(pairs, preset.name)
     encode_pairs(pairs, codec, latents, batch_size=8, progress=False, device="cpu")
     return {"photos": photos, "pairs": pairs, "latents": latents, "preset": preset, "codec": codec}
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the largest |b|: a tolerance that does not depend on the values' scale.
+
+    Two float32 computations of the same function that sum in another order (another CPU's kernels, batching)
+    differ by a few float32 epsilons of the magnitudes involved, not by a fixed absolute amount.
+    """
+    return (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1e-30)

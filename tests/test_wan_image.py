@@ -13,7 +13,11 @@ from ldlib.presets import TINY_WAN_VAE_CONFIG, get_preset
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
 
-TOL = 1e-4  # float32, the issue's bound
+from conftest import rel_diff
+
+# float32 results of the same function summed in another order agree to a few float32 epsilons of their scale:
+# 1e-4 relative leaves two orders of magnitude for other CPUs' kernels; a wrong path differs by O(1).
+TOL = 1e-4
 
 
 def _vae(seed: int = 0, **config) -> AutoencoderKLWan:
@@ -51,9 +55,9 @@ def _assert_matches_diffusers(vae, size: int, batch: int = 2) -> None:
         ref_x = _diffusers_decode(vae, z)
         ours_x = wan_image.decode(vae, z)
     assert ours_z.shape == ref_z.shape == (batch, 16, size // 8, size // 8)
-    assert (ours_z - ref_z).abs().max().item() <= TOL
+    assert rel_diff(ours_z, ref_z) <= TOL
     assert ours_x.shape == ref_x.shape == (batch, 3, size, size)
-    assert (ours_x.clamp(-1, 1) - ref_x).abs().max().item() <= TOL
+    assert rel_diff(ours_x.clamp(-1, 1), ref_x) <= TOL
     assert ref_z.abs().max() > 1e-2 and ref_x.abs().max() > 1e-2  # not a trivially zero comparison
 
 
@@ -85,22 +89,23 @@ def test_codec_image_mode_matches_diffusers_path_and_normalisation():
         # Normalisation checked independently: (mode - mean) / std from the config.
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-        assert (lat - (_diffusers_encode(vae, x) - mean) / std).abs().max().item() <= TOL
-        assert (lat - ref.encode(x)).abs().max().item() <= TOL
+        assert rel_diff(lat, (_diffusers_encode(vae, x) - mean) / std) <= TOL
+        assert rel_diff(lat, ref.encode(x)) <= TOL
         raw, raw_ref = img.decode(z, clamp=False), ref.decode(z, clamp=False)
         clamped = img.decode(z)
-    assert (raw - raw_ref).abs().max().item() <= TOL
+    assert rel_diff(raw, raw_ref) <= TOL
     assert raw.abs().max() > 1.0  # clamp=False really returns the unclamped output
     assert torch.equal(clamped, raw.clamp(-1, 1))
-    assert (clamped - _diffusers_decode(vae, z * std + mean)).abs().max().item() <= TOL
+    assert rel_diff(clamped, _diffusers_decode(vae, z * std + mean)) <= TOL
 
 
 def test_decoder_gradients_match_diffusers_path():
-    codec = WanCodec(_vae(0, **TINY_WAN_VAE_CONFIG)).to_2x()
+    # float64: both paths compute the same function, so they agree to double precision whatever the CPU's kernels.
+    codec = WanCodec(_vae(0, **TINY_WAN_VAE_CONFIG)).to_2x().double()
     ref = WanCodec(codec.vae, image_mode=False)  # the same parameters, diffusers' forward
     codec.vae.decoder.train()  # training mode, as the training loop runs it
-    z = _latents(1, 8, scale=2.0)
-    target = _images(1, 128, seed=5)
+    z = _latents(1, 8, scale=2.0).double()
+    target = _images(1, 128, seed=5).double()
     params = [p for p in codec.decoder_parameters()]
 
     def grads(c: WanCodec) -> list[torch.Tensor | None]:
@@ -117,8 +122,7 @@ def test_decoder_gradients_match_diffusers_path():
         if b is None:
             continue
         assert a.shape == p.shape
-        scale = b.abs().max().item()
-        assert (a - b).abs().max().item() <= TOL * max(1.0, scale)
+        assert rel_diff(a, b) <= 1e-9
     # The widened head's weight gets a gradient on its data tap (and exactly zero on the zero-padded taps).
     w = codec.conv_out.weight
     gw = g_img[[i for i, p in enumerate(params) if p is w][0]]
@@ -141,7 +145,7 @@ def test_to_2x_is_nearest_upsample_and_export_roundtrip(tmp_path):
     with torch.no_grad():
         theirs = F.pixel_shuffle(_diffusers_decode(loaded, codec2.denormalise(z)), 2)
         ours = codec2.decode(z)
-    assert (theirs - ours).abs().max().item() <= TOL
+    assert rel_diff(ours, theirs) <= TOL
 
 
 def test_unsupported_config_raises_clear_error():
@@ -171,9 +175,12 @@ def test_codec_and_train_benches_smoke(tmp_path, monkeypatch):
         assert "speed-up" in (tmp_path / f"{name}.md").read_text()
     codec_rows = results["codec"]["rows"]
     assert [r["variant"] for r in codec_rows] == ["diffusers", "image mode"] * 2
-    assert all(r["wall_s"] > 0 and r["max_abs_diff"] <= TOL for r in codec_rows)
+    assert all(r["wall_s"] > 0 and r["max_rel_diff"] <= TOL for r in codec_rows)
     assert all(v > 0 for v in results["codec"]["ratios"].values())
     train = results["train"]
     assert [r["variant"] for r in train["rows"]] == ["diffusers", "image mode"]
-    grad_note = train["notes"][0]
-    assert float(grad_note.split(": ")[1].split()[0]) <= TOL
+    # float32 backward through the whole decoder and LPIPS, summed in another order: the two paths agree to a small
+    # fraction of the largest gradient (0.1% seen on one CPU type); a wrong path differs by O(1). The exact check
+    # is test_decoder_gradients_match_diffusers_path, in float64.
+    assert train["gradient_check"]["max_abs_diff"] <= 1e-2 * train["gradient_check"]["largest_gradient"]
+    assert train["gradient_check"]["largest_gradient"] > 0
