@@ -123,7 +123,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from .degrade import diffusion_degrader
     from .latents import default_cache_dir, default_device
     from .presets import get_preset
-    from .teacher import TeacherSpec, describe_teacher, generate_teacher
+    from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
 
     preset = get_preset(args.preset, taef2_path=args.taef2_dir)
     spec = TeacherSpec(sigma_max=args.sigma_max, per_latent=args.per_latent, steps=args.steps, prompt=args.prompt, seed=args.seed)
@@ -160,7 +160,7 @@ def cmd_train_proxy(args: argparse.Namespace) -> int:
     """Train the proxy degrader on teacher data; writes the proxy, OUT/eval.json and OUT/summary.json."""
     from .train import ProxyTrainConfig, train_proxy
 
-    from .teacher import TeacherSet
+    from .teacher_data import TeacherSet
 
     made_with = TeacherSet(args.teacher).info.get("teacher", {}).get("preset")
     if args.preset and made_with and args.preset != made_with:

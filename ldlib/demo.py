@@ -27,7 +27,7 @@ def run_demo(out: Path, preset_name: str = "tiny", decoder_steps: int = 40, prox
     from .latents import default_cache_dir, encode_pairs
     from .pairs import PairDataset, PairSpec, build_pairs
     from .samples import sample_folder
-    from .teacher import TeacherSpec, describe_teacher, generate_teacher
+    from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
     from .train import ProxyTrainConfig, TrainConfig, train_decoder, train_proxy
 
     t0 = time.time()

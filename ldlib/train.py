@@ -492,7 +492,7 @@ class TeacherLatents:
     """
 
     def __init__(self, folder: str | os.PathLike, sigma_max: float, codec=None) -> None:
-        from .teacher import TeacherSet
+        from .teacher_data import TeacherSet
 
         self.teacher = TeacherSet(folder)
         if codec is not None:
@@ -976,7 +976,7 @@ def train_proxy(
     """Train a ProxyNet on a teacher folder (held-out split by source image); writes the proxy, eval.json, summary."""
     from .degrade import ProxyNet, save_proxy
     from .pairs import split_by_source
-    from .teacher import TeacherDataset, TeacherSet, evaluate_proxy, plot_proxy_eval
+    from .teacher_data import TeacherDataset, TeacherSet, evaluate_proxy, plot_proxy_eval
 
     t_start = time.time()
     out = Path(out)

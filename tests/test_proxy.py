@@ -10,7 +10,7 @@ import torch
 from ldlib.degrade import DiffusionDegrader, ProxyDegrader, ProxyNet, load_proxy, save_proxy
 from ldlib.latents import LatentCache
 from ldlib.presets import tiny_wan_transformer
-from ldlib.teacher import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
+from ldlib.teacher_data import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_train_proxy_beats_both_baselines_on_held_out_sources(teacher_dir, tmp_p
     # The saved proxy plugs into the degrader interface and reproduces the evaluation's numbers.
     net = load_proxy(tmp_path / "run")
     val = TeacherDataset(ts, ids=sorted(set(val_ids)))
-    from ldlib.teacher import evaluate_proxy
+    from ldlib.teacher_data import evaluate_proxy
 
     assert evaluate_proxy(net, val, bins=6)["overall"] == pytest.approx(result["overall"], rel=1e-5)
     item = val[0]

@@ -194,7 +194,7 @@ def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
     from ldlib.latents import LatentCache, default_cache_dir, encode_pairs
     from ldlib.pairs import PairDataset, PairSpec, build_pairs
     from ldlib.samples import sample_folder
-    from ldlib.teacher import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
+    from ldlib.teacher_data import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
     from ldlib.train import TeacherLatents, degrade_batch
 
     codec, _, lp = setup
