@@ -20,12 +20,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
 from .images import area_downsample
+from .metrics import high_freq_share, white_noise_hf_share
 
 DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
 RECIPE_RANGE = (0.0, 0.12)
@@ -35,10 +36,10 @@ RECIPE_RANGE = (0.0, 0.12)
 class SweepConfig:
     """What a sigma sweep measures: the sigmas, the noise seed, LPIPS' backbone, and the batch size."""
 
-    sigmas: tuple[float, ...] = DEFAULT_SIGMAS
-    seed: int = 0
-    lpips_net: str = "alex"
-    batch_size: int = 8
+    sigmas: tuple[float, ...] = field(default=DEFAULT_SIGMAS, metadata={"help": "sigmas to measure, comma-separated"})
+    seed: int = field(default=0, metadata={"help": "noise seed (the same at every sigma: curves differ by sigma only)"})
+    lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="alex", metadata={"help": "LPIPS backbone"})
+    batch_size: int = field(default=8, metadata={"help": "latents per codec / degrader call"})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -54,7 +55,8 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
     ``pairs_dir``: an existing pair set (``python -m ldlib build-pairs``). Otherwise one is built (resumably) under
     ``work_dir`` from ``photos`` (a folder), or from the sample photos bundled with scikit-image.
     """
-    from .pairs import PairDataset, PairSpec, build_pairs
+    from .datasets import PairDataset
+    from .pairs import PairSpec, build_pairs
     from .samples import sample_folder
 
     work_dir = Path(work_dir)
@@ -81,26 +83,6 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
 def relative_error(degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """Per-sample ``|D(x) - x| / |x|`` (Frobenius norms)."""
     return (degraded - clean).flatten(1).norm(dim=1) / clean.flatten(1).norm(dim=1).clamp_min(1e-12)
-
-
-def high_freq_share(x: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
-    """Per-sample share of 2-D FFT energy with max(|f_y|, |f_x|) > cutoff * Nyquist (NaN for an all-zero sample)."""
-    if x.dim() != 4:
-        raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
-    energy = torch.fft.fft2(x.double()).abs().pow(2).sum(1)  # N x H x W, channels summed
-    fy = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64).abs().view(-1, 1)  # cycles / px; Nyquist = 0.5
-    fx = torch.fft.fftfreq(x.shape[-1], dtype=torch.float64).abs().view(1, -1)
-    high = torch.maximum(fy, fx) > cutoff * 0.5
-    total = energy.flatten(1).sum(1)
-    share = (energy * high).flatten(1).sum(1) / total
-    return torch.where(total > 0, share, torch.full_like(share, math.nan)).float()
-
-
-def white_noise_hf_share(h: int, w: int, cutoff: float = 0.5) -> float:
-    """The expected ``high_freq_share`` of white noise on an h x w grid (0.75 in the limit; less on tiny grids)."""
-    low_y = (torch.fft.fftfreq(h, dtype=torch.float64).abs() <= cutoff * 0.5).sum().item()
-    low_x = (torch.fft.fftfreq(w, dtype=torch.float64).abs() <= cutoff * 0.5).sum().item()
-    return 1.0 - low_y * low_x / (h * w)
 
 
 def reference_at(hq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -304,15 +286,16 @@ def degrade_frames_stats(frames: torch.Tensor, degrader, sigmas: Sequence[float]
 def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.PathLike = "runs/sweep",
               pairs_dir: str | os.PathLike | None = None, photos: str | os.PathLike | None = None, n: int = 8,
               config: SweepConfig | None = None, steps: int = 1, prompt: str = "negative",
-              taef2_path: str | os.PathLike | None = None, device: str | None = None,
-              proxy_dir: str | os.PathLike | None = None) -> SweepResult:
-    """The whole sweep for scripts: pairs, codec, degrader, statistics; writes sweep.json, sweep.md, sweep.png."""
+              taef2_path: str | os.PathLike | None = None, device: str | None = None) -> SweepResult:
+    """The whole sweep for scripts: pairs, codec, degrader (``ldlib.degrade`` vocabulary), statistics; writes
+    sweep.json, sweep.md, sweep.png."""
+    import io
     import json
 
     from matplotlib.figure import Figure
 
-    from .degrade import make_degrader
-    from .images import atomic_write_bytes
+    from .degrade import parse_degrader
+    from .files import atomic_write_bytes
     from .presets import get_preset
 
     config = config or SweepConfig()
@@ -321,26 +304,16 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
     out = Path(out)
     hq, lq, ids = pair_batch(preset, pairs_dir, photos, n=n, seed=config.seed, work_dir=out)
     codec = preset.load_codec(device)
-    proxy = None
-    if degrader == "proxy":
-        from .degrade import load_proxy
-
-        if proxy_dir is None:
-            raise ValueError("the proxy degrader needs proxy_dir (a folder written by save_proxy)")
-        proxy = load_proxy(proxy_dir, device)
-    deg = make_degrader(degrader, preset, steps=steps, prompt=prompt, device=device, proxy_net=proxy)
+    deg = parse_degrader(degrader, preset, codec, steps=steps, prompt=prompt, device=device)
+    if deg is None:
+        raise ValueError("a sweep needs a degrader: noise | diffusion | proxy:DIR")
     result = sigma_sweep(codec, deg, lq.to(device), hq.to(device), config)
     result.notes.append(f"preset {preset.name}, {len(ids)} pairs: {', '.join(ids)}")
-    if degrader == "diffusion":
-        result.notes.append(f"teacher: {steps} Euler step(s), prompt {prompt!r}")
-    if degrader == "proxy":
-        result.notes.append(f"proxy: {proxy_dir}")
+    result.notes.append(f"degrader {degrader}" + (f": {steps} Euler step(s), prompt {prompt!r}" if degrader == "diffusion" else ""))
     atomic_write_bytes(out / "sweep.json", json.dumps(result.to_dict(), indent=2).encode())
     atomic_write_bytes(out / "sweep.md", (result.markdown() + "\n\n" + "\n".join(f"- {t}" for t in result.notes)
                                           + "\n").encode())
     fig = plot_sweep(result, Figure(figsize=(13, 3.2), dpi=100))
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(out / "sweep.png", buf.getvalue())

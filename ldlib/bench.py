@@ -46,7 +46,7 @@ def _markdown(name: str, result: dict) -> str:
 
 def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = False) -> dict:
     """Run one bench or all; write out/<name>.json and out/<name>.md and print the Markdown."""
-    from .images import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     names = list(BENCHES) if which == "all" else [which]
     unknown = [n for n in names if n not in BENCHES]
@@ -67,7 +67,7 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
     """Proxy vs one teacher step per latent batch, at the real Wan 2.1 1.3B transformer size (random weights)."""
     import torch
 
-    from .degrade import ProxyNet
+    from .proxy import ProxyNet
     from .presets import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG
 
     from diffusers import WanTransformer3DModel

@@ -1,13 +1,14 @@
 """`python -m ldlib <command>`: the same steps as the notebooks, for scripts and clusters.
 
-Each command is a ``cmd_<name>(args)`` function plus its parser in ``build_parser``; the work itself lives in
-the ldlib modules, so notebooks and scripts call the same code.
+Each command is a ``cmd_<name>(args)`` function plus its parser in ``build_parser``; the work itself lives in the
+ldlib modules, so notebooks and scripts call the same code. Settings that have a config dataclass (TrainConfig,
+ProxyTrainConfig, EvalConfig, SweepConfig, PairSpec, TeacherSpec) get their flags, defaults and help from it
+(``ldlib.config``): each setting is declared once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 
 def _add_preset(p: argparse.ArgumentParser, default: str = "tiny") -> None:
     p.add_argument("--preset", default=default, help="tiny | taef2 | wan2.1-1.3b | wan2.1-14b (default: %(default)s)")
-    p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: $LDLIB_TAEF2_DIR or ../shared)")
+    p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: the packaged weights, or $LDLIB_TAEF2_DIR)")
 
 
 def _add_batch_job(p: argparse.ArgumentParser, batch_size: int, shard_size: int, unit: str) -> None:
@@ -27,15 +28,20 @@ def _add_batch_job(p: argparse.ArgumentParser, batch_size: int, shard_size: int,
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _preset(args: argparse.Namespace):
+    from .presets import get_preset
+
+    return get_preset(args.preset, taef2_path=args.taef2_dir)
+
+
 def cmd_codec_check(args: argparse.Namespace) -> int:
     """Encode and decode one image with a preset's VAE; print PSNR against the input."""
     import torch
 
     from .images import area_downsample, load_image, save_image
     from .metrics import psnr
-    from .presets import get_preset
 
-    preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+    preset = _preset(args)
     codec = preset.load_codec()
     x = load_image(args.image)
     f = codec.spatial_factor
@@ -56,7 +62,7 @@ def cmd_codec_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the whole pipeline (as far as it exists) at demo size on the embedded sample photos."""
+    """Run the whole pipeline at demo size on the embedded sample photos."""
     from .demo import run_demo
 
     run_demo(Path(args.out), preset_name=args.preset)
@@ -67,7 +73,7 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
     """Build (or resume) a pair set from a folder of photos; print a summary; non-zero when it holds no pair."""
     import warnings
 
-    from .pairs import PairSpec, SkippedInputWarning, build_pairs, format_report
+    from .pairs import SkippedInputWarning, build_pairs, format_report
 
     spec = _pair_spec(args)
     with warnings.catch_warnings():
@@ -85,25 +91,22 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
 
 def _pair_spec(args: argparse.Namespace):
     """The recipe spec at the preset's sizes, with the command line's overrides (no weights are loaded)."""
+    from .config import config_fields
     from .pairs import PairSpec
-    from .presets import get_preset
 
+    overrides = {name: getattr(args, name) for name, *_ in config_fields(PairSpec) if getattr(args, name) is not None}
     try:
-        preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+        preset = _preset(args)
     except FileNotFoundError:  # taef2 weights absent: cutting crops needs only sizes, and taef2 uses the recipe's
-        preset = None
-    overrides = dict(hq_size=args.crop, crops_per_image=args.crops_per_image, seed=args.seed, min_source_size=args.min_size)
-    if preset is None:
-        return PairSpec(**{k: v for k, v in overrides.items() if v is not None})
+        return PairSpec(**overrides)
     return PairSpec.from_preset(preset, **overrides)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode every LQ of a pair set with the preset's frozen encoder into a latent cache (resumable)."""
     from .latents import default_cache_dir, encode_pairs
-    from .presets import get_preset
 
-    preset = get_preset(args.preset, taef2_path=args.taef2_dir)
+    preset = _preset(args)
     out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name)
     result = encode_pairs(
         args.pairs, preset.load_codec(), out, batch_size=args.batch_size, shard_size=args.shard_size,
@@ -120,13 +123,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """Run the preset's diffusion degrader on cached latents: targets for training the proxy (resumable)."""
+    from .config import config_from_args
     from .degrade import diffusion_degrader
-    from .latents import default_cache_dir, default_device
-    from .presets import get_preset
+    from .latents import default_cache_dir
+    from .runs import default_device
     from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
 
-    preset = get_preset(args.preset, taef2_path=args.taef2_dir)
-    spec = TeacherSpec(sigma_max=args.sigma_max, per_latent=args.per_latent, steps=args.steps, prompt=args.prompt, seed=args.seed)
+    preset = _preset(args)
+    spec = config_from_args(TeacherSpec, args)
     device = args.device or default_device()
     degrader = diffusion_degrader(preset, steps=spec.steps, prompt=spec.prompt, device=device, batch_size=args.batch_size)
     latents = Path(args.latents) if args.latents else default_cache_dir(args.pairs, preset.name)
@@ -142,12 +146,11 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Sigma sweep of a degrader on pairs: per-sigma latent error, HF share, PSNR/LPIPS; writes JSON/Markdown/plot."""
     from .analysis import SweepConfig, run_sweep
+    from .config import config_from_args
 
-    sigmas = tuple(float(s) for s in args.sigmas.split(","))
     result = run_sweep(
         args.preset, args.degrader, args.out, pairs_dir=args.pairs, photos=args.photos, n=args.n,
-        config=SweepConfig(sigmas=sigmas, seed=args.seed, lpips_net=args.lpips_net), steps=args.steps,
-        prompt=args.prompt, taef2_path=args.taef2_dir, proxy_dir=args.proxy,
+        config=config_from_args(SweepConfig, args), steps=args.steps, prompt=args.prompt, taef2_path=args.taef2_dir,
     )
     print(result.markdown())
     for note in result.notes:
@@ -158,15 +161,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_train_proxy(args: argparse.Namespace) -> int:
     """Train the proxy degrader on teacher data; writes the proxy, OUT/eval.json and OUT/summary.json."""
-    from .train import ProxyTrainConfig, train_proxy
-
+    from .config import config_from_args
+    from .proxy import ProxyTrainConfig, train_proxy
     from .teacher_data import TeacherSet
 
     made_with = TeacherSet(args.teacher).info.get("teacher", {}).get("preset")
     if args.preset and made_with and args.preset != made_with:
         raise ValueError(f"{args.teacher}: teacher data was made with preset {made_with!r}, not {args.preset!r}")
-    overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "width", "blocks", "seed") if getattr(args, k) is not None}
-    summary = train_proxy(ProxyTrainConfig(**overrides), args.teacher, args.out, latents=args.latents, resume=args.resume)
+    summary = train_proxy(config_from_args(ProxyTrainConfig, args), args.teacher, args.out, latents=args.latents,
+                          resume=args.resume)
     ev = summary.get("eval")
     print(f"proxy {args.out}: {summary['steps_done']}/{summary['steps_target']} steps, "
           f"{summary['train_records']} train / {summary['val_records']} held-out records")
@@ -186,19 +189,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_train_decoder(args: argparse.Namespace) -> int:
     """Train the 2x decoder on a pair set's latent cache; writes checkpoints, tb/ and OUT/summary.json."""
-    import dataclasses
-
-    from .losses import LossConfig
+    from .config import config_from_args
     from .train import TrainConfig, train_decoder
 
-    overrides = {k: getattr(args, k) for k in ("steps", "batch", "grad_accum", "lr", "warmup_steps", "sigma_max",
-                                               "checkpoint_every", "val_every", "ema_decay", "seed", "mixed_precision",
-                                               "num_workers", "val_fraction") if getattr(args, k) is not None}
-    loss_overrides = {k: getattr(args, k) for k in ("lpips_net", "gan_start", "gan_weight", "disc_channels")
-                      if getattr(args, k) is not None}
-    cfg = TrainConfig(preset=args.preset, taef2_dir=args.taef2_dir, degrader=args.degrader,
-                      grad_checkpointing=args.grad_checkpointing, compile=args.compile,
-                      loss=dataclasses.replace(LossConfig(), **loss_overrides), **overrides)
+    cfg = config_from_args(TrainConfig, args)
     res = train_decoder(cfg, args.out, pairs=args.pairs, latents=args.latents, resume=args.resume)
     s = res.summary
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per DDP process
@@ -209,11 +203,10 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a 2x decoder (run or export) against decoder+bicubic / +Lanczos per sigma on held-out pairs."""
+    from .config import config_from_args
     from .evaluate import EvalConfig, markdown_table, run_evaluation
 
-    sigmas = tuple(float(s) for s in args.sigmas.split(","))
-    cfg = EvalConfig(sigmas=sigmas, degrader=args.degrader, batch=args.batch, seed=args.seed, lpips_net=args.lpips_net,
-                     max_pairs=args.max_pairs)
+    cfg = config_from_args(EvalConfig, args)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     doc = run_evaluation(args.model, args.pairs, out, preset_name=args.preset, cfg=cfg, baseline_model=args.no_degrade_model,
                          latents=args.latents, taef2_dir=args.taef2_dir)
@@ -234,6 +227,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
+    from .analysis import SweepConfig
+    from .config import add_config_arguments
+    from .evaluate import EvalConfig
+    from .pairs import PairSpec
+    from .proxy import ProxyTrainConfig
+    from .teacher_data import TeacherSpec
+    from .train import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="python -m ldlib",
         description="Build pairs, tune and train degraders, train and export a 2x VAE decoder.",
@@ -257,10 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder of source photos (searched recursively)")
     p.add_argument("out", help="pair set folder (hq/, lq/, manifest.jsonl, report.json)")
     _add_preset(p)
-    p.add_argument("--crop", type=int, default=None, help="HQ crop size in px (default: the preset's)")
-    p.add_argument("--crops-per-image", type=int, default=1, help="K crops per source image (default: %(default)s)")
-    p.add_argument("--min-size", type=int, default=0, help="skip sources whose short side is below this (px)")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_arguments(p, PairSpec, title="pair spec (defaults: the recipe at the preset's sizes)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--shard", default=None, help="i/N: build only this machine's share of SRC into the same OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -278,11 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="teacher data folder")
     _add_preset(p)
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
-    p.add_argument("--sigma-max", type=float, default=0.3, help="sigma ~ U[0, sigma-max] (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1, help="teacher Euler steps from sigma to 0 (default: %(default)s)")
-    p.add_argument("--per-latent", type=int, default=1, help="draws (sigma, noise) per latent (default: %(default)s)")
-    p.add_argument("--prompt", default="negative", help="negative (Wan's generic negative prompt) | empty | TEXT")
-    p.add_argument("--seed", type=int, default=0)
+    add_config_arguments(p, TeacherSpec, title="teacher data")
     _add_batch_job(p, batch_size=8, shard_size=256, unit="records")
     p.set_defaults(func=cmd_teacher)
 
@@ -291,14 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", default=None, help="an existing pair set (default: build one under --out)")
     src.add_argument("--photos", default=None, help="build pairs from this photo folder (default: sample photos)")
-    p.add_argument("--degrader", default="noise", choices=["noise", "diffusion", "proxy"], help="default: %(default)s")
-    p.add_argument("--proxy", default=None, help="trained proxy folder (for --degrader proxy)")
-    p.add_argument("--sigmas", default="0,0.03,0.06,0.09,0.12,0.2,0.3", help="comma-separated (default: %(default)s)")
+    p.add_argument("--degrader", default="noise", help="noise | diffusion | proxy:DIR (default: %(default)s)")
     p.add_argument("--n", type=int, default=8, help="number of pairs (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only)")
-    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | text")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
+    p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only; default: %(default)s)")
+    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | TEXT (default: %(default)s)")
+    add_config_arguments(p, SweepConfig, title="sweep")
     p.add_argument("--out", default="runs/sweep")
     p.set_defaults(func=cmd_sweep)
 
@@ -307,56 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="run folder: proxy.safetensors + proxy.json, eval.json, checkpoints, tb/")
     p.add_argument("--preset", default=None, help="check that the teacher data was made with this preset")
     p.add_argument("--latents", default=None, help="latent cache (default: the one the teacher data was made from)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: ProxyTrainConfig.steps)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--width", type=int, default=None, help="ProxyNet channels (default 64)")
-    p.add_argument("--blocks", type=int, default=None, help="ProxyNet residual blocks (default 4)")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    add_config_arguments(p, ProxyTrainConfig, title="training (ProxyTrainConfig)")
     p.set_defaults(func=cmd_train_proxy)
 
     p = sub.add_parser("train-decoder", help="train the 2x decoder (accelerate: CPU, GPU bf16, `accelerate launch` DDP)")
     p.add_argument("pairs", help="pair set folder (from build-pairs; latents from `encode`)")
     p.add_argument("out", help="run folder: config.json, checkpoints/, tb/, history.jsonl, summary.json")
-    _add_preset(p)
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
-    p.add_argument("--degrader", default="noise", help="none | noise | proxy:DIR | teacher:DIR (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: TrainConfig.steps)")
-    p.add_argument("--batch", type=int, default=None, help="samples per process per micro-step")
-    p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--sigma-max", type=float, default=None, help="sigma ~ U[0, sigma-max] (default 0.12)")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--ema-decay", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mixed-precision", default=None, choices=["auto", "no", "bf16", "fp16"])
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
-    p.add_argument("--lpips-net", default=None, choices=["alex", "vgg", "squeeze"], help="default vgg")
-    p.add_argument("--gan-start", type=int, default=None, help="step at which the GAN terms switch on")
-    p.add_argument("--gan-weight", type=float, default=None)
-    p.add_argument("--disc-channels", type=int, default=None, help="discriminator width (default 64)")
-    p.add_argument("--val-fraction", type=float, default=None, help="held-out share of source photos (default 0.1)")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    add_config_arguments(p, TrainConfig, title="training (TrainConfig, LossConfig)")
     p.set_defaults(func=cmd_train_decoder)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS/speckle per sigma vs decoder+bicubic/+Lanczos, held-out pairs")
     p.add_argument("model", help="a train-decoder run folder (EMA weights) or an exported decoder folder")
     p.add_argument("pairs", help="pair set folder (the held-out split by source image is evaluated)")
     _add_preset(p)
-    p.add_argument("--sigmas", default="0,0.04,0.08,0.12", help="comma-separated (default: %(default)s)")
     p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
-    p.add_argument("--degrader", default="noise", help="none | noise | proxy:DIR (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
-    p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
+    add_config_arguments(p, EvalConfig, skip=("extra",), title="evaluation (EvalConfig)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a run's EMA 2x decoder (diffusers folder / TAESD files) + README")

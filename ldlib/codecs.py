@@ -113,7 +113,7 @@ class Codec(nn.Module):
         h, w = images.shape[-2:]
         if h % self.spatial_factor or w % self.spatial_factor:
             raise ValueError(f"encode: image size {h}x{w} must be a multiple of {self.spatial_factor}")
-        # The encoder stays in float32: bf16 encoding visibly loses quality (see DESIGN.md).
+        # The encoder stays in float32: bf16 encoding visibly loses quality (bf16 decoding is practically lossless).
         with torch.autocast(device_type=images.device.type, enabled=False):
             dtype = next(self.encoder_modules()[0].parameters()).dtype
             z = self._encode_raw(images.to(dtype))
@@ -133,6 +133,10 @@ class Codec(nn.Module):
         if r > 1:
             out = F.pixel_shuffle(out, r)
         return out.clamp(-1.0, 1.0) if clamp else out
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoder's activations in backward instead of storing them (less memory, more compute)."""
+        raise ValueError(f"gradient checkpointing is not available for {self.family!r} codecs")
 
     def to_2x(self) -> "Codec":
         """A copy whose decoder outputs 2x resolution, initialised to nearest-upsample this decoder's output."""
@@ -235,6 +239,12 @@ class WanCodec(Codec):
         vae.clear_cache()
         return out.squeeze(2)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Per decoder block; diffusers refuses it for AutoencoderKLWan, ldlib's image-mode decoder reads the flag."""
+        if not self.image_mode:
+            raise ValueError("gradient checkpointing of a Wan decoder needs WanCodec(image_mode=True)")
+        self.vae.decoder.gradient_checkpointing = True
+
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write a diffusers folder that ``AutoencoderKLWan.from_pretrained`` loads (out_channels in config)."""
         self.vae.register_to_config(out_channels=self.conv_out.out_channels)
@@ -290,6 +300,10 @@ class KLCodec(Codec):
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z.to(self.vae.dtype)).sample  # AutoencoderKL.decode does not clamp
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' own switch for AutoencoderKL."""
+        self.vae.enable_gradient_checkpointing()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write a diffusers folder that ``AutoencoderKL.from_pretrained`` loads."""
@@ -389,6 +403,7 @@ class TAECodec(Codec):
         self.decoder = decoder
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(shift_factor)
+        self._checkpointing = False
 
     @classmethod
     def from_files(
@@ -466,13 +481,22 @@ class TAECodec(Codec):
         return self.encoder((images + 1.0) / 2.0)
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z.to(self.decoder[1].weight.dtype)) * 2.0 - 1.0
+        z = z.to(self.decoder[1].weight.dtype)
+        if self._checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint_sequential
+
+            return checkpoint_sequential(self.decoder, 4, z, use_reentrant=False) * 2.0 - 1.0
+        return self.decoder(z) * 2.0 - 1.0
+
+    def enable_gradient_checkpointing(self) -> None:
+        """TAESD decoders are plain Sequentials: checkpointed in 4 segments while training."""
+        self._checkpointing = True
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``."""
         from safetensors.torch import save_file
 
-        from .images import atomic_write_bytes
+        from .files import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,35 +1,33 @@
 """Latent degraders: what a diffusion model does to latents, applied in the normalised latent space.
 
-One interface for all: ``degrader.degrade(latents, sigma, generator) -> latents`` with sigma a float or a
-per-sample tensor of shape (N,). Flow matching noises as ``x_s = (1 - s) * x0 + s * eps``.
+Every degrader noises latents to a strength sigma the flow-matching way, ``x_s = (1 - s) * x0 + s * eps``, then
+maps them back with its ``denoise`` (nothing for the noise-only baseline; the teacher's own Euler loop; a trained
+proxy), or serves cached teacher outputs. The vocabulary, parsed in one place (``parse_degrader``) for the command
+line, notebooks, training and evaluation:
+
+    none          no degradation (sigma 0)
+    noise         noising alone: the baseline
+    diffusion     the preset's diffusion teacher, live (noise, then Euler steps back to sigma 0)
+    proxy:DIR     a trained proxy of the teacher (``python -m ldlib train-proxy``)
+    teacher:DIR   cached teacher outputs (``python -m ldlib teacher``), picked per pair id
+
+Two ways to call one: ``degrade(latents, sigma, generator)`` draws the noise of the whole batch from one generator
+(pictures, sweeps); ``degrade_samples(latents, sigma, generators, ids)`` draws each sample's noise from its own
+generator, so a sample's degradation does not depend on the batch or the process it lands in (training under DDP,
+resumption, evaluation), while the model still runs once on the whole batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-# Wan's generic negative prompt (Wan-Video/Wan2.1, wan/configs/shared_config.py, sample_neg_prompt), verbatim.
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
-PROMPTS = {"empty": "", "negative": WAN_NEGATIVE_PROMPT}
-
-
-class Degrader(Protocol):
-    """Anything that degrades normalised latents to a strength sigma."""
-
-    def degrade(
-        self, latents: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor: ...
+VOCABULARY = "none | noise | diffusion | proxy:DIR | teacher:DIR"
 
 
 def sigma_tensor(sigma: float | torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -51,121 +49,141 @@ def add_noise(
     return (1 - s) * latents + s * eps
 
 
-class NoiseDegrader:
-    """The noising alone (no denoising): a baseline, and the offline stand-in when no teacher exists."""
+def sample_noise(latents: torch.Tensor, sigma: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """eps like latents, sample i drawn on the CPU from generators[i] (zeros where sigma is 0, nothing drawn).
 
+    Drawn on the CPU and moved: the same generators give the same noise on every device.
+    """
+    if len(generators) != latents.shape[0]:
+        raise ValueError(f"need one generator per sample: {len(generators)} for {latents.shape[0]} latents")
+    eps = [torch.randn(latents.shape[1:], generator=g, dtype=latents.dtype) if float(s) > 0
+           else torch.zeros(latents.shape[1:], dtype=latents.dtype) for s, g in zip(sigma.tolist(), generators)]
+    return torch.stack(eps).to(latents.device)
+
+
+class Degrader:
+    """Base of the noising degraders: ``denoise(x_sigma, sigma)`` maps noised latents back (identity here).
+
+    Samples at sigma 0 come back unchanged (bit-identical) and cost no model call.
+    """
+
+    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Map noised latents back towards sigma 0 (per-sample sigma, shape (N,))."""
+        return x_sigma
+
+    @torch.no_grad()
     def degrade(
         self, latents: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Return ``(1 - s) * x0 + s * eps``."""
-        return add_noise(latents, sigma, generator)
+        """Noise the batch to sigma with one generator, then ``denoise``."""
+        s = sigma_tensor(sigma, latents)
+        return self._finish(latents, add_noise(latents, sigma, generator), s)
+
+    @torch.no_grad()
+    def degrade_samples(
+        self, latents: torch.Tensor, sigma: torch.Tensor, generators: Sequence[torch.Generator],
+        ids: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(degraded latents, sigma used): sample i noised with generators[i], one ``denoise`` for the batch."""
+        s = sigma_tensor(sigma, latents)
+        x_sigma = (1 - s) * latents + s * sample_noise(latents, s.flatten(), generators)
+        return self._finish(latents, x_sigma, s), s.flatten().float().cpu()
+
+    def coverage(self, ids: Sequence[str]) -> float:
+        """Share of the given pair ids this degrader can degrade (cached data may cover some only)."""
+        return 1.0
+
+    def to(self, device: str | torch.device) -> "Degrader":
+        """Move the degrader's model (if any) to device; returns self."""
+        return self
+
+    def _finish(self, latents: torch.Tensor, x_sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        active = (s.flatten() > 0).nonzero().flatten()
+        if len(active) == 0:
+            return latents.clone()
+        out = self.denoise(x_sigma[active], s.flatten()[active])
+        if out.shape != x_sigma[active].shape:
+            raise ValueError(f"{type(self).__name__} returned shape {tuple(out.shape)}, expected {tuple(x_sigma[active].shape)}")
+        result = latents.clone()
+        result[active] = out.to(latents.dtype)
+        return result
 
 
-# ------------------------------------------------------------------------------------------------------------
-# prompt embeddings: computed once with the pipeline's text encoder, cached to safetensors
-# ------------------------------------------------------------------------------------------------------------
+class NoiseDegrader(Degrader):
+    """The noising alone (no denoising): a baseline, and the stand-in when no teacher exists."""
 
 
-def resolve_prompt(prompt: str) -> str:
-    """"empty" and "negative" name the two degrader prompts; any other string is used as the prompt itself."""
-    return PROMPTS.get(prompt, prompt)
+class ProxyDegrader(Degrader):
+    """A trained proxy ``net(x_sigma, sigma) -> latents`` standing in for the teacher (``ldlib.proxy``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def to(self, device: str | torch.device) -> "ProxyDegrader":
+        """Move the net to device (eval mode); returns self."""
+        self.net = self.net.to(device).eval()
+        return self
+
+    def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The proxy net at per-sample sigma, without gradients: its output is a training input."""
+        with torch.no_grad():
+            return self.net(x_sigma, sigma)
 
 
-def encode_prompt(prompt: str, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 512) -> torch.Tensor:
-    """1 x L x D prompt embedding exactly as diffusers' Wan pipelines compute it (padding positions zeroed)."""
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+class CachedTeacher:
+    """Cached teacher outputs as the degradation (``teacher:DIR``, data from ``python -m ldlib teacher``).
 
-    inputs = tokenizer(
-        [prompt_clean(prompt)],
-        padding="max_length",
-        max_length=max_sequence_length,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    device = next(text_encoder.parameters()).device
-    with torch.no_grad():
-        hidden = text_encoder(ids.to(device), mask.to(device)).last_hidden_state
-    # The pipeline keeps the real tokens and zeroes the rest (the encoder's outputs at padding are not used).
-    keep = mask.to(device).gt(0).unsqueeze(-1)
-    return torch.where(keep, hidden, torch.zeros_like(hidden)).float().cpu()
-
-
-class PromptCache:
-    """Prompt embeddings keyed by (text encoder id, prompt, length), one safetensors file each in a folder.
-
-    ``get`` calls ``encode(prompt)`` only when no file exists, so a multi-GB text encoder loaded lazily inside
-    ``encode`` is loaded once per prompt and machine, never again.
+    Per sample, one of its pair's teacher records with sigma <= sigma_max is drawn with the sample's generator; the
+    record's own sigma is the sample's sigma. A pair with no such record (e.g. a held-out photo) is used clean
+    (sigma 0); ``coverage`` says how many pairs have one. Needs pair ids.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, sigma_max: float, codec=None) -> None:
+        from .teacher_data import TeacherSet
 
-    def path(self, model_id: str, prompt: str, max_sequence_length: int = 512) -> Path:
-        """The cache file of one (model id, prompt, length)."""
-        key = hashlib.sha256(f"{model_id}\0{prompt}\0{max_sequence_length}".encode()).hexdigest()[:20]
-        return self.folder / f"prompt_{key}.safetensors"
+        self.teacher = TeacherSet(folder)
+        if codec is not None:
+            from .latents import same_codec
 
-    def get(
-        self,
-        model_id: str,
-        prompt: str,
-        encode: Callable[[str], torch.Tensor],
-        max_sequence_length: int = 512,
-    ) -> torch.Tensor:
-        """The cached 1 x L x D embedding, computing it with encode(prompt) and writing the file on a miss."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open, save
+            if not same_codec(self.teacher.info.get("identity", {}), codec.identity()):
+                raise ValueError(f"{folder}: teacher data was made from another codec's latents than this preset's")
+        self.by_id: dict[str, list[dict]] = {}
+        for r in self.teacher.records:
+            if r["sigma"] <= sigma_max:
+                self.by_id.setdefault(r["id"], []).append(r)
+        if not self.by_id:
+            raise ValueError(f"{folder}: no teacher record has sigma <= {sigma_max}")
 
-        from .images import atomic_write_bytes
+    def coverage(self, ids: Sequence[str]) -> float:
+        """Share of the given pair ids that have at least one usable teacher record."""
+        return sum(i in self.by_id for i in ids) / max(1, len(ids))
 
-        path = self.path(model_id, prompt, max_sequence_length)
-        if path.is_file():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                emb = load_file(str(path))["prompt_embeds"]
-            except (SafetensorError, KeyError, OSError) as e:
-                raise ValueError(f"{path}: unreadable prompt-embedding cache file ({e}); delete it to recompute") from e
-            if meta.get("model_id") != model_id or meta.get("prompt") != prompt:
-                raise ValueError(f"{path}: cache key collision (file holds {meta.get('model_id')!r}); delete it")
-            return emb
-        emb = encode(prompt).detach().float().cpu().contiguous()
-        if emb.dim() != 3 or emb.shape[0] != 1:
-            raise ValueError(f"encode({prompt!r}) must return a 1 x L x D embedding, got {tuple(emb.shape)}")
-        meta = {"model_id": model_id, "prompt": prompt, "max_sequence_length": str(max_sequence_length)}
-        atomic_write_bytes(path, save({"prompt_embeds": emb}, metadata=meta))
-        return emb
+    def to(self, device: str | torch.device) -> "CachedTeacher":
+        """Nothing to move: targets are read per sample and follow the latents' device; returns self."""
+        return self
 
+    def degrade(self, latents: torch.Tensor, sigma, generator=None) -> torch.Tensor:
+        """Not available: cached outputs belong to pair ids (use degrade_samples)."""
+        raise ValueError("cached teacher data is looked up by pair id: call degrade_samples(..., ids=...)")
 
-def default_cache_dir() -> Path:
-    """Where prompt embeddings are cached: $LDLIB_CACHE, else ~/.cache/ldlib."""
-    return Path(os.environ.get("LDLIB_CACHE") or Path.home() / ".cache" / "ldlib") / "prompt_embeds"
-
-
-def prompt_embedding(
-    preset,
-    prompt: str = "negative",
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    max_sequence_length: int = 512,
-) -> torch.Tensor:
-    """The preset's 1 x L x D embedding of a prompt ("empty", "negative" or text), from the cache when present."""
-    text = resolve_prompt(prompt)
-
-    def encode(p: str) -> torch.Tensor:
-        # Loaded here, on a cache miss only: UMT5-XXL is ~11 GB in bf16.
-        dtype = torch.bfloat16 if str(device or "cpu").startswith("cuda") else torch.float32
-        tokenizer, text_encoder = preset.load_text_encoder(device=device, dtype=dtype)
-        try:
-            return encode_prompt(p, tokenizer, text_encoder, max_sequence_length)
-        finally:
-            del text_encoder
-
-    cache = PromptCache(cache_dir if cache_dir is not None else default_cache_dir())
-    return cache.get(preset.text_encoder_id, text, encode, max_sequence_length)
+    def degrade_samples(
+        self, latents: torch.Tensor, sigma: torch.Tensor, generators: Sequence[torch.Generator],
+        ids: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher outputs, their sigmas): a random usable record per pair id, or the clean latent and 0."""
+        if ids is None:
+            raise ValueError("the teacher degrader needs pair ids: train on a pair set (PairDataset)")
+        outs, used = [], []
+        for z, pair, g in zip(latents, ids, generators):
+            recs = self.by_id.get(pair)
+            if not recs:
+                outs.append(z)
+                used.append(0.0)
+                continue
+            r = recs[int(torch.randint(0, len(recs), (), generator=g))]
+            outs.append(self.teacher.target(r["key"]).to(z))
+            used.append(float(r["sigma"]))
+        return torch.stack(outs), torch.tensor(used)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -181,7 +199,7 @@ def sigma_grid(sigma: torch.Tensor, steps: int) -> torch.Tensor:
     return sigma.reshape(-1, 1) * (1 - k / steps)
 
 
-class DiffusionDegrader:
+class DiffusionDegrader(Degrader):
     """Noise to sigma, then denoise back to 0 with a flow-matching transformer (Wan's WanTransformer3DModel).
 
     The Euler loop is our own, on explicit raw sigmas (no scheduler shift): with per-sample sigmas every sample
@@ -216,6 +234,11 @@ class DiffusionDegrader:
         self.guidance_scale = guidance_scale
         self.batch_size = batch_size
         self.last_grid: torch.Tensor | None = None
+
+    def to(self, device: str | torch.device) -> "DiffusionDegrader":
+        """Move the transformer to device; returns self."""
+        self.transformer = self.transformer.to(device)
+        return self
 
     def with_steps(self, steps: int) -> "DiffusionDegrader":
         """The same teacher (shared transformer and embeddings) with another number of Euler steps."""
@@ -273,12 +296,6 @@ class DiffusionDegrader:
         out[active] = torch.cat(outs).to(x_sigma.dtype)
         return out
 
-    def degrade(
-        self, latents: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Noise to sigma (``add_noise``), then denoise back to 0; sigma 0 returns the input unchanged."""
-        return self.denoise(add_noise(latents, sigma, generator), sigma)
-
 
 def diffusion_degrader(
     preset,
@@ -290,6 +307,8 @@ def diffusion_degrader(
     batch_size: int | None = None,
 ) -> DiffusionDegrader:
     """A preset's teacher: its transformer (bf16 on CUDA) and the cached embedding of prompt ("negative"/"empty")."""
+    from .prompts import prompt_embedding
+
     dtype = torch.bfloat16 if str(device or "cpu").startswith("cuda") else torch.float32
     transformer = preset.load_transformer(device=device, dtype=dtype)
     emb = prompt_embedding(preset, prompt, cache_dir=cache_dir, device=device)
@@ -299,121 +318,37 @@ def diffusion_degrader(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the proxy
+# the vocabulary
 # ------------------------------------------------------------------------------------------------------------
 
 
-class ProxyDegrader:
-    """A trained proxy ``net(x_sigma, sigma) -> latents`` standing in for the teacher (trained by the proxy issue).
+def parse_degrader(spec: str | None, preset=None, codec=None, sigma_max: float = 0.12, steps: int = 1,
+                   prompt: str = "negative", device: str | torch.device | None = None):
+    """A degrader from its name (see the module docstring); None for ``none``.
 
-    Noises with ``add_noise`` exactly like the teacher, then calls the net with sigma as an (N,) tensor; samples
-    at sigma 0 come back unchanged. Runs without grad: its output is a training input, not something to train.
+    ``preset``: needed by ``diffusion`` (its teacher); ``codec``: checks that cached teacher data matches its
+    latents; ``sigma_max``: the largest cached-teacher sigma used; ``steps`` / ``prompt``: the live teacher's.
     """
-
-    def __init__(self, net: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        self.net = net
-
-    @torch.no_grad()
-    def degrade(
-        self, latents: torch.Tensor, sigma: float | torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Noise to sigma, then map back with the proxy net."""
-        s = sigma_tensor(sigma, latents)
-        x_sigma = add_noise(latents, sigma, generator)
-        out = self.net(x_sigma, s.flatten())
-        if out.shape != latents.shape:
-            raise ValueError(f"proxy net returned shape {tuple(out.shape)}, expected {tuple(latents.shape)}")
-        return torch.where(s == 0, latents, out.to(latents.dtype))
-
-
-DEGRADERS = ("noise", "diffusion", "proxy")
-
-
-def make_degrader(kind: str, preset=None, steps: int = 1, prompt: str = "negative", device=None,
-                  cache_dir: str | os.PathLike | None = None, proxy_net: nn.Module | None = None) -> Degrader:
-    """A degrader by name: "noise", "diffusion" (the preset's teacher) or "proxy" (wrapping proxy_net)."""
-    if kind == "noise":
+    spec = (spec or "none").strip()
+    kind, _, arg = spec.partition(":")
+    if kind == "none" and not arg:
+        return None
+    if kind == "noise" and not arg:
         return NoiseDegrader()
-    if kind == "diffusion":
+    if kind == "diffusion" and not arg:
         if preset is None:
-            raise ValueError("the diffusion degrader needs a preset (its transformer and text encoder)")
-        return diffusion_degrader(preset, steps=steps, prompt=prompt, device=device, cache_dir=cache_dir)
-    if kind == "proxy":
-        if proxy_net is None:
-            raise ValueError("the proxy degrader needs a trained proxy net (see the proxy notebook, 03)")
-        return ProxyDegrader(proxy_net)
-    raise ValueError(f"unknown degrader {kind!r}; choose one of {', '.join(DEGRADERS)}")
+            raise ValueError("the diffusion degrader needs a preset (its teacher)")
+        return diffusion_degrader(preset, steps=steps, prompt=prompt, device=device)
+    if kind in ("proxy", "teacher"):
+        if not arg:
+            raise ValueError(f"degrader {kind!r} needs its folder: {kind}:DIR")
+        folder = Path(arg)
+        if not folder.is_dir():
+            made_by = "train-proxy (notebook 03)" if kind == "proxy" else "`python -m ldlib teacher`"
+            raise FileNotFoundError(f"{folder}: {kind} folder not found (made by {made_by})")
+        if kind == "proxy":
+            from .proxy import load_proxy
 
-
-class ProxyNet(nn.Module):
-    """A small fully-convolutional stand-in for the teacher, conditioned on sigma.
-
-    Parameterised like the teacher's one Euler step: ``out = x_sigma - sigma * v_hat(x_sigma, sigma)``, so it is
-    the identity at sigma 0 by construction and starts (zero-initialised output conv) as "return x_sigma". The
-    body is diffusers' ResnetBlock2D with scale/shift (FiLM) conditioning on a sinusoidal embedding of
-    ``sigma * 1000`` (the teacher's timestep).
-    """
-
-    def __init__(self, channels: int = 16, width: int = 64, blocks: int = 4, emb_dim: int = 128, groups: int = 8) -> None:
-        super().__init__()
-        from diffusers.models.embeddings import TimestepEmbedding
-        from diffusers.models.resnet import ResnetBlock2D
-
-        self.config = {"channels": channels, "width": width, "blocks": blocks, "emb_dim": emb_dim, "groups": groups}
-        self.emb_dim = emb_dim
-        self.time_embedding = TimestepEmbedding(emb_dim, emb_dim)
-        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            ResnetBlock2D(in_channels=width, temb_channels=emb_dim, groups=groups, time_embedding_norm="scale_shift")
-            for _ in range(blocks)
-        )
-        self.norm_out = nn.GroupNorm(groups, width)
-        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-
-    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Predict the teacher's output for x_sigma at per-sample sigma (N,)."""
-        from diffusers.models.embeddings import get_timestep_embedding
-
-        s = sigma.to(device=x_sigma.device, dtype=torch.float32).reshape(-1)
-        temb = get_timestep_embedding(s * 1000, self.emb_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        temb = self.time_embedding(temb.to(x_sigma.dtype))
-        h = self.conv_in(x_sigma)
-        for block in self.blocks:
-            h = block(h, temb)
-        v = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
-        return x_sigma - s.view(-1, 1, 1, 1).to(x_sigma.dtype) * v
-
-
-PROXY_WEIGHTS = "proxy.safetensors"
-PROXY_CONFIG = "proxy.json"
-
-
-def save_proxy(net: ProxyNet, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``proxy.safetensors`` + ``proxy.json`` (architecture config and anything in extra) atomically."""
-    import json
-
-    from safetensors.torch import save
-
-    from .images import atomic_write_bytes
-
-    folder = Path(folder)
-    sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write_bytes(folder / PROXY_WEIGHTS, save(sd))
-    atomic_write_bytes(folder / PROXY_CONFIG, json.dumps({**(extra or {}), "config": net.config}, indent=2).encode())
-
-
-def load_proxy(folder: str | os.PathLike, device: str | torch.device | None = None) -> ProxyNet:
-    """A trained ProxyNet from a folder written by save_proxy (eval mode)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / PROXY_CONFIG).is_file() or not (folder / PROXY_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder}: no trained proxy ({PROXY_WEIGHTS} + {PROXY_CONFIG}); train one with train-proxy")
-    cfg = json.loads((folder / PROXY_CONFIG).read_text())["config"]
-    net = ProxyNet(**cfg)
-    net.load_state_dict(load_file(str(folder / PROXY_WEIGHTS)))
-    return net.eval().to(device or "cpu")
+            return ProxyDegrader(load_proxy(folder, device))
+        return CachedTeacher(folder, sigma_max, codec)
+    raise ValueError(f"unknown degrader {spec!r}; choose {VOCABULARY}")

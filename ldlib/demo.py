@@ -25,10 +25,12 @@ def run_demo(out: Path, preset_name: str = "tiny", decoder_steps: int = 40, prox
     from .evaluate import EvalConfig, run_evaluation
     from .export import export_run
     from .latents import default_cache_dir, encode_pairs
-    from .pairs import PairDataset, PairSpec, build_pairs
+    from .datasets import PairDataset
+    from .pairs import PairSpec, build_pairs
+    from .proxy import ProxyTrainConfig, train_proxy
     from .samples import sample_folder
     from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
-    from .train import ProxyTrainConfig, TrainConfig, train_decoder, train_proxy
+    from .train import TrainConfig, train_decoder
 
     t0 = time.time()
     out = Path(out)

@@ -15,14 +15,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import atomic_write_bytes
+from .files import atomic_write_bytes
 from .metrics import psnr, speckle_ratio, ssim
+from .runs import sample_generator
 
 METRICS = ("psnr", "ssim", "lpips", "speckle")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -33,16 +34,16 @@ BASELINES = ("decoder+bicubic", "decoder+lanczos")
 class EvalConfig:
     """What to evaluate: sigmas, degrader, batch size, seed, LPIPS network, how many held-out pairs."""
 
-    sigmas: tuple[float, ...] = (0.0, 0.04, 0.08, 0.12)
-    degrader: str = "noise"  # none | noise | proxy:DIR (see ldlib.train.parse_degrader)
-    batch: int = 4
-    seed: int = 0
-    lpips_net: str = "alex"  # the usual evaluation LPIPS (training defaults to VGG)
+    sigmas: tuple[float, ...] = field(default=(0.0, 0.04, 0.08, 0.12), metadata={"help": "sigmas, comma-separated"})
+    degrader: str = field(default="noise", metadata={"help": "how held-out latents are degraded: none | noise | diffusion | proxy:DIR"})
+    batch: int = field(default=4, metadata={"help": "pairs per decode"})
+    seed: int = field(default=0, metadata={"help": "noise seed (the same draws for every method)"})
+    lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="alex", metadata={"help": "LPIPS backbone (training defaults to vgg)"})
     # Offline (random LPIPS backbone) a seed other than the training loss's (0) keeps the metric from being the
     # very function the decoder was trained on; with real torchvision weights the seed changes nothing.
-    lpips_seed: int = 1
-    max_pairs: int | None = None
-    extra: dict = field(default_factory=dict)  # recorded as-is (e.g. model paths)
+    lpips_seed: int = field(default=1, metadata={"help": "seed of LPIPS' backbone when its weights are not cached"})
+    max_pairs: int | None = field(default=None, metadata={"help": "evaluate at most this many pairs"})
+    extra: dict = field(default_factory=dict)  # recorded as-is (e.g. model paths); not a command-line setting
 
 
 def bicubic_2x(x: torch.Tensor) -> torch.Tensor:
@@ -63,17 +64,13 @@ def lanczos_2x(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).to(x.device)
 
 
-def _degrade(degrader, z: torch.Tensor, indices: Sequence[int], sigma: float, seed: int) -> torch.Tensor:
+def degrade_for_eval(degrader, z: torch.Tensor, indices: Sequence[int], sigma: float, seed: int,
+                     ids: Sequence[str] | None = None) -> torch.Tensor:
     """Per-sample degradation with a generator keyed by (seed, sigma, index): identical for every method."""
-    from .train import sample_generator
-
     if degrader is None or sigma == 0:
         return z
-    outs = []
-    for j, idx in enumerate(indices):
-        g = sample_generator(seed, int(round(sigma * 1e6)), int(idx), stream=2)
-        outs.append(degrader.degrade(z[j : j + 1], sigma, g))
-    return torch.cat(outs)
+    gens = [sample_generator(seed, int(round(sigma * 1e6)), int(i), stream=2) for i in indices]
+    return degrader.degrade_samples(z, torch.full((len(z),), float(sigma)), gens, ids)[0]
 
 
 @torch.no_grad()
@@ -92,11 +89,11 @@ def evaluate_decoders(
     """
     from tqdm.auto import tqdm
 
+    from .degrade import parse_degrader
     from .metrics import lpips_model
-    from .train import parse_degrader
 
     cfg = cfg or EvalConfig()
-    if degrader == "config":
+    if isinstance(degrader, str) and degrader == "config":
         degrader = parse_degrader(cfg.degrader)
     lpips = lpips if lpips is not None else lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
     n = len(dataset) if cfg.max_pairs is None else min(cfg.max_pairs, len(dataset))
@@ -110,7 +107,7 @@ def evaluate_decoders(
             items = [dataset[i] for i in idx]
             z = torch.stack([it["latent"] for it in items]).float()
             hq = torch.stack([it["hq"] for it in items]).float()
-            zd = _degrade(degrader, z, idx, float(sigma), cfg.seed)
+            zd = degrade_for_eval(degrader, z, idx, float(sigma), cfg.seed, [it.get("id") for it in items])
             base = original.decode(zd).float()
             outputs = {"decoder+bicubic": bicubic_2x(base), "decoder+lanczos": lanczos_2x(base)}
             for name, codec in decoders.items():
@@ -234,26 +231,6 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
     return doc
 
 
-def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
-    """A 2x codec from a training run folder (EMA weights) or an exported folder, and what was loaded."""
-    from .codecs import TAECodec, load_codec
-    from .train import load_run_codec
-
-    path = Path(model)
-    if (path / "checkpoints").is_dir():
-        codec, cfg = load_run_codec(path)
-        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: neither a training run nor an exported decoder folder")
-    if preset.family == "tae":
-        codec = TAECodec.from_folder(path)
-    else:
-        codec = load_codec(preset.family, path)
-    if codec.upscale != 2:
-        raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
-    return codec.eval(), {"model": str(path), "kind": "export"}
-
-
 def run_evaluation(
     model: str | os.PathLike,
     pairs: str | os.PathLike,
@@ -267,8 +244,9 @@ def run_evaluation(
     split_seed: int | None = None,
 ) -> dict:
     """Evaluate a trained model (run or export) on a pair set's held-out split; write the report under out."""
+    from .datasets import PairDataset
+    from .decoder import load_decoder
     from .latents import LatentCache, default_cache_dir
-    from .pairs import PairDataset
     from .presets import get_preset
 
     cfg = cfg or EvalConfig()

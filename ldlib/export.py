@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .images import atomic_write_bytes
+from .files import atomic_write_bytes
 
 _README_WAN = """# 2x decoder (exported by ldlib)
 
@@ -55,7 +55,8 @@ with torch.no_grad():
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
     """Write the run's (EMA) 2x decoder into out: a diffusers folder (wan/kl) or TAESD files (tae), + README.md."""
-    from .train import CheckpointManager, load_run_codec
+    from .decoder import load_run_codec
+    from .runs import CheckpointManager
 
     run, out = Path(run), Path(out)
     ckpt = CheckpointManager(run / "checkpoints").latest()
@@ -67,8 +68,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, ema: bool = True)
     codec.save_pretrained(out)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     template = _README_TAE if codec.family == "tae" else _README_WAN
-    atomic_write_bytes(out / "README.md", template.format(run=run, step=step, preset=cfg.preset, folder=out).encode())
-    info = {"run": str(run), "checkpoint": str(ckpt), "step": step, "preset": cfg.preset, "family": codec.family,
+    atomic_write_bytes(out / "README.md", template.format(run=run, step=step, preset=cfg["preset"], folder=out).encode())
+    info = {"run": str(run), "checkpoint": str(ckpt), "step": step, "preset": cfg["preset"], "family": codec.family,
             "weights": "ema" if ema else "live", "upscale": codec.upscale}
     atomic_write_bytes(out / "ldlib_export.json", json.dumps(info, indent=2).encode())
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+from .files import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
@@ -110,20 +111,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def load_image(path: str | os.PathLike) -> torch.Tensor:
     """Load an image file as a 1 x 3 x H x W float tensor in [-1, 1]; raises ImageLoadError naming the file."""
     return to_tensor(load_rgb8(path)[0])
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to path through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_image(x: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:

@@ -14,15 +14,15 @@ take the ids with ``sha256(id) % N == i`` and name their files with ``<tag> = i-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .images import atomic_write_bytes
+from .files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
+from .pairs import PAIRSET_JSON, read_manifest
 
 IDENTITY_JSON = "identity.json"
 # What must agree for two latents to be interchangeable; "source" (a path or hub id) may differ for the same weights.
@@ -34,67 +34,9 @@ def same_codec(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in IDENTITY_KEYS)
 
 
-def default_device() -> torch.device:
-    """The accelerator when one is present (CUDA), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def default_cache_dir(pairs_root: str | os.PathLike, preset_name: str) -> Path:
     """Where `encode` puts a preset's latents by default: PAIRS/latents/<preset>."""
     return Path(pairs_root) / "latents" / preset_name
-
-
-class ShardedTensors:
-    """Named tensors spread over safetensors files, read lazily; file handles are opened per process.
-
-    ``scan(files, check)`` reads the headers (the first file holding a name wins; ``check(file, metadata)`` may
-    refuse a file by raising); ``get(name)`` reads one tensor. Picklable, so it can go into DataLoader workers.
-    """
-
-    def __init__(self) -> None:
-        self._index: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
-
-    def scan(self, files: Sequence[Path], check: Callable[[Path, dict], None] | None = None) -> list[dict]:
-        """Index the tensors of files; returns each file's metadata, in file order."""
-        from safetensors import safe_open
-
-        index: dict[str, Path] = {}
-        metas = []
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if check is not None:
-                    check(path, meta)
-                for key in f.keys():
-                    index.setdefault(key, path)
-            metas.append(meta)
-        self._index, self._handles = index, {}
-        return metas
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def names(self) -> set[str]:
-        """Names of all indexed tensors."""
-        return set(self._index)
-
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor by name (KeyError when no file holds it)."""
-        path = self._index[name]
-        handle = self._handles.get(path)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[path] = safe_open(path, framework="pt")
-        return handle.get_tensor(name)
-
-    def __getstate__(self) -> dict:
-        return {"_index": self._index, "_handles": {}}  # file handles do not cross process boundaries
 
 
 class LatentCache:
@@ -154,11 +96,6 @@ class LatentCache:
         return torch.stack([self.get(i) for i in ids])
 
 
-def shard_files(folder: str | os.PathLike) -> list[Path]:
-    """The latent shard files of a cache folder, sorted (hidden temporaries excluded)."""
-    return sorted(p for p in Path(folder).glob("*.safetensors") if not p.name.startswith("."))
-
-
 def _describe(ident: dict) -> str:
     sha = str(ident.get("encoder_sha256", "?"))[:12]
     return f"{ident.get('family')} {ident.get('latent_channels')}ch encoder {sha} from {ident.get('source')!r}"
@@ -203,10 +140,8 @@ def encode_pairs(
     Batched, without gradients, on ``device`` (default: CUDA when present; the codec is moved there). Every ``shard_size`` pairs become one
     safetensors file, written atomically: a killed run resumes at the first chunk not on disk.
     """
-    from safetensors.torch import save
-
     from .images import load_image
-    from .pairs import PAIRSET_JSON, in_shard, parse_shard, read_manifest
+    from .runs import default_device
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
@@ -220,7 +155,6 @@ def encode_pairs(
     device = torch.device(device) if device is not None else default_device()
     codec = codec.to(device).eval()
     meta = {"identity": json.dumps(identity, sort_keys=True), "pairset": json.dumps(pairset, sort_keys=True)}
-    tag = "all" if shard[1] == 1 else f"{shard[0]}-of-{shard[1]}"
 
     from tqdm.auto import tqdm
 
@@ -237,10 +171,7 @@ def encode_pairs(
             for r, zi in zip(batch, z):
                 tensors[r["id"]] = zi.contiguous()
             bar.update(len(batch))
-        name = hashlib.sha256("\0".join(sorted(tensors)).encode()).hexdigest()[:16]
-        path = Path(out) / f"latents-{tag}-{name}.safetensors"
-        atomic_write_bytes(path, save(tensors, metadata=meta))
-        written.append(path.name)
+        written.append(write_tensor_shard(out, "latents", shard, tensors, meta).name)
     bar.close()
     cache.refresh()
     return {

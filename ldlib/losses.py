@@ -7,8 +7,8 @@ weighted by ``|grad L_rec| / (|grad L_gan| + 1e-4)`` at the decoder's last layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -20,15 +20,16 @@ from torch.nn.utils.parametrizations import spectral_norm
 class LossConfig:
     """Weights and switches of the decoder loss (defaults: the LDM autoencoder recipe, with an earlier, ramped GAN)."""
 
-    l1_weight: float = 1.0  # pixel L1 against HQ
-    lpips_weight: float = 1.0  # LDM's perceptual_weight
-    lpips_net: str = "vgg"  # LDM uses VGG-LPIPS; "alex" is cheaper
-    gan_weight: float = 0.5  # LDM's disc_weight, multiplies the adaptive weight
-    gan_start: int = 1000  # optimiser step from which both GAN terms are on (before it: off)
-    gan_warmup: int = 500  # linear ramp of the generator's GAN weight after gan_start (DESIGN: switch on gently)
-    adaptive_max: float = 1e4  # clamp of the adaptive weight
-    disc_channels: int = 64  # width of the first discriminator layer
-    disc_layers: int = 3  # strided layers: 3 gives a 70 px receptive field (pix2pix PatchGAN)
+    l1_weight: float = field(default=1.0, metadata={"help": "weight of pixel L1 against HQ"})
+    lpips_weight: float = field(default=1.0, metadata={"help": "weight of LPIPS (LDM's perceptual_weight)"})
+    lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="vgg", metadata={"help": "LPIPS backbone (LDM: vgg; alex is cheaper)"})
+    gan_weight: float = field(default=0.5, metadata={"help": "GAN weight, times the adaptive weight (LDM's disc_weight; 0: no GAN)"})
+    gan_start: int = field(default=1000, metadata={"help": "optimiser step from which both GAN terms are on"})
+    # A discriminator switched on late at full strength can wreck reconstructions: ramp it in.
+    gan_warmup: int = field(default=500, metadata={"help": "steps of the linear ramp of the GAN weight after gan-start"})
+    adaptive_max: float = field(default=1e4, metadata={"help": "clamp of the adaptive GAN weight"})
+    disc_channels: int = field(default=64, metadata={"help": "width of the first discriminator layer"})
+    disc_layers: int = field(default=3, metadata={"help": "strided discriminator layers (3: 70 px receptive field)"})
 
     def __post_init__(self) -> None:
         for name in ("l1_weight", "lpips_weight", "gan_weight", "adaptive_max"):

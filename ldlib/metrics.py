@@ -75,15 +75,38 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def hf_energy(x: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
-    """Per-image 2-D FFT energy (channels summed, per pixel) at max(|f_y|, |f_x|) > cutoff * Nyquist."""
-    if x.dim() != 4:
-        raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
-    h, w = x.shape[-2:]
-    energy = torch.fft.fft2(x.double()).abs().pow(2).sum(1) / (h * w)
+def high_band(h: int, w: int, cutoff: float = 0.5) -> torch.Tensor:
+    """Boolean h x w mask of the 2-D FFT bins with max(|f_y|, |f_x|) > cutoff * Nyquist (fftfreq layout)."""
     fy = torch.fft.fftfreq(h, dtype=torch.float64).abs().view(-1, 1)  # cycles / px; Nyquist = 0.5
     fx = torch.fft.fftfreq(w, dtype=torch.float64).abs().view(1, -1)
-    return (energy * (torch.maximum(fy, fx) > cutoff * 0.5)).flatten(1).sum(1) / (h * w)
+    return torch.maximum(fy, fx) > cutoff * 0.5
+
+
+def _spectral_energy(x: torch.Tensor) -> torch.Tensor:
+    """N x H x W energy of the 2-D FFT, channels summed."""
+    if x.dim() != 4:
+        raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
+    return torch.fft.fft2(x.double()).abs().pow(2).sum(1)
+
+
+def hf_energy(x: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
+    """Per-image 2-D FFT energy (channels summed, per pixel) at max(|f_y|, |f_x|) > cutoff * Nyquist."""
+    h, w = x.shape[-2:]
+    energy = _spectral_energy(x) / (h * w)
+    return (energy * high_band(h, w, cutoff)).flatten(1).sum(1) / (h * w)
+
+
+def high_freq_share(x: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:
+    """Per-sample share of 2-D FFT energy with max(|f_y|, |f_x|) > cutoff * Nyquist (NaN for an all-zero sample)."""
+    energy = _spectral_energy(x)
+    total = energy.flatten(1).sum(1)
+    share = (energy * high_band(*x.shape[-2:], cutoff)).flatten(1).sum(1) / total
+    return torch.where(total > 0, share, torch.full_like(share, float("nan"))).float()
+
+
+def white_noise_hf_share(h: int, w: int, cutoff: float = 0.5) -> float:
+    """The expected ``high_freq_share`` of white noise on an h x w grid (0.75 in the limit; less on tiny grids)."""
+    return high_band(h, w, cutoff).double().mean().item()
 
 
 def speckle_ratio(x: torch.Tensor, ref: torch.Tensor, cutoff: float = 0.5) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Pair sets: source photos -> (HQ, LQ) crops on disk, exactly the recipe, and a torch Dataset over them.
+"""Pair sets: source photos -> (HQ, LQ) crops on disk, exactly the recipe (the torch Dataset is ldlib.datasets).
 
-The recipe (DESIGN.md steps 1-4): source -> area 1/``pre_downsample`` -> random ``hq_size`` crop (HQ) ->
+The recipe (README, "The recipe"): source -> area 1/``pre_downsample`` -> random ``hq_size`` crop (HQ) ->
 area 1/``lq_factor`` (LQ). For speed only the source region under the crop is averaged: with the crop offset a
 multiple of ``pre_downsample`` in source pixels, ``area(source)[box] == area(source[pre * box])`` exactly.
 
@@ -40,7 +40,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .images import ImageLoadError, area_downsample, atomic_write_bytes, list_images, load_rgb8, open_image, rgb8, save_image, to_tensor
+from .files import atomic_write_bytes, in_shard, parse_shard
+from .images import ImageLoadError, area_downsample, list_images, load_rgb8, open_image, rgb8, save_image
 
 MANIFEST = "manifest.jsonl"
 PAIRSET_JSON = "pairset.json"
@@ -60,12 +61,12 @@ class SkippedInputWarning(UserWarning):
 class PairSpec:
     """How pairs are cut from a source photo; the defaults are the recipe (area 0.5x, 512 crop, area 0.5x, K=1)."""
 
-    pre_downsample: int = 2  # area downsample of the source before cropping
-    hq_size: int = 512  # HQ crop (px, after pre_downsample)
-    lq_factor: int = 2  # LQ = area downsample of HQ by this factor
-    crops_per_image: int = 1  # K crops per decoded source (the decode is paid once)
-    min_source_size: int = 0  # extra minimum on the source's short side (px); the crop's own need always applies
-    seed: int = 0  # seeds every crop position (with the source path and crop index)
+    pre_downsample: int = field(default=2, metadata={"help": "area downsample of the source before cropping"})
+    hq_size: int = field(default=512, metadata={"help": "HQ crop in px, after pre-downsample (the preset's)"})
+    lq_factor: int = field(default=2, metadata={"help": "LQ = area downsample of HQ by this factor"})
+    crops_per_image: int = field(default=1, metadata={"help": "crops per source photo (its decode is paid once)"})
+    min_source_size: int = field(default=0, metadata={"help": "skip sources whose short side is below this (px)"})
+    seed: int = field(default=0, metadata={"help": "seeds every crop position (with the source path and crop index)"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -107,28 +108,6 @@ class PairSpec:
         base = dict(pre_downsample=preset.pre_downsample, hq_size=preset.hq_size, lq_factor=preset.lq_factor)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
-
-
-def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:
-    """'i/N' (0 <= i < N) -> (i, N); None -> (0, 1)."""
-    if text is None:
-        return (0, 1)
-    if isinstance(text, tuple):
-        i, n = text
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-        if not m:
-            raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {text!r}")
-        i, n = int(m.group(1)), int(m.group(2))
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {i}/{n}: need 0 <= i < N")
-    return (i, n)
-
-
-def in_shard(key: str, shard: tuple[int, int]) -> bool:
-    """Whether a key (a source path or a pair id) belongs to shard (i, N); stable across machines."""
-    i, n = shard
-    return n == 1 or int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) % n == i
 
 
 def manifest_name(shard: tuple[int, int]) -> str:
@@ -496,7 +475,7 @@ def format_report(report: dict, max_lines: int = 12) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# dataset
+# splitting and looking
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -517,81 +496,6 @@ def split_by_source(records: Sequence[dict], val_fraction: float = 0.1, seed: in
     train = [r["id"] for r in records if r["source"] not in val_sources]
     val = [r["id"] for r in records if r["source"] in val_sources]
     return train, val
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """The pairs of a pair set as a torch Dataset.
-
-    ``PairDataset(root, ids=None, latents=None)``; item ``i`` is a dict:
-    ``id`` (str), ``source`` (str, path relative to the source folder), ``hq`` (3 x S x S float in [-1, 1]),
-    ``lq`` (3 x S/f x S/f float in [-1, 1]) and, when ``latents`` (a folder or LatentCache) is given,
-    ``latent`` (C x h x w normalised latent of that LQ). ``records`` holds the manifest lines in item order;
-    ``split(val_fraction, seed)`` returns (train, val) datasets split by source image.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        ids: Sequence[str] | None = None,
-        latents: "str | os.PathLike | object | None" = None,
-        load_images: bool = True,
-    ) -> None:
-        self.root = Path(root)
-        records = read_manifest(self.root)
-        if ids is not None:
-            by_id = {r["id"]: r for r in records}
-            missing = [i for i in ids if i not in by_id]
-            if missing:
-                raise KeyError(f"{self.root}: {len(missing)} ids not in the pair set, e.g. {missing[0]!r}")
-            records = [by_id[i] for i in ids]
-        self.records: list[dict] = records
-        self.load_images = load_images
-        self.latents = None
-        if latents is not None:
-            from .latents import LatentCache
-
-            self.latents = latents if isinstance(latents, LatentCache) else LatentCache(latents)
-            cut = self.latents.info.get("pairset")
-            mine = json.loads((self.root / PAIRSET_JSON).read_text())["spec"] if (self.root / PAIRSET_JSON).is_file() else None
-            if cut and mine and cut != mine:
-                raise ValueError(f"{self.latents.folder}: latents of pairs cut with {cut}, this pair set is {mine}")
-            absent = [r["id"] for r in records if r["id"] not in self.latents]
-            if absent:
-                raise KeyError(
-                    f"{self.latents.folder}: no latents for {len(absent)} of {len(records)} pairs "
-                    f"(e.g. {absent[0]!r}); run `python -m ldlib encode {self.root}` first"
-                )
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def ids(self) -> list[str]:
-        """Pair ids in item order."""
-        return [r["id"] for r in self.records]
-
-    @property
-    def sources(self) -> list[str]:
-        """Distinct source paths (sorted)."""
-        return sorted({r["source"] for r in self.records})
-
-    def __getitem__(self, i: int) -> dict:
-        r = self.records[i]
-        item: dict = {"id": r["id"], "source": r["source"]}
-        if self.load_images:
-            item["hq"] = to_tensor(load_rgb8(self.root / r["hq"])[0])[0]
-            item["lq"] = to_tensor(load_rgb8(self.root / r["lq"])[0])[0]
-        if self.latents is not None:
-            item["latent"] = self.latents.get(r["id"])
-        return item
-
-    def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple["PairDataset", "PairDataset"]:
-        """(train, val) datasets split by source image (see split_by_source)."""
-        train, val = split_by_source(self.records, val_fraction, seed)
-        return (
-            PairDataset(self.root, train, self.latents, self.load_images),
-            PairDataset(self.root, val, self.latents, self.load_images),
-        )
 
 
 def plot_pairs(root: str | os.PathLike, source_root: str | os.PathLike, n: int = 4, thumb: int = 256):

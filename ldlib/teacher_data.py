@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .images import atomic_write_bytes
+from .files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
 
 TEACHER_JSON = "teacher.json"
 
@@ -33,11 +33,11 @@ TEACHER_JSON = "teacher.json"
 class TeacherSpec:
     """How teacher data is drawn: sigma range (wider than the decoder's), draws per latent, teacher steps, seed."""
 
-    sigma_max: float = 0.3
-    per_latent: int = 1
-    steps: int = 1
-    prompt: str = "negative"
-    seed: int = 0
+    sigma_max: float = field(default=0.3, metadata={"help": "sigma ~ U[0, sigma-max] (wider than the decoder's 0.12)"})
+    per_latent: int = field(default=1, metadata={"help": "(sigma, noise) draws per latent"})
+    steps: int = field(default=1, metadata={"help": "teacher Euler steps from sigma to 0"})
+    prompt: str = field(default="negative", metadata={"help": "negative (Wan's generic negative prompt) | empty | TEXT"})
+    seed: int = field(default=0, metadata={"help": "seeds every record's sigma and noise"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sigma_max <= 1.0:
@@ -72,11 +72,6 @@ def noised(latent: torch.Tensor, rec_seed: int, sigma_max: float) -> tuple[float
     return sigma, (1 - sigma) * x0 + sigma * eps
 
 
-def shard_files(folder: str | os.PathLike) -> list[Path]:
-    """The teacher shard files of a folder, sorted (hidden temporaries excluded)."""
-    return sorted(p for p in Path(folder).glob("teacher-*.safetensors") if not p.name.startswith("."))
-
-
 def describe_teacher(degrader, preset_name: str) -> dict:
     """What produced the targets: preset, transformer source, steps, guidance."""
     model = getattr(degrader, "transformer", None)
@@ -103,10 +98,8 @@ class TeacherSet:
 
     def refresh(self) -> None:
         """Re-scan the shard files (headers only)."""
-        from .latents import ShardedTensors
-
         self._targets = ShardedTensors()
-        metas = self._targets.scan(shard_files(self.folder))
+        metas = self._targets.scan(shard_files(self.folder, "teacher-*.safetensors"))
         seen: set[str] = set()
         self.records: list[dict] = []
         for meta in metas:
@@ -175,11 +168,11 @@ def generate_teacher(
     progress: bool = True,
 ) -> dict:
     """Run the degrader's denoiser on regenerated x_sigma for every record out lacks; returns counts."""
-    from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    from .latents import LatentCache, default_device
-    from .pairs import in_shard, parse_shard, read_manifest
+    from .latents import LatentCache
+    from .pairs import read_manifest
+    from .runs import default_device
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
@@ -204,7 +197,6 @@ def generate_teacher(
     done = TeacherSet(out)
     todo = [(i, m) for i in ids for m in range(spec.per_latent) if record_key(i, m) not in done]
     device = torch.device(device) if device is not None else default_device()
-    tag = "all" if shard[1] == 1 else f"{shard[0]}-of-{shard[1]}"
 
     bar = tqdm(total=len(todo), desc="teacher", unit="latent", disable=not progress)
     written = []
@@ -226,104 +218,7 @@ def generate_teacher(
                 records.append({"key": key, "id": i, "source": source_of[i], "m": m, "seed": s, "sigma": float(sigma[k]),
                                 "grid": grid[k].tolist() if grid is not None else None})
             bar.update(len(batch))
-        name = hashlib.sha256("\0".join(sorted(tensors)).encode()).hexdigest()[:16]
-        atomic_write_bytes(out / f"teacher-{tag}-{name}.safetensors", save(tensors, metadata={"records": json.dumps(records)}))
-        written.append(f"teacher-{tag}-{name}.safetensors")
+        written.append(write_tensor_shard(out, "teacher", shard, tensors, {"records": json.dumps(records)}).name)
     bar.close()
     return {"out": str(out), "records_in_shard": len(ids) * spec.per_latent, "computed": len(todo),
             "already_done": len(ids) * spec.per_latent - len(todo), "files_written": written}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# how well a proxy matches the teacher
-# ------------------------------------------------------------------------------------------------------------
-
-
-def relative_errors(pred: torch.Tensor, x_sigma: torch.Tensor, x0: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample |P - T| / |T - x0| for the proxy and the baselines "return x_sigma" and "return x0"."""
-    def norm(t: torch.Tensor) -> torch.Tensor:
-        return t.float().flatten(1).norm(dim=1)
-
-    size = norm(target - x0).clamp_min(1e-12)  # the teacher's own degradation
-    return {"proxy": norm(pred - target) / size, "x_sigma": norm(x_sigma - target) / size, "x0": norm(x0 - target) / size}
-
-
-@torch.no_grad()
-def evaluate_proxy(net, dataset: TeacherDataset, bins: int = 6, batch_size: int = 64,
-                   device: str | torch.device = "cpu") -> dict:
-    """Per-sigma-bin mean relative error of the proxy and both baselines on (held-out) teacher data."""
-    sigma_max = dataset.teacher.spec.sigma_max
-    edges = torch.linspace(0, sigma_max, bins + 1)
-    per: dict[str, list[torch.Tensor]] = {"proxy": [], "x_sigma": [], "x0": []}
-    sigmas = []
-    net = net.eval().to(device)
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        b = {k: torch.stack([it[k] for it in items]) for k in ("sigma", "x0", "x_sigma", "target")}
-        pred = net(b["x_sigma"].to(device), b["sigma"].to(device)).float().cpu()
-        for k, v in relative_errors(pred, b["x_sigma"], b["x0"], b["target"]).items():
-            per[k].append(v)
-        sigmas.append(b["sigma"])
-    if not sigmas:
-        raise ValueError(f"{dataset.teacher.folder}: no teacher records to evaluate")
-    s = torch.cat(sigmas)
-    err = {k: torch.cat(v) for k, v in per.items()}
-    rows = []
-    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        mask = (s >= lo) & ((s < hi) | (hi == edges[-1].item()))
-        mask &= s > 0  # at sigma 0 the relative error is 0/0; every model is exact there
-        if mask.any():
-            rows.append({"sigma_lo": lo, "sigma_hi": hi, "count": int(mask.sum()),
-                         **{k: float(v[mask].mean()) for k, v in err.items()}})
-    overall = {k: float(v[s > 0].mean()) for k, v in err.items()}
-    return {"metric": "mean |P(x_s) - T(x_s)| / |T(x_s) - x0| per sigma bin", "bins": rows, "overall": overall,
-            "count": int(len(s)), "beats_baselines": all(r["proxy"] < min(r["x_sigma"], r["x0"]) for r in rows)}
-
-
-def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):
-    """Relative error vs sigma for the proxy and the baselines; saved to path when given; returns the figure."""
-    from matplotlib.figure import Figure  # not pyplot: no backend switch, works in scripts and notebooks alike
-
-    rows = result["bins"]
-    mid = [(r["sigma_lo"] + r["sigma_hi"]) / 2 for r in rows]
-    fig = Figure(figsize=(5.5, 3.5))
-    ax = fig.subplots()
-    for key, label, style in (("proxy", "proxy", "o-"), ("x_sigma", 'baseline "return x_sigma"', "s--"), ("x0", 'baseline "return x0"', "^:")):
-        ax.plot(mid, [r[key] for r in rows], style, label=label)
-    ax.set_xlabel("sigma")
-    ax.set_ylabel("|P - T| / |T - x0|")
-    ax.set_yscale("log")
-    ax.set_title("proxy vs teacher on held-out latents")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        atomic_write_bytes(Path(path), buf.getvalue())
-    return fig
-
-
-@torch.no_grad()
-def teacher_vs_proxy_figure(pca, x0: torch.Tensor, degrader, net, sigmas: Sequence[float], seed: int = 0):
-    """Rows per sigma: PCA of x0 | x_sigma | teacher(x_sigma) | proxy(x_sigma), one clean-fitted basis and range."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 2.1 * len(sigmas)))
-    axes = fig.subplots(len(sigmas), 4, squeeze=False)
-    x0 = x0.float().cpu().unsqueeze(0)
-    device = next(net.parameters()).device
-    for row, sigma in zip(axes, sigmas):
-        s = torch.tensor([float(sigma)])
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        x_s = (1 - s) * x0 + s * eps
-        t = degrader.denoise(x_s.to(device), s.to(device)).float().cpu()
-        p = net(x_s.to(device), s.to(device)).float().cpu()
-        err = (p - t).norm() / (t - x0).norm().clamp_min(1e-12)
-        for ax, z, title in zip(row, (x0, x_s, t, p), ("clean x0", f"x_sigma, sigma {sigma:g}", "teacher", f"proxy (rel. err {err:.2f})")):
-            ax.imshow(pca.rgb(z)[0], interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    return fig

@@ -7,15 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldlib.analysis import (
-    SweepConfig,
-    high_freq_share,
-    pair_batch,
-    reference_at,
-    relative_error,
-    sigma_sweep,
-    white_noise_hf_share,
-)
+from ldlib.analysis import SweepConfig, pair_batch, reference_at, relative_error, sigma_sweep
+from ldlib.metrics import high_freq_share, white_noise_hf_share
 from ldlib.degrade import NoiseDegrader, add_noise
 from ldlib.images import area_downsample
 

@@ -24,7 +24,8 @@ def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
     from ldlib.losses import DecoderLoss, LossConfig
     from ldlib.metrics import lpips_model
     from ldlib.presets import get_preset
-    from ldlib.train import TrainConfig, sample_tensor_pairs, train_decoder
+    from ldlib.datasets import sample_tensor_pairs
+    from ldlib.train import TrainConfig, train_decoder
 
     warnings.simplefilter("ignore")
     # GAN on from step 1: exercises the discriminator under DDP and the cross-rank averaged adaptive weight.
@@ -42,7 +43,7 @@ def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
 def _worker(out: Path) -> None:
     from safetensors.torch import save_file
 
-    from ldlib.train import make_accelerator
+    from ldlib.runs import make_accelerator
 
     torch.set_num_threads(1)
     acc = make_accelerator("no")

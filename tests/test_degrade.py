@@ -7,18 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ldlib.degrade import (
-    WAN_NEGATIVE_PROMPT,
-    DiffusionDegrader,
-    NoiseDegrader,
-    PromptCache,
-    ProxyDegrader,
-    add_noise,
-    encode_prompt,
-    make_degrader,
-    prompt_embedding,
-    sigma_grid,
-)
+from ldlib.degrade import DiffusionDegrader, NoiseDegrader, ProxyDegrader, add_noise, parse_degrader, sigma_grid
+from ldlib.prompts import WAN_NEGATIVE_PROMPT, PromptCache, encode_prompt, prompt_embedding
 from ldlib.presets import ByteTokenizer, get_preset, tiny_umt5_encoder, tiny_wan_transformer
 
 
@@ -221,17 +211,40 @@ def test_proxy_degrader_calls_net_on_noised_latents(latents):
     s = torch.tensor([0.1, 0.0, 0.2])
     out = ProxyDegrader(net).degrade(latents, s, gen(3))
     x_s = add_noise(latents, s, gen(3))
-    torch.testing.assert_close(seen["x"], x_s)
-    torch.testing.assert_close(seen["s"], s)
+    # The net sees only the samples with sigma > 0 (sample 1 costs no call and comes back bit-identical).
+    torch.testing.assert_close(seen["x"], x_s[[0, 2]])
+    torch.testing.assert_close(seen["s"], s[[0, 2]])
     torch.testing.assert_close(out[[0, 2]], 2 * x_s[[0, 2]])
     assert torch.equal(out[1], latents[1])
 
 
-def test_make_degrader_errors():
-    with pytest.raises(ValueError, match="unknown degrader"):
-        make_degrader("blur")
-    with pytest.raises(ValueError, match="proxy net"):
-        make_degrader("proxy")
+def test_degrade_samples_equals_each_sample_alone(latents):
+    # One generator per sample: sample i's result does not depend on the batch it is in.
+    class Double(NoiseDegrader):
+        def denoise(self, x, s):
+            return 2 * x - s.view(-1, 1, 1, 1)
+
+    s = torch.tensor([0.1, 0.0, 0.2])
+    batched, used = Double().degrade_samples(latents, s, [gen(10 + i) for i in range(3)])
+    assert torch.equal(used, s)
+    for i in range(3):
+        alone = Double().degrade(latents[i : i + 1], s[i : i + 1], gen(10 + i))
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=0, atol=0)
+    assert torch.equal(batched[1], latents[1])
+    with pytest.raises(ValueError, match="one generator per sample"):
+        Double().degrade_samples(latents, s, [gen(0)])
+
+
+def test_degrader_vocabulary_errors(tmp_path):
+    assert parse_degrader("none") is None and parse_degrader(None) is None
+    assert type(parse_degrader("noise")).__name__ == "NoiseDegrader"
+    for bad in ("blur", "noise:3", "proxy"):
+        with pytest.raises(ValueError, match="unknown degrader|needs its folder"):
+            parse_degrader(bad)
+    with pytest.raises(ValueError, match="needs a preset"):
+        parse_degrader("diffusion")
+    with pytest.raises(FileNotFoundError, match="teacher folder not found"):
+        parse_degrader(f"teacher:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="no diffusion transformer"):
         get_preset("tiny", transformer=None).load_transformer()
 

@@ -16,7 +16,9 @@ from ldlib.export import export_run
 from ldlib.losses import DecoderLoss, LossConfig
 from ldlib.metrics import hf_energy, lpips_model, speckle_ratio, ssim
 from ldlib.presets import get_preset
-from ldlib.train import TrainConfig, load_run_codec, sample_tensor_pairs, train_decoder
+from ldlib.datasets import sample_tensor_pairs
+from ldlib.decoder import load_run_codec
+from ldlib.train import TrainConfig, train_decoder
 
 
 @pytest.fixture(scope="module")

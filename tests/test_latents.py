@@ -11,8 +11,10 @@ from PIL import Image
 
 from ldlib.cli import main
 from ldlib.images import load_image
-from ldlib.latents import LatentCache, encode_pairs, shard_files
-from ldlib.pairs import PairDataset, PairSpec, build_pairs, read_manifest
+from ldlib.datasets import PairDataset
+from ldlib.files import shard_files
+from ldlib.latents import LatentCache, encode_pairs
+from ldlib.pairs import PairSpec, build_pairs, read_manifest
 from ldlib.presets import get_preset
 
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from ldlib.cli import main
 from ldlib.images import load_rgb8
+from ldlib.datasets import PairDataset
 from ldlib.pairs import (
-    PairDataset,
     PairSpec,
     SkippedInputWarning,
     build_pairs,
@@ -238,17 +238,17 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
     bad.mkdir()
     (bad / "a.txt").write_text("x")
     Image.fromarray(_photo(20, 20, 0)).save(bad / "tiny.png")
-    assert main(["build-pairs", str(bad), str(tmp_path / "o1"), "--crop", "32", "--workers", "1", "--quiet"]) == 1
+    assert main(["build-pairs", str(bad), str(tmp_path / "o1"), "--hq-size", "32", "--workers", "1", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "no pair was built" in captured.err and "tiny.png: skipped: too small" in captured.err
     src = _make_sources(tmp_path / "src", n=1)
-    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--preset", "tiny", "--crop", "32",
+    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--preset", "tiny", "--hq-size", "32",
                  "--crops-per-image", "2", "--seed", "5", "--workers", "1", "--quiet"]) == 0
     assert "4 built now" in capsys.readouterr().out
     spec = read_manifest(tmp_path / "o2")[0]["spec"]
     assert (spec["hq_size"], spec["crops_per_image"], spec["seed"]) == (32, 2, 5)
     # Another spec into the same OUT is refused (its ids would name different pixels).
-    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--crop", "48", "--seed", "5", "--workers", "1", "--quiet"]) == 2
+    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--hq-size", "48", "--seed", "5", "--workers", "1", "--quiet"]) == 2
 
 
 def test_shards_fill_one_folder_like_a_single_run(tmp_path):

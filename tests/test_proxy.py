@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from ldlib.degrade import DiffusionDegrader, ProxyDegrader, ProxyNet, load_proxy, save_proxy
+from ldlib.degrade import DiffusionDegrader, ProxyDegrader
+from ldlib.proxy import ProxyNet, ProxyTrainConfig, evaluate_proxy, load_proxy, save_proxy, train_proxy
 from ldlib.latents import LatentCache
 from ldlib.presets import tiny_wan_transformer
 from ldlib.teacher_data import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
@@ -107,7 +108,6 @@ def teacher_dir(tiny_pairset, teacher_degrader, tmp_path_factory):
 
 
 def _small_cfg(**kw):
-    from ldlib.train import ProxyTrainConfig
 
     base = dict(steps=120, batch=8, width=32, blocks=2, lr=2e-3, warmup_steps=10, val_fraction=0.34,
                 checkpoint_every=1000, log_every=1000)
@@ -116,7 +116,6 @@ def _small_cfg(**kw):
 
 
 def test_train_proxy_beats_both_baselines_on_held_out_sources(teacher_dir, tmp_path):
-    from ldlib.train import train_proxy
 
     summary = train_proxy(_small_cfg(), teacher_dir, tmp_path / "run")
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -137,7 +136,6 @@ def test_train_proxy_beats_both_baselines_on_held_out_sources(teacher_dir, tmp_p
     # The saved proxy plugs into the degrader interface and reproduces the evaluation's numbers.
     net = load_proxy(tmp_path / "run")
     val = TeacherDataset(ts, ids=sorted(set(val_ids)))
-    from ldlib.teacher_data import evaluate_proxy
 
     assert evaluate_proxy(net, val, bins=6)["overall"] == pytest.approx(result["overall"], rel=1e-5)
     item = val[0]
@@ -150,7 +148,6 @@ def test_train_proxy_beats_both_baselines_on_held_out_sources(teacher_dir, tmp_p
 
 
 def test_train_proxy_resume_continues_the_same_run(teacher_dir, tmp_path):
-    from ldlib.train import train_proxy
 
     full = train_proxy(_small_cfg(steps=12, checkpoint_every=6), teacher_dir, tmp_path / "full")
     part = train_proxy(_small_cfg(steps=12, checkpoint_every=6), teacher_dir, tmp_path / "part", stop_at=6)

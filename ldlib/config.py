@@ -1,0 +1,139 @@
+"""Configuration dataclasses as command-line flags and notebook parameters: each setting is declared once.
+
+A setting lives in one dataclass field (its default, and its help text in ``field(metadata={"help": ...})``).
+``add_config_arguments`` turns every field into a ``--flag`` (nested dataclasses such as ``TrainConfig.loss`` are
+flattened; ``snake_case`` becomes ``--kebab-case``); ``config_from_args`` builds the dataclass from what the command
+line gave, over the dataclass's own defaults. Notebooks read their parameters with ``env(NAME, default)``: the
+environment variable ``LDLIB_<NAME>`` overrides the default, converted to the default's type.
+
+Why not ``transformers.HfArgumentParser``: it cannot express a nested dataclass field (``TrainConfig.loss``) or a
+fixed-length tuple (``betas``), and it rewrites the dataclass's field types in place; the few lines here do
+exactly what ldlib's configs need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal
+
+NOT_GIVEN = None  # what an absent flag parses to: the dataclass default then applies
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp) -> tuple[Any, bool]:
+    """(the type without ``| None``, whether None was allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else tp), True
+    return tp, False
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def config_fields(cls) -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, help) of every leaf field, nested dataclasses flattened in declaration order."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += config_fields(tp)
+        else:
+            out.append((f.name, tp, _default(f), f.metadata.get("help", "")))
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                         title: str | None = None) -> None:
+    """One ``--flag`` per (flattened) field of a config dataclass; an absent flag leaves the default in place."""
+    target = parser.add_argument_group(title) if title else parser
+    seen: set[str] = set()
+    for name, tp, default, help_text in config_fields(cls):
+        if name in skip:
+            continue
+        if name in seen:
+            raise ValueError(f"{cls.__name__}: two fields named {name!r} after flattening nested configs")
+        seen.add(name)
+        base, _ = _base_type(tp)
+        shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kwargs: dict[str, Any] = {"dest": name, "default": NOT_GIVEN,
+                                  "help": f"{help_text} (default: {shown})".strip() if help_text else f"default: {shown}"}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is Literal:
+            kwargs.update(choices=typing.get_args(base), type=type(typing.get_args(base)[0]))
+        elif typing.get_origin(base) is tuple:
+            kwargs.update(type=_comma_tuple(typing.get_args(base), f"--{name.replace('_', '-')}"), metavar="A,B,...")
+        elif base in (int, float, str):
+            kwargs["type"] = base
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: no command-line form for type {tp}")
+        target.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _comma_tuple(items: tuple, flag: str):
+    """An argparse type: comma-separated values of the tuple's item type (and its length, unless ``...``)."""
+    kind = items[0]
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__}")
+        if Ellipsis not in items and len(values) != len(items):
+            raise argparse.ArgumentTypeError(f"{flag}: expected {len(items)} comma-separated values, got {text!r}")
+        return values
+
+    return parse
+
+
+def config_from_args(cls, args: argparse.Namespace, **fixed):
+    """The config dataclass with every flag the command line gave over its defaults; ``fixed`` sets fields directly."""
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in fixed:
+            kwargs[f.name] = fixed[f.name]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = config_from_args(hints[f.name], args)
+        elif getattr(args, f.name, NOT_GIVEN) is not NOT_GIVEN:
+            kwargs[f.name] = getattr(args, f.name)
+    return cls(**kwargs)
+
+
+def env(name: str, default: Any) -> Any:
+    """A notebook parameter: ``$LDLIB_<NAME>`` when set (converted to the default's type), else the default.
+
+    Booleans accept 1/0, true/false, yes/no; tuples take comma-separated values; a default of None takes the text.
+    """
+    text = os.environ.get(f"LDLIB_{name}")
+    if text is None:
+        return default
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"$LDLIB_{name}={text!r}: expected 1/0, true/false or yes/no")
+        return low in ("1", "true", "yes")
+    if isinstance(default, tuple):
+        kind = type(default[0]) if default else str
+        return tuple(kind(t) for t in text.split(",") if t.strip())
+    if default is None:
+        return text or None
+    try:
+        return type(default)(text)
+    except ValueError as e:
+        raise ValueError(f"$LDLIB_{name}={text!r}: expected a {type(default).__name__}") from e

@@ -1,0 +1,98 @@
+"""The 2x decoder: the trainable module, and loading a trained one from a run folder or an exported folder.
+
+A 2x decoder is a codec whose decoder's last conv outputs 12 channels (``codec.to_2x()``, then
+``pixel_shuffle(2)``). Training, evaluation, export and upscaling all load it from here, never from the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class TwoXDecoder(nn.Module):
+    """The trainable module: ``forward(latents) = codec.decode(latents, clamp=False)`` of a 2x codec.
+
+    Owns the codec (encoder frozen), so accelerate/DDP wrap one module whose trainable parameters are exactly
+    ``codec.decoder_parameters()``.
+    """
+
+    def __init__(self, codec) -> None:
+        super().__init__()
+        if codec.upscale != 2:
+            raise ValueError(f"TwoXDecoder needs a 2x codec (codec.to_2x()), got upscale {codec.upscale}")
+        self.codec = codec
+        codec.requires_grad_(False)
+        for p in codec.decoder_parameters():
+            p.requires_grad_(True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoder's activations in backward (the codec knows how for its family)."""
+        self.codec.enable_gradient_checkpointing()
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw (unclamped) 2x decode: a clamp has no gradient on saturated pixels."""
+        return self.codec.decode(latents, clamp=False)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Name -> tensor of the trainable (decoder) parameters."""
+        return {n: p for n, p in self.codec.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, sd: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
+        """Copy decoder parameters in by name; a missing or extra name is an error naming it."""
+        own = self.trainable_state()
+        missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        if missing or extra:
+            raise ValueError(f"{origin}: decoder weights do not match this codec (missing {missing[:3]}, extra {extra[:3]})")
+        with torch.no_grad():
+            for n, p in own.items():
+                if p.shape != sd[n].shape:
+                    raise ValueError(f"{origin}: {n} has shape {tuple(sd[n].shape)}, expected {tuple(p.shape)}")
+                p.copy_(sd[n].to(p))
+
+
+def read_run_config(run: str | os.PathLike) -> dict:
+    """The config.json of a training run folder (the TrainConfig as a dict)."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: not a training run (no config.json)")
+    return json.loads(path.read_text())
+
+
+def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | os.PathLike | None = None):
+    """The trained 2x codec of a run folder (EMA weights by default) and the run's config (a dict)."""
+    from .presets import get_preset
+    from .runs import CheckpointManager, load_safetensors
+
+    run = Path(run)
+    cfg = read_run_config(run)
+    path = Path(checkpoint) if checkpoint else CheckpointManager(run / "checkpoints").latest()
+    if path is None:
+        raise FileNotFoundError(f"{run}: no checkpoint yet (checkpoints/latest.json missing)")
+    codec = get_preset(cfg["preset"], taef2_path=cfg.get("taef2_dir")).load_codec()
+    model = TwoXDecoder(codec.to_2x())
+    model.load_trainable_state(load_safetensors(path / ("ema.safetensors" if ema else "decoder.safetensors")), str(path))
+    return model.codec.requires_grad_(False).eval(), cfg
+
+
+def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
+    """A 2x codec from a training run folder (EMA weights) or an exported folder, and what was loaded."""
+    from .codecs import TAECodec, load_codec
+
+    path = Path(model)
+    if (path / "checkpoints").is_dir():
+        codec, cfg = load_run_codec(path)
+        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.get("val_fraction"), "seed": cfg.get("seed")}
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: neither a training run nor an exported decoder folder")
+    if preset.family == "tae":
+        codec = TAECodec.from_folder(path)
+    else:
+        codec = load_codec(preset.family, path)
+    if codec.upscale != 2:
+        raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
+    return codec.eval(), {"model": str(path), "kind": "export"}

@@ -1,0 +1,337 @@
+"""The proxy degrader: a small conv net trained to mimic the diffusion teacher, cheap enough for the training loop.
+
+- ``ProxyNet``: sigma-conditioned, ``out = x_sigma - sigma * v_hat(x_sigma, sigma)``, so the identity at sigma 0 by
+  construction; ``save_proxy`` / ``load_proxy`` (safetensors + JSON).
+- ``train_proxy``: regression on cached teacher outputs (``ldlib.teacher_data``), held out by source photo, on the
+  shared run machinery (accelerate, atomic checkpoints, exact resume, TensorBoard).
+- ``evaluate_proxy``: per sigma bin, |P(x_s) - T(x_s)| / |T(x_s) - x0| next to "return x_sigma" and "return x0".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn as nn
+
+from .files import atomic_write_bytes
+from .pairs import split_by_source
+from .runs import GlobalBatchSampler, RunLogger, all_finite, build_optimizer, make_accelerator, mix_seed, open_run
+from .teacher_data import TeacherDataset, TeacherSet
+
+
+class ProxyNet(nn.Module):
+    """A small fully-convolutional stand-in for the teacher, conditioned on sigma.
+
+    Parameterised like the teacher's one Euler step: ``out = x_sigma - sigma * v_hat(x_sigma, sigma)``, so it is
+    the identity at sigma 0 by construction and starts (zero-initialised output conv) as "return x_sigma". The
+    body is diffusers' ResnetBlock2D with scale/shift (FiLM) conditioning on a sinusoidal embedding of
+    ``sigma * 1000`` (the teacher's timestep).
+    """
+
+    def __init__(self, channels: int = 16, width: int = 64, blocks: int = 4, emb_dim: int = 128, groups: int = 8) -> None:
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding
+        from diffusers.models.resnet import ResnetBlock2D
+
+        self.config = {"channels": channels, "width": width, "blocks": blocks, "emb_dim": emb_dim, "groups": groups}
+        self.emb_dim = emb_dim
+        self.time_embedding = TimestepEmbedding(emb_dim, emb_dim)
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            ResnetBlock2D(in_channels=width, temb_channels=emb_dim, groups=groups, time_embedding_norm="scale_shift")
+            for _ in range(blocks)
+        )
+        self.norm_out = nn.GroupNorm(groups, width)
+        self.conv_out = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Predict the teacher's output for x_sigma at per-sample sigma (N,)."""
+        from diffusers.models.embeddings import get_timestep_embedding
+
+        s = sigma.to(device=x_sigma.device, dtype=torch.float32).reshape(-1)
+        temb = get_timestep_embedding(s * 1000, self.emb_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        temb = self.time_embedding(temb.to(x_sigma.dtype))
+        h = self.conv_in(x_sigma)
+        for block in self.blocks:
+            h = block(h, temb)
+        v = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        return x_sigma - s.view(-1, 1, 1, 1).to(x_sigma.dtype) * v
+
+
+PROXY_WEIGHTS = "proxy.safetensors"
+PROXY_CONFIG = "proxy.json"
+
+
+def save_proxy(net: ProxyNet, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``proxy.safetensors`` + ``proxy.json`` (architecture config and anything in extra) atomically."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_write_bytes(folder / PROXY_WEIGHTS, save(sd))
+    atomic_write_bytes(folder / PROXY_CONFIG, json.dumps({**(extra or {}), "config": net.config}, indent=2).encode())
+
+
+def load_proxy(folder: str | os.PathLike, device: str | torch.device | None = None) -> ProxyNet:
+    """A trained ProxyNet from a folder written by save_proxy (eval mode)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / PROXY_CONFIG).is_file() or not (folder / PROXY_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder}: no trained proxy ({PROXY_WEIGHTS} + {PROXY_CONFIG}); train one with train-proxy")
+    cfg = json.loads((folder / PROXY_CONFIG).read_text())["config"]
+    net = ProxyNet(**cfg)
+    net.load_state_dict(load_file(str(folder / PROXY_WEIGHTS)))
+    return net.eval().to(device or "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProxyTrainConfig:
+    """Proxy training settings (plain regression on teacher targets)."""
+
+    steps: int = field(default=3000, metadata={"help": "optimiser steps"})
+    batch: int = field(default=16, metadata={"help": "teacher records per step"})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "any diffusers get_scheduler name"})
+    warmup_steps: int = field(default=100, metadata={"help": "learning-rate warm-up steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    width: int = field(default=64, metadata={"help": "ProxyNet channels"})
+    blocks: int = field(default=4, metadata={"help": "ProxyNet residual blocks"})
+    # The loss divides by max(sigma, floor): each sample's error is measured relative to its own degradation.
+    sigma_floor: float = field(default=0.01, metadata={"help": "floor of sigma in the loss's normalisation"})
+    val_fraction: float = field(default=0.2, metadata={"help": "held-out share of source photos"})
+    split_seed: int | None = field(default=None, metadata={"help": "seed of the held-out split (default: seed)"})
+    eval_bins: int = field(default=6, metadata={"help": "sigma bins of the held-out evaluation"})
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    log_every: int = field(default=10, metadata={"help": "steps between TensorBoard scalars"})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    seed: int = field(default=0, metadata={"help": "seeds the net's initial weights and the batches"})
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def proxy_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
+    """MSE in velocity units: ((P - T) / sigma)^2, so small-sigma samples count as much as large ones.
+
+    The proxy and the teacher both move x_sigma by sigma * velocity; dividing by sigma weighs every sample by the
+    error relative to its own degradation, which is the quantity evaluate_proxy reports (plain MSE would be ruled
+    by the largest sigmas and leave the decoder's range, sigma <= 0.12, poorly fitted).
+    """
+    scale = sigma.float().clamp_min(floor).view(-1, *([1] * (pred.dim() - 1)))
+    return (((pred.float() - target.float()) / scale) ** 2).mean()
+
+
+def split_teacher_data(teacher: TeacherSet, val_fraction: float, seed: int, latents=None
+                       ) -> tuple[TeacherDataset, TeacherDataset]:
+    """(train, held-out) teacher records as datasets, held out by source photo (ldlib.pairs.split_by_source)."""
+    train_ids, val_ids = split_by_source(teacher.records, val_fraction, seed)
+    train = TeacherDataset(teacher, latents, sorted(set(train_ids)))
+    return train, TeacherDataset(teacher, train.latents, sorted(set(val_ids)))
+
+
+def train_proxy(
+    cfg: ProxyTrainConfig,
+    teacher: str | os.PathLike,
+    out: str | os.PathLike,
+    latents: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    accelerator=None,
+) -> dict:
+    """Train a ProxyNet on a teacher folder (held-out split by source image); writes the proxy, eval.json, summary."""
+    t_start = time.time()
+    out = Path(out)
+    acc = accelerator or make_accelerator(cfg.mixed_precision)
+    device = acc.device
+    ts = TeacherSet(teacher)
+    if len(ts) == 0:
+        raise ValueError(f"{teacher}: no teacher records; run `python -m ldlib teacher` first")
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_set, val_set = split_teacher_data(ts, cfg.val_fraction, split_seed, latents)
+    channels = int(train_set.latents.identity["latent_channels"])
+
+    ckpts, latest = open_run(out, acc, resume, cfg.keep_checkpoints, {**asdict(cfg), "teacher": str(teacher)})
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed(cfg.seed, 23))
+        net = ProxyNet(channels=channels, width=cfg.width, blocks=cfg.blocks).to(device)
+    opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
+                                 cfg.warmup_steps, cfg.steps)
+    step, skipped = 0, []
+    if latest is not None:
+        tensors, objects, state = ckpts.load(latest, ["proxy"])
+        net.load_state_dict(tensors["proxy"])
+        opt.load_state_dict(objects["opt"])
+        sched.load_state_dict(objects["sched"])
+        step, skipped = int(state["step"]), list(state.get("skipped", []))
+        acc.print(f"resumed from {latest} at step {step}")
+    net_w, opt = acc.prepare(net, opt)
+
+    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch, acc.num_processes, acc.process_index, cfg.seed, step, stop)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
+    log = RunLogger(out, acc, total=stop, initial=step, desc="train-proxy")
+    history: list[dict] = []
+    for batch in loader:
+        x_sigma, target = batch["x_sigma"].to(device), batch["target"].to(device)
+        sigma = batch["sigma"].to(device)
+        with acc.autocast():
+            pred = net_w(x_sigma, sigma)
+        loss = proxy_loss(pred, target, sigma, cfg.sigma_floor)
+        if all_finite(acc, loss):
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(net_w.parameters(), cfg.max_grad_norm)
+            opt.step()
+        else:
+            skipped.append(step)
+            acc.print(f"step {step}: non-finite loss, step skipped")
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+        history.append(rec)
+        log.history(rec)
+        if step % cfg.log_every == 0:
+            log.scalars(step, {"loss": rec["loss"], "lr": rec["lr"]})
+        step += 1
+        log.advance(1, {"loss": rec["loss"]})
+        if step % cfg.checkpoint_every == 0 or step == stop:
+            ckpts.save(step, {"proxy": acc.unwrap_model(net_w).state_dict()},
+                       {"opt": opt.optimizer.state_dict(), "sched": sched.state_dict()}, {"skipped": skipped})
+    log.close()
+    acc.wait_for_everyone()
+    trained = acc.unwrap_model(net_w)
+    summary: dict = {"out": str(out), "teacher": str(teacher), "steps_done": step, "steps_target": cfg.steps,
+                     "finished": step >= cfg.steps, "skipped_steps": skipped, "device": str(device),
+                     "train_sources": len({r["source"] for r in train_set.records}),
+                     "val_sources": len({r["source"] for r in val_set.records}),
+                     "train_records": len(train_set), "val_records": len(val_set),
+                     "final_loss_mean_last_steps": sum(h["loss"] for h in history[-20:]) / max(1, len(history[-20:])),
+                     "wall_seconds_this_run": time.time() - t_start, "config": asdict(cfg)}
+    if acc.is_main_process:
+        save_proxy(trained, out, extra={"teacher": ts.info.get("teacher"), "spec": ts.info["spec"], "identity": ts.info["identity"]})
+        if len(val_set):
+            result = evaluate_proxy(trained, val_set, bins=cfg.eval_bins, device=device)
+            atomic_write_bytes(out / "eval.json", json.dumps(result, indent=2).encode())
+            plot_proxy_eval(result, out / "eval.png")
+            summary["eval"] = result["overall"]
+            summary["beats_baselines"] = result["beats_baselines"]
+        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    summary["history"] = history
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# how well a proxy matches the teacher
+# ------------------------------------------------------------------------------------------------------------
+
+
+def relative_errors(pred: torch.Tensor, x_sigma: torch.Tensor, x0: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample |P - T| / |T - x0| for the proxy and the baselines "return x_sigma" and "return x0"."""
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return t.float().flatten(1).norm(dim=1)
+
+    size = norm(target - x0).clamp_min(1e-12)  # the teacher's own degradation
+    return {"proxy": norm(pred - target) / size, "x_sigma": norm(x_sigma - target) / size, "x0": norm(x0 - target) / size}
+
+
+@torch.no_grad()
+def evaluate_proxy(net, dataset: TeacherDataset, bins: int = 6, batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> dict:
+    """Per-sigma-bin mean relative error of the proxy and both baselines on (held-out) teacher data."""
+    sigma_max = dataset.teacher.spec.sigma_max
+    edges = torch.linspace(0, sigma_max, bins + 1)
+    per: dict[str, list[torch.Tensor]] = {"proxy": [], "x_sigma": [], "x0": []}
+    sigmas = []
+    net = net.eval().to(device)
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        b = {k: torch.stack([it[k] for it in items]) for k in ("sigma", "x0", "x_sigma", "target")}
+        pred = net(b["x_sigma"].to(device), b["sigma"].to(device)).float().cpu()
+        for k, v in relative_errors(pred, b["x_sigma"], b["x0"], b["target"]).items():
+            per[k].append(v)
+        sigmas.append(b["sigma"])
+    if not sigmas:
+        raise ValueError(f"{dataset.teacher.folder}: no teacher records to evaluate")
+    s = torch.cat(sigmas)
+    err = {k: torch.cat(v) for k, v in per.items()}
+    rows = []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        mask = (s >= lo) & ((s < hi) | (hi == edges[-1].item()))
+        mask &= s > 0  # at sigma 0 the relative error is 0/0; every model is exact there
+        if mask.any():
+            rows.append({"sigma_lo": lo, "sigma_hi": hi, "count": int(mask.sum()),
+                         **{k: float(v[mask].mean()) for k, v in err.items()}})
+    overall = {k: float(v[s > 0].mean()) for k, v in err.items()}
+    return {"metric": "mean |P(x_s) - T(x_s)| / |T(x_s) - x0| per sigma bin", "bins": rows, "overall": overall,
+            "count": int(len(s)), "beats_baselines": all(r["proxy"] < min(r["x_sigma"], r["x0"]) for r in rows)}
+
+
+def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):
+    """Relative error vs sigma for the proxy and the baselines; saved to path when given; returns the figure."""
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, works in scripts and notebooks alike
+
+    rows = result["bins"]
+    mid = [(r["sigma_lo"] + r["sigma_hi"]) / 2 for r in rows]
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    for key, label, style in (("proxy", "proxy", "o-"), ("x_sigma", 'baseline "return x_sigma"', "s--"), ("x0", 'baseline "return x0"', "^:")):
+        ax.plot(mid, [r[key] for r in rows], style, label=label)
+    ax.set_xlabel("sigma")
+    ax.set_ylabel("|P - T| / |T - x0|")
+    ax.set_yscale("log")
+    ax.set_title("proxy vs teacher on held-out latents")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
+
+
+@torch.no_grad()
+def teacher_vs_proxy_figure(pca, x0: torch.Tensor, degrader, net, sigmas: Sequence[float], seed: int = 0):
+    """Rows per sigma: PCA of x0 | x_sigma | teacher(x_sigma) | proxy(x_sigma), one clean-fitted basis and range."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 2.1 * len(sigmas)))
+    axes = fig.subplots(len(sigmas), 4, squeeze=False)
+    x0 = x0.float().cpu().unsqueeze(0)
+    device = next(net.parameters()).device
+    for row, sigma in zip(axes, sigmas):
+        s = torch.tensor([float(sigma)])
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        x_s = (1 - s) * x0 + s * eps
+        t = degrader.denoise(x_s.to(device), s.to(device)).float().cpu()
+        p = net(x_s.to(device), s.to(device)).float().cpu()
+        err = (p - t).norm() / (t - x0).norm().clamp_min(1e-12)
+        for ax, z, title in zip(row, (x0, x_s, t, p), ("clean x0", f"x_sigma, sigma {sigma:g}", "teacher", f"proxy (rel. err {err:.2f})")):
+            ax.imshow(pca.rgb(z)[0], interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,335 @@
+"""Run infrastructure shared by every training loop (decoder, proxy, teacher): what a run folder is and how it resumes.
+
+- ``make_accelerator``: CPU, one GPU with bf16 autocast, or DDP / multi-node under ``accelerate launch`` with no
+  code change (accelerate reads the launcher's environment).
+- ``GlobalBatchSampler``: the global batch of step k is a fixed function of (seed, k); rank r takes its slice. So
+  resuming needs no sampler state, and N processes at batch B see exactly what one process sees at batch N*B.
+- ``sample_generator``: per-sample randomness (sigma, degradation noise) seeded by (seed, step, global index), for
+  the same reason.
+- ``CheckpointManager``: checkpoints written into a temporary folder and renamed into place (atomic), a
+  ``latest.json`` pointer, per-rank RNG states, old checkpoints pruned.
+- ``all_finite``: a NaN/inf loss on any rank makes every rank skip the step (a one-sided skip would hang DDP).
+- ``RunLogger``: tqdm bar, TensorBoard scalars/images and ``history.jsonl`` on the main process only;
+  ``read_history`` / ``plot_history`` read them back.
+
+This module knows no training configuration: loops pass their settings in explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .files import atomic_write_bytes
+
+
+def default_device() -> torch.device:
+    """The accelerator when one is present (CUDA), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1):
+    """An Accelerator for this process: bf16 autocast on CUDA by default, fp32 on CPU; DDP when launched so."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from accelerate.state import AcceleratorState
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one precision per process and refuses another; a notebook that trains twice with
+        # different settings needs a fresh state (the process group, PartialState, is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
+    # The scheduler is stepped by hand once per optimiser step (accelerate would step it once per process).
+    acc = Accelerator(
+        # accelerate only sets up CPU DDP (gloo) under torchrun when told it is on CPU.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        step_scheduler_with_optimizer=False,
+        # Wan's decoder has parameters that a single frame never uses (temporal upsampling convs): DDP must be
+        # told, or it waits for their gradients forever.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=True)],
+    )
+    return acc
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs)."""
+    h = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, step: int, index: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator of one sample's randomness at one step (same on every rank and in every run)."""
+    return torch.Generator().manual_seed(mix_seed(seed, step, index, stream))
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices for steps start..steps-1: step k's global batch is a pure function of (seed, k).
+
+    The index stream is a concatenation of seeded permutations of range(n); the global batch of micro-step k is
+    ``stream[k*G:(k+1)*G]`` with G = batch * world, and rank r takes ``[r*batch:(r+1)*batch]`` of it.
+    """
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, start: int, stop: int) -> None:
+        if n < 1:
+            raise ValueError("GlobalBatchSampler: the dataset is empty")
+        self.n, self.batch, self.world, self.rank, self.seed = n, batch, world, rank, seed
+        self.start, self.stop = start, stop
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, 7)))}
+        return self._perms[epoch]
+
+    def global_batch(self, k: int) -> list[int]:
+        """Dataset indices of micro-step k's global batch (all ranks)."""
+        g = self.batch * self.world
+        return [int(self._perm(j // self.n)[j % self.n]) for j in range(k * g, (k + 1) * g)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in range(self.start, self.stop):
+            yield self.global_batch(k)[self.rank * self.batch : (self.rank + 1) * self.batch]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def all_finite(accelerator, value: torch.Tensor) -> bool:
+    """Whether value is finite on every process (so that all ranks skip a bad step together)."""
+    bad = (~torch.isfinite(value.detach().float())).any().float().reshape(1).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bool(bad.item() == 0)
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's global torch RNG states (CPU and CUDA)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    """Restore states from rng_states()."""
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(k for k in states if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file missing")
+    return load_file(str(path))
+
+
+class CheckpointManager:
+    """Atomic checkpoints under ``folder``: ``step_NNNNNN/`` folders plus a ``latest.json`` pointer.
+
+    A checkpoint is written into a hidden temporary folder (main process: tensors as safetensors, optimiser and
+    scheduler states with torch.save; every rank: its RNG states), then renamed into place and only then named in
+    latest.json, so a crash mid-write never leaves a checkpoint that looks complete.
+    """
+
+    def __init__(self, folder: str | os.PathLike, accelerator=None, keep: int = 2) -> None:
+        self.folder = Path(folder)
+        self.acc = accelerator
+        self.keep = keep
+
+    @property
+    def _main(self) -> bool:
+        return self.acc is None or self.acc.is_main_process
+
+    def _barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, or None."""
+        pointer = self.folder / "latest.json"
+        if not pointer.is_file():
+            return None
+        try:
+            name = json.loads(pointer.read_text())["checkpoint"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{pointer}: unreadable checkpoint pointer ({e})") from e
+        path = self.folder / name
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+        return path
+
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, dict[str, torch.Tensor]],
+        objects: dict[str, Any],
+        state: dict,
+    ) -> Path:
+        """Write tensors (name -> state dict, as safetensors), objects (torch.save), state (JSON), per-rank RNG."""
+        final = self.folder / f"step_{step:06d}"
+        tmp = self.folder / f".tmp_step_{step:06d}"
+        if self._main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        rank = 0 if self.acc is None else self.acc.process_index
+        torch.save(rng_states(), tmp / f"rng_{rank}.pt")
+        if self._main:
+            for name, sd in tensors.items():
+                save_safetensors(sd, tmp / f"{name}.safetensors")
+            torch.save(objects, tmp / "optim.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        self._barrier()
+        if self._main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_bytes(self.folder / "latest.json", json.dumps({"checkpoint": final.name, "step": step}).encode())
+            done = sorted(p for p in self.folder.glob("step_*") if p.is_dir())
+            for old in done[: max(0, len(done) - self.keep)]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def load(self, path: Path, tensor_names: Sequence[str]) -> tuple[dict, dict, dict]:
+        """(tensors by name, objects, state) of a checkpoint; restores this rank's RNG states when saved."""
+        tensors = {name: load_safetensors(path / f"{name}.safetensors") for name in tensor_names}
+        objects = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+        rank = 0 if self.acc is None else self.acc.process_index
+        rng = path / f"rng_{rank}.pt"
+        if rng.is_file():
+            set_rng_states(torch.load(rng, map_location="cpu", weights_only=True))
+        return tensors, objects, state
+
+
+def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> tuple[CheckpointManager, Path | None]:
+    """Set up a run folder: its checkpoints and the one to resume from; refuses to overwrite a run unless resuming."""
+    ckpts = CheckpointManager(out / "checkpoints", accelerator, keep=keep)
+    latest = ckpts.latest() if resume else None
+    if not resume and accelerator.is_main_process and (out / "checkpoints" / "latest.json").is_file():
+        raise ValueError(f"{out}: holds a run already; pass resume=True (--resume) or choose another folder")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
+    accelerator.wait_for_everyone()
+    return ckpts, latest
+
+
+class RunLogger:
+    """tqdm progress bar + TensorBoard writer + history.jsonl, active on the main process only."""
+
+    def __init__(self, out: Path, accelerator, total: int, initial: int = 0, desc: str = "train") -> None:
+        self.main = accelerator.is_main_process
+        self.out = out
+        self.bar = None
+        self.tb = None
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            self.tb = SummaryWriter(str(out / "tb"))
+            self._hist = open(out / "history.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        """Log scalars to TensorBoard."""
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def history(self, record: dict) -> None:
+        """Append one line to history.jsonl (flushed: a crash keeps what was logged)."""
+        if self.main:
+            self._hist.write(json.dumps(record) + "\n")
+            self._hist.flush()
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """Log one 3 x H x W image in [-1, 1]."""
+        if self.tb is not None:
+            self.tb.add_image(tag, ((image.float().clamp(-1, 1) + 1) / 2).cpu(), step)
+
+    def advance(self, n: int = 1, postfix: dict | None = None) -> None:
+        """Move the bar."""
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        """Flush and close everything."""
+        if self.main:
+            self.bar.close()
+            self.tb.close()
+            self._hist.close()
+
+
+
+def build_optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, schedule: str,
+                    warmup_steps: int, total_steps: int):
+    """AdamW and a diffusers learning-rate schedule (any ``get_scheduler`` name) stepped once per optimiser step."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return opt, sched
+
+
+def mean_terms(records: list[dict]) -> dict[str, float]:
+    """Mean of each float term over the records that have it."""
+    keys = {k for r in records for k, v in r.items() if isinstance(v, float)}
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in sorted(keys)}
+
+
+def read_history(run: str | os.PathLike) -> list[dict]:
+    """The records of a run's history.jsonl (one per optimiser step), in order."""
+    path = Path(run) / "history.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no history.jsonl (not a training run, or nothing logged yet)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_history(run: str | os.PathLike, panels: dict[str, Sequence[str]], marks: dict[str, int] | None = None,
+                 log_y: Sequence[str] = (), fig=None):
+    """One panel per title with the history keys it lists, over steps; ``marks`` draws labelled vertical lines."""
+    from matplotlib.figure import Figure
+
+    history = read_history(run)
+    fig = fig or Figure(figsize=(4.4 * len(panels), 3))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys) in zip(axes, panels.items()):
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=key)
+        for label, step in (marks or {}).items():
+            ax.axvline(step, color="grey", ls=":", lw=1, label=label)
+        if title in log_y:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if len(keys) > 1 or marks:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
