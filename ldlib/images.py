@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -112,17 +113,60 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     return to_tensor(load_rgb8(path)[0])
 
 
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """Create a hidden temporary file beside path as open() would (mode 0o666 less the umask); (fd, its path).
+
+    Not tempfile.mkstemp: its 0600 would make every file we write unreadable to the group (shared pair sets).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a name another writer drew; draw again
+            continue
+
+
+def plain_file_mode(folder: str | os.PathLike) -> int:
+    """The permission bits a new file created with open() in folder gets (0o666 less the umask, or the ACL)."""
+    fd, tmp = _new_temp(Path(folder) / "mode")
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to path through a temporary file in the same folder and a rename."""
+    """Write bytes to path through a temporary file in the same folder and a rename (mode as open() gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write path with write(temporary path) and a rename; for writers that make their own file (safetensors).
+
+    The file gets the mode a plain open() gives: safetensors' save_file writes 0600 whatever the umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _new_temp(path)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

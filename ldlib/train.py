@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .images import atomic_write_bytes
+from .images import atomic_write_bytes, atomic_write_file
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
 
 # ------------------------------------------------------------------------------------------------------------
@@ -213,7 +213,8 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    sd = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_file(path, lambda tmp: save_file(sd, str(tmp)))  # the umask's mode, not save_file's 0600
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
