@@ -234,24 +234,67 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
     return doc
 
 
+def _is_run(path: Path) -> bool:
+    """A train-decoder run folder: checkpoints/, or the config.json of a run stopped before its first checkpoint."""
+    if (path / "checkpoints").is_dir():
+        return True
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "preset" in cfg and "loss" in cfg and "_class_name" not in cfg
+
+
+def _export_family(path: Path) -> str | None:
+    """The codec family of an exported decoder folder (from its config.json), None when it names none."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    names = {"AutoencoderKLWan": "wan", "AutoencoderKL": "kl"}
+    return names.get(cfg.get("_class_name"), cfg.get("family")) if isinstance(cfg, dict) else None
+
+
 def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
     """A 2x codec from a training run folder (EMA weights) or an exported folder, and what was loaded."""
     from .codecs import TAECodec, load_codec
     from .train import load_run_codec
 
     path = Path(model)
-    if (path / "checkpoints").is_dir():
+    if _is_run(path):
         codec, cfg = load_run_codec(path)
-        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: neither a training run nor an exported decoder folder")
-    if preset.family == "tae":
+        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                       "made_with_preset": cfg.preset}
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a training run (config.json, checkpoints/) nor an exported "
+                                "decoder folder (config.json and weights)")
+    family = _export_family(path) or preset.family
+    made_with = None
+    if (path / "ldlib_export.json").is_file():
+        made_with = json.loads((path / "ldlib_export.json").read_text()).get("preset")
+    if family != preset.family:
+        raise ValueError(f"{path}: a {family} decoder{f' (preset {made_with!r})' if made_with else ''}, but "
+                         f"--preset {preset.name!r} is a {preset.family} VAE: its latents do not fit this decoder")
+    if family == "tae":
         codec = TAECodec.from_folder(path)
     else:
-        codec = load_codec(preset.family, path)
+        codec = load_codec(family, path)
     if codec.upscale != 2:
         raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
-    return codec.eval(), {"model": str(path), "kind": "export"}
+    return codec.eval(), {"model": str(path), "kind": "export", "made_with_preset": made_with}
+
+
+def _check_latents_fit(model: str | os.PathLike, decoder, info: dict, original, preset) -> None:
+    """Refuse a decoder whose latents (family, channels, factor) are not the ones the preset's encoder makes."""
+    have = (decoder.family, decoder.latent_channels, decoder.spatial_factor)
+    want = (original.family, original.latent_channels, original.spatial_factor)
+    if have != want:
+        made_with = info.get("made_with_preset")
+        raise ValueError(
+            f"{model}: decodes {have[0]} latents with {have[1]} channels"
+            f"{f' (trained with preset {made_with!r})' if made_with else ''}, but --preset {preset.name!r} encodes "
+            f"{want[0]} latents with {want[1]} channels; pass the preset the decoder was trained with"
+        )
 
 
 def run_evaluation(
@@ -275,9 +318,11 @@ def run_evaluation(
     preset = get_preset(preset_name, taef2_path=taef2_dir)
     original = preset.load_codec()
     ours, info = load_decoder(model, preset)
+    _check_latents_fit(model, ours, info, original, preset)
     decoders = {"ours": ours}
     if baseline_model is not None:
-        decoders["ours (no degradation)"], _ = load_decoder(baseline_model, preset)
+        decoders["ours (no degradation)"], base_info = load_decoder(baseline_model, preset)
+        _check_latents_fit(baseline_model, decoders["ours (no degradation)"], base_info, original, preset)
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
     vf = val_fraction if val_fraction is not None else info.get("val_fraction", 0.1)
     seed = split_seed if split_seed is not None else info.get("seed", 0)

@@ -177,3 +177,36 @@ def test_failed_export_leaves_the_previous_one(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         export_run(run, out)
     assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_a_run_without_checkpoint_or_an_unrelated_folder_is_one_line(tiny_run, tiny_pairset, tmp_path, capsys):
+    run, _ = tiny_run
+    pairs = str(tiny_pairset["pairs"])
+    early = tmp_path / "early"  # a run killed before its first checkpoint: config.json (+ logs), no checkpoints/
+    early.mkdir()
+    (early / "config.json").write_text((run / "config.json").read_text())
+    (early / "history.jsonl").write_text("")
+    code, err = _cli(["evaluate", str(early), pairs, "--max-pairs", "1"], capsys)
+    assert code == 2
+    _one_error_line(err, str(early), "no checkpoint")
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "a.txt").write_text("x")
+    code, err = _cli(["evaluate", str(unrelated), pairs, "--max-pairs", "1"], capsys)
+    assert code == 2
+    _one_error_line(err, str(unrelated), "neither a training run")
+    assert sorted(p.name for p in early.iterdir()) == ["config.json", "history.jsonl"]
+    assert [p.name for p in unrelated.iterdir()] == ["a.txt"]
+
+
+def test_evaluate_with_a_preset_of_another_vae_is_one_line_naming_both(tiny_run, tiny_pairset, tmp_path, capsys,
+                                                                         taef2_codec):
+    run, _ = tiny_run
+    code, err = _cli(["evaluate", str(run), str(tiny_pairset["pairs"]), "--preset", "taef2",
+                      "--out", str(tmp_path / "eval")], capsys)
+    assert code == 2
+    _one_error_line(err, str(run), "'tiny'", "'taef2'")
+    assert not (tmp_path / "eval").exists()
