@@ -31,6 +31,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -315,7 +317,31 @@ def _process_source(task: _Task) -> dict:
     return result
 
 
-def _worker_init() -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this worker process as soon as the build process that started it dies (kill -9, the OOM killer).
+
+    Otherwise a worker waits for tasks forever, holding a decoded photo's memory (GBs at 100 Mpx).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # SIGKILL when the thread that started us ends: build_pairs' thread, until the pool closes
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    else:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="ldlib-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    _exit_with_parent(parent)
     # Parallelism is across processes; one intra-op thread each avoids oversubscribing the cores.
     torch.set_num_threads(1)
 
@@ -437,7 +463,7 @@ def build_pairs(
 
             # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
                 for res in pool.map(_process_source, tasks):  # ordered: the manifest order is deterministic
                     consume(res)
         bar.close()
