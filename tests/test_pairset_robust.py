@@ -3,6 +3,7 @@ failed first runs, odd crops, symlinked photo folders and very large photos. Err
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -103,3 +104,51 @@ def test_workers_exit_when_the_build_is_killed(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of this test's process group is left
         except ProcessLookupError:
             pass
+
+
+# --- item 10: failed encodes ---------------------------------------------------------------------------------
+
+
+def test_a_failed_first_encode_leaves_no_cache_that_refuses_later(tmp_path, capsys):
+    from ldlib.latents import LatentCache, encode_pairs
+    from ldlib.presets import get_preset
+
+    src = _sources(tmp_path / "src")
+    pairs = tmp_path / "pairs"
+    build_pairs(src, pairs, SPEC, workers=1, progress=False)
+    lq = pairs / read_manifest(pairs)[0]["lq"]
+    good = lq.read_bytes()
+    lq.write_bytes(good[: len(good) // 2])  # a damaged LQ: the first encode fails on it
+    cache = tmp_path / "lat"
+    assert main(["encode", str(pairs), "--preset", "tiny", "--out", str(cache), "--device", "cpu", "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, lq.name)
+    assert not (cache / "identity.json").exists() and not list(cache.glob("*.safetensors"))
+    # The rerun, with the file repaired and another codec (a differently seeded tiny VAE), works.
+    lq.write_bytes(good)
+    codec = get_preset("tiny", seed=7).load_codec()
+    result = encode_pairs(pairs, codec, cache, progress=False, device="cpu")
+    assert result["encoded"] == 2 and LatentCache(cache, expect=codec).ids == {r["id"] for r in read_manifest(pairs)}
+
+
+def test_an_identity_only_cache_is_harmless(tmp_path):
+    """A cache folder holding identity.json and no latents (left by older versions) is taken over, not refused."""
+    from ldlib.latents import LatentCache, encode_pairs
+    from ldlib.presets import get_preset
+
+    src = _sources(tmp_path / "src")
+    pairs = tmp_path / "pairs"
+    build_pairs(src, pairs, SPEC, workers=1, progress=False)
+    cache = tmp_path / "lat"
+    cache.mkdir()
+    (cache / "identity.json").write_text(json.dumps({
+        "identity": {"family": "tae", "latent_channels": 32, "spatial_factor": 8, "encoder_sha256": "0" * 64},
+        "pairset": {"hq_size": 512}, "dtype": "float32"}))
+    codec = get_preset("tiny").load_codec()
+    assert encode_pairs(pairs, codec, cache, progress=False, device="cpu")["encoded"] == 2
+    assert LatentCache(cache, expect=codec).identity == codec.identity()
+    assert json.loads((cache / "identity.json").read_text())["pairset"]["hq_size"] == 32
+    # With latents in it, another codec is refused as before.
+    with pytest.raises(ValueError, match="latents of different VAEs are never mixed"):
+        encode_pairs(pairs, get_preset("tiny", seed=7).load_codec(), cache, progress=False, device="cpu")
+
+
