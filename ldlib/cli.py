@@ -94,7 +94,9 @@ def _pair_spec(args: argparse.Namespace):
         preset = None
     overrides = dict(hq_size=args.crop, crops_per_image=args.crops_per_image, seed=args.seed, min_source_size=args.min_size)
     if preset is None:
-        return PairSpec(**{k: v for k, v in overrides.items() if v is not None})
+        spec = PairSpec(**{k: v for k, v in overrides.items() if v is not None})
+        spec.check_encodable(8, f"the {args.preset} VAE")  # every preset's VAE has 8 px per latent cell
+        return spec
     return PairSpec.from_preset(preset, **overrides)
 
 

@@ -101,14 +101,29 @@ class PairSpec:
 
     @classmethod
     def from_preset(cls, preset: str | object = "tiny", **overrides) -> "PairSpec":
-        """The recipe spec at a preset's sizes (a Preset or its name); keyword overrides replace fields."""
+        """The recipe spec at a preset's sizes (a Preset or its name); keyword overrides replace fields.
+
+        Refuses a size whose LQ the preset's VAE cannot encode (not a multiple of its pixels per latent cell).
+        """
         if isinstance(preset, str):
             from .presets import get_preset
 
             preset = get_preset(preset)
         base = dict(pre_downsample=preset.pre_downsample, hq_size=preset.hq_size, lq_factor=preset.lq_factor)
         base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+        spec = cls(**base)
+        spec.check_encodable(preset.spatial_factor, f"the {preset.name} VAE")
+        return spec
+
+    def check_encodable(self, factor: int, vae: str = "the VAE") -> None:
+        """ValueError unless the LQ side is a multiple of factor (the VAE's pixels per latent cell)."""
+        if self.lq_size % factor:
+            step = factor * self.lq_factor
+            near = " or ".join(str(v) for v in (self.hq_size // step * step, (self.hq_size // step + 1) * step) if v)
+            raise ValueError(
+                f"crop size {self.hq_size} px gives LQ {self.lq_size} px, not a multiple of {factor} ({vae}'s pixels "
+                f"per latent), so it cannot be encoded; use a multiple of {step}, e.g. {near}"
+            )
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int]:

@@ -106,7 +106,22 @@ def test_workers_exit_when_the_build_is_killed(tmp_path):
             pass
 
 
-# --- item 10: failed encodes ---------------------------------------------------------------------------------
+# --- item 10: crops the codec cannot encode, failed encodes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crop", [100, 36])
+def test_crops_the_codec_cannot_encode_are_refused_up_front(tmp_path, capsys, crop):
+    src = _sources(tmp_path / "src", size=(300, 300))
+    out = tmp_path / "out"
+    assert main(["build-pairs", str(src), str(out), "--preset", "tiny", "--crop", str(crop), "--workers", "1", "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, f"crop size {crop} px", "multiple of 8", "multiple of 16")
+    assert not out.exists()
+    from ldlib.presets import get_preset
+
+    assert get_preset("tiny").spatial_factor == get_preset("tiny").load_codec().spatial_factor == 8
+    # The nearest encodable size works end to end (build, then encode).
+    assert main(["build-pairs", str(src), str(out), "--preset", "tiny", "--crop", "96", "--workers", "1", "--quiet"]) == 0
+    assert main(["encode", str(out), "--preset", "tiny", "--device", "cpu", "--quiet"]) == 0
 
 
 def test_a_failed_first_encode_leaves_no_cache_that_refuses_later(tmp_path, capsys):
