@@ -384,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .folders import FolderBusyError
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        # Bad input: one clear line, not a traceback.
+    except (OSError, ValueError, FolderBusyError) as e:
+        # Bad input, a folder we cannot write, a busy folder: one clear line naming it, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .images import plain_file_mode
-
 
 class FolderBusyError(RuntimeError):
     """Another process is writing the folder right now; the message names it."""
@@ -42,7 +40,11 @@ def writable_folder(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{path}: cannot create the folder ({e.strerror or e})") from e
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        reason = f"{parent} is not writable" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise ValueError(f"{path}: cannot create the folder: {reason}") from e
     if _not_writable(path):
         raise ValueError(f"{path}: folder is not writable")
     return path
@@ -118,6 +120,8 @@ def replaced_folder(out: str | os.PathLike, marker: str) -> Iterator[Path]:
 
     Files in it get the mode a plain open() gives (libraries such as safetensors write 0600 temporaries).
     """
+    from .images import plain_file_mode
+
     out = Path(out)
     _check_target(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .images import ImageLoadError, area_downsample, atomic_write_bytes, list_images, load_rgb8, open_image, rgb8, save_image, to_tensor
+from .folders import writable_folder
+from .images import (
+    ImageLoadError, area_downsample, atomic_write_bytes, load_rgb8, open_image, rgb8, save_image, to_tensor, walk_files,
+)
 
 MANIFEST = "manifest.jsonl"
 PAIRSET_JSON = "pairset.json"
@@ -257,7 +260,10 @@ class _ManifestWriter:
             pass
         except OSError as e:
             self.f.close()
-            raise RuntimeError(f"{path}: another build is writing this shard right now") from e
+            from .folders import FolderBusyError
+
+            raise FolderBusyError(f"{path}: another build is writing this pair set right now; wait for it to "
+                                  "finish or use another OUT folder") from e
         _repair_tail(path)
 
     def append(self, records: Iterable[dict]) -> None:
@@ -376,17 +382,39 @@ def _single_thread():
         torch.set_num_threads(before)
 
 
-def _check_pairset(out: Path, spec: PairSpec) -> None:
-    """Record the spec's pixel key in OUT, or refuse when OUT holds pairs cut with another one."""
+def _other_build_running(out: Path, own: Path) -> bool:
+    """Whether another build holds the lock of one of OUT's manifest files (other than own)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locks to ask
+        return False
+    for path in manifest_files(out):
+        if path == own:
+            continue
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+    return False
+
+
+def _check_pairset(out: Path, spec: PairSpec, own_manifest: Path) -> None:
+    """Record the spec's pixel key in OUT, or refuse when OUT holds pairs (or a running build) of another one.
+
+    A folder that lists no pair (the skeleton of a build that found no usable photo) takes the new spec.
+    """
     path = out / PAIRSET_JSON
     want = {"format": FORMAT_VERSION, "spec": spec.pixel_key()}
     if path.is_file():
         have = json.loads(path.read_text())
-        if have.get("spec") != want["spec"]:
+        if have.get("spec") == want["spec"]:
+            return
+        holds_pairs = bool(manifest_files(out)) and bool(read_manifest(out))
+        if holds_pairs or _other_build_running(out, own_manifest):
             raise ValueError(
                 f"{out} holds pairs built with {have.get('spec')}, not {want['spec']}; use another OUT folder"
             )
-        return
     atomic_write_bytes(path, json.dumps(want, indent=2, sort_keys=True).encode() + b"\n")
 
 
@@ -419,16 +447,27 @@ def build_pairs(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    files = list_images(src)  # raises FileNotFoundError naming src
-    if out == src or src in out.parents:
-        files = [p for p in files if out not in p.parents]  # never read our own output as sources
+    files, not_listed = walk_files(src)  # raises FileNotFoundError naming src
+    files = [p for p in files if out not in p.resolve().parents]  # never read our own output as sources
     rels = [p.relative_to(src).as_posix() for p in files]
     mine = [r for r in rels if in_shard(r, shard)]
+    not_listed = [s for s in not_listed if in_shard(s["source"], shard)]
+    for item in not_listed:
+        warnings.warn(f"{src / item['source']}: skipped: {item['reason']}", SkippedInputWarning, stacklevel=2)
 
+    writable_folder(out)  # one line naming OUT when it is a file or not writable
+    manifest = out / manifest_name(shard)
+    new_manifest = not manifest.exists()
+    writer = _ManifestWriter(manifest)  # first: the loser of two builds stops here, having written nothing
+    try:
+        _check_pairset(out, spec, manifest)
+    except BaseException:
+        writer.close()
+        if new_manifest and manifest.stat().st_size == 0:
+            manifest.unlink()
+        raise
     for sub in ("hq", "lq"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    _check_pairset(out, spec)
-    writer = _ManifestWriter(out / manifest_name(shard))
+        (out / sub).mkdir(exist_ok=True)
     try:
         stale = _remove_stale_temps(out) if shard[1] == 1 else 0
         listed = {r["id"] for r in read_manifest(out)} if manifest_files(out) else set()
@@ -450,7 +489,7 @@ def build_pairs(
 
         n_workers = max(1, min(workers, len(tasks)))
         bar = tqdm(total=len(tasks), desc=f"pairs {shard[0]}/{shard[1]}" if shard[1] > 1 else "pairs", unit="img", disable=not progress)
-        skipped, converted = [], []
+        skipped, converted = list(not_listed), []
         built = 0
         timings = {"decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}
 
@@ -486,7 +525,7 @@ def build_pairs(
         writer.close()
 
     total = len(read_manifest(out))
-    used = len(tasks) - len(skipped)
+    used = len(tasks) - (len(skipped) - len(not_listed))
     report = {
         "source_folder": str(src),
         "out": str(out),

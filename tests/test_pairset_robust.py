@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from conftest import read_only_folder
 from ldlib.cli import main
 from ldlib.pairs import PairSpec, build_pairs, read_manifest
 
@@ -106,7 +109,60 @@ def test_workers_exit_when_the_build_is_killed(tmp_path):
             pass
 
 
-# --- item 10: crops the codec cannot encode, failed encodes ---------------------------------------------------------------------------------
+# --- item 9: OUT that is a file or read-only; the loser of two concurrent builds -----------------------------------
+
+
+def test_build_into_a_file_or_a_read_only_folder_is_one_line(tmp_path, capsys):
+    src = _sources(tmp_path / "src")
+    target = tmp_path / "out.txt"
+    target.write_text("mine")
+    assert main(_build_cli(src, target)) == 2
+    _one_error_line(capsys.readouterr().err, str(target), "not a folder")
+    assert target.read_text() == "mine"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only_folder(ro):
+        for out in (ro, ro / "pairs"):
+            assert main(_build_cli(src, out)) == 2
+            _one_error_line(capsys.readouterr().err, str(ro), "not writable")
+    assert not any(ro.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "ro", "src"]
+
+
+def test_the_loser_of_two_concurrent_builds_is_one_line(tmp_path, capsys):
+    import fcntl
+
+    src = _sources(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(_build_cli(src, out)) == 0
+    (src / "new.png").write_bytes((src / "p0.png").read_bytes())  # work left for a second build
+    before = _tree(out)
+    with open(out / "manifest.jsonl", "ab") as winner:  # a build in progress holds this lock
+        fcntl.flock(winner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = subprocess.run([sys.executable, "-m", "ldlib", *_build_cli(src, out)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    _one_error_line(r.stderr, str(out), "another build")
+    assert _tree(out) == before
+
+
+# --- item 10: a zero-pair skeleton, crops the codec cannot encode, failed encodes ---------------------------------
+
+
+def test_a_folder_without_pairs_does_not_lock_the_spec(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_text("x")
+    out = tmp_path / "out"
+    assert main(_build_cli(bad, out)) == 1  # no pair built: a skeleton (pairset.json, report.json) stays
+    assert (out / "pairset.json").is_file() and read_manifest(out) == []
+    capsys.readouterr()
+    src = _sources(tmp_path / "src")
+    assert main(["build-pairs", str(src), str(out), "--crop", "48", "--workers", "1", "--quiet"]) == 0
+    assert json.loads((out / "pairset.json").read_text())["spec"]["hq_size"] == 48
+    assert {r["spec"]["hq_size"] for r in read_manifest(out)} == {48} and len(read_manifest(out)) == 2
+    # Once it holds pairs, another spec is refused as before.
+    assert main(_build_cli(src, out)) == 2
+    _one_error_line(capsys.readouterr().err, str(out))
 
 
 @pytest.mark.parametrize("crop", [100, 36])
@@ -167,3 +223,81 @@ def test_an_identity_only_cache_is_harmless(tmp_path):
         encode_pairs(pairs, get_preset("tiny", seed=7).load_codec(), cache, progress=False, device="cpu")
 
 
+# --- item 10: symlinked photo folders ----------------------------------------------------------------------------
+
+
+def test_symlinked_folders_are_followed_once_without_loops(tmp_path):
+    src = _sources(tmp_path / "src")
+    elsewhere = _sources(tmp_path / "elsewhere", n=1)
+    (elsewhere / "p0.png").rename(elsewhere / "far.png")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)  # photos on another disk: followed
+    (src / "loop").symlink_to(src, target_is_directory=True)  # a loop: listed once, not followed forever
+    (src / "again").symlink_to(elsewhere, target_is_directory=True)  # the same folder twice: once
+    (src / "alias.png").symlink_to(src / "p1.png")  # the same file twice: once
+    (src / "broken.png").symlink_to(tmp_path / "gone.png")
+    report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
+    # A link never shadows the path it points to; of two links to one folder the first by name is followed.
+    assert sorted(r["source"] for r in read_manifest(tmp_path / "out")) == ["again/far.png", "p0.png", "p1.png"]
+    skipped = {s["source"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"linked", "loop", "alias.png", "broken.png"}, skipped
+    assert "already listed as again" in skipped["linked"] and "already listed as ." in skipped["loop"]
+    assert "file already listed as p1.png" in skipped["alias.png"] and "broken symbolic link" in skipped["broken.png"]
+    assert report["sources_used"] == 3 and report["sources_skipped"] == 4
+
+
+# --- item 10: very large photos -----------------------------------------------------------------------------------
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height pixels (its data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _real_big_png(path: Path, width: int, height: int) -> None:
+    """A real, fully decodable 1-bit PNG of width x height (100 Mpx costs ~12 MB of zeros, compressed to ~15 kB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + bytes((width + 7) // 8)  # filter byte + packed bits: a black image
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_a_100_megapixel_photo_is_a_normal_input(tmp_path):
+    from ldlib.images import open_image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _real_big_png(src / "big.png", 12_000, 8_400)  # 100.8 Mpx, over Pillow's default 89.5 Mpx limit
+    with open_image(src / "big.png") as img:
+        assert img.size == (12_000, 8_400)
+    report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
+    assert report["skipped"] == [] and report["pairs_total"] == 1
+    r = read_manifest(tmp_path / "out")[0]
+    assert r["source_size"] == [12_000, 8_400]
+    assert not np.asarray(Image.open(tmp_path / "out" / r["hq"])).any()  # black in, black out
+
+
+@pytest.mark.parametrize("size", [(30_000, 30_000), (100_000, 100_000)])
+def test_absurd_pixel_counts_are_still_refused(tmp_path, size):
+    from ldlib.images import ImageLoadError, open_image
+
+    _png_header_only(tmp_path / "bomb.png", *size)
+    with pytest.raises(ImageLoadError, match=rf"bomb.png: too many pixels \({size[0] * size[1] / 1e6:,.0f} Mpx, over the 400 Mpx"):
+        with open_image(tmp_path / "bomb.png"):
+            pass
+    report = build_pairs(tmp_path, tmp_path / "out", SPEC, workers=1, progress=False)
+    assert [s["source"] for s in report["skipped"]] == ["bomb.png"] and "too many pixels" in report["skipped"][0]["reason"]

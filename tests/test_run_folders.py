@@ -210,3 +210,20 @@ def test_evaluate_with_a_preset_of_another_vae_is_one_line_naming_both(tiny_run,
     assert code == 2
     _one_error_line(err, str(run), "'tiny'", "'taef2'")
     assert not (tmp_path / "eval").exists()
+
+
+def test_the_staging_folder_of_a_killed_export_is_removed_by_the_next(tiny_run, tmp_path):
+    import os
+
+    run, _ = tiny_run
+    out = tmp_path / "export"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = folders._staging_prefix(out)
+    stale = tmp_path / f"{prefix}{dead.pid}-0123abcd"  # what a kill -9 mid-export leaves beside OUT
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    live = tmp_path / f"{prefix}{os.getpid()}-4567abcd"  # an export in progress in a live process: kept
+    live.mkdir()
+    export_run(run, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name])
