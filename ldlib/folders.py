@@ -123,6 +123,8 @@ def replaced_folder(out: str | os.PathLike, marker: str) -> Iterator[Path]:
     from .images import plain_file_mode
 
     out = Path(out)
+    if out.is_symlink():  # replace the folder it points to, not the link
+        out = out.resolve()
     _check_target(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_stagings(out)

@@ -517,7 +517,8 @@ def build_pairs(
 
             # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+            pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+            with pool:
                 for res in pool.map(_process_source, tasks):  # ordered: the manifest order is deterministic
                     consume(res)
         bar.close()

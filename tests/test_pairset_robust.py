@@ -84,7 +84,8 @@ def test_workers_exit_when_the_build_is_killed(tmp_path):
     for i in range(1, 1500):  # many sources, cheaply: hard links under other names (other pair ids)
         os.link(src / "p0000.png", src / f"p{i:04d}.png")
     out = tmp_path / "out"
-    script = "import sys, ldlib.pairs as P; P.build_pairs(sys.argv[1], sys.argv[2], P.PairSpec(hq_size=32), workers=2, progress=False)"
+    script = ("import sys, ldlib.pairs as P; "
+              "P.build_pairs(sys.argv[1], sys.argv[2], P.PairSpec(hq_size=32), workers=2, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out)], start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
@@ -169,14 +170,14 @@ def test_a_folder_without_pairs_does_not_lock_the_spec(tmp_path, capsys):
 def test_crops_the_codec_cannot_encode_are_refused_up_front(tmp_path, capsys, crop):
     src = _sources(tmp_path / "src", size=(300, 300))
     out = tmp_path / "out"
-    assert main(["build-pairs", str(src), str(out), "--preset", "tiny", "--crop", str(crop), "--workers", "1", "--quiet"]) == 2
+    assert main(_build_cli(src, out, "--preset", "tiny", "--crop", str(crop))) == 2
     _one_error_line(capsys.readouterr().err, f"crop size {crop} px", "multiple of 8", "multiple of 16")
     assert not out.exists()
     from ldlib.presets import get_preset
 
     assert get_preset("tiny").spatial_factor == get_preset("tiny").load_codec().spatial_factor == 8
     # The nearest encodable size works end to end (build, then encode).
-    assert main(["build-pairs", str(src), str(out), "--preset", "tiny", "--crop", "96", "--workers", "1", "--quiet"]) == 0
+    assert main(_build_cli(src, out, "--preset", "tiny", "--crop", "96")) == 0
     assert main(["encode", str(out), "--preset", "tiny", "--device", "cpu", "--quiet"]) == 0
 
 
@@ -296,8 +297,10 @@ def test_absurd_pixel_counts_are_still_refused(tmp_path, size):
     from ldlib.images import ImageLoadError, open_image
 
     _png_header_only(tmp_path / "bomb.png", *size)
-    with pytest.raises(ImageLoadError, match=rf"bomb.png: too many pixels \({size[0] * size[1] / 1e6:,.0f} Mpx, over the 400 Mpx"):
+    mpx = f"{size[0] * size[1] / 1e6:,.0f}"
+    with pytest.raises(ImageLoadError, match=rf"bomb.png: too many pixels \({mpx} Mpx, over the 400 Mpx"):
         with open_image(tmp_path / "bomb.png"):
             pass
     report = build_pairs(tmp_path, tmp_path / "out", SPEC, workers=1, progress=False)
-    assert [s["source"] for s in report["skipped"]] == ["bomb.png"] and "too many pixels" in report["skipped"][0]["reason"]
+    assert [s["source"] for s in report["skipped"]] == ["bomb.png"]
+    assert "too many pixels" in report["skipped"][0]["reason"]

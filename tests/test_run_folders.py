@@ -227,3 +227,15 @@ def test_the_staging_folder_of_a_killed_export_is_removed_by_the_next(tiny_run, 
     live.mkdir()
     export_run(run, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name])
+
+
+def test_export_through_a_symlink_replaces_the_folder_it_points_to(tiny_run, tmp_path):
+    run, _ = tiny_run
+    real = tmp_path / "real"
+    export_run(run, real)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    (real / "stale.bin").write_bytes(b"old")
+    export_run(run, tmp_path / "link", ema=False)
+    assert (tmp_path / "link").is_symlink() and not (real / "stale.bin").exists()
+    assert json.loads((real / "ldlib_export.json").read_text())["weights"] == "live"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
