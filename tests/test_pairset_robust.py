@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import read_only_folder
 from ldlib.cli import main
-from ldlib.pairs import PairSpec, build_pairs, read_manifest
+from ldlib.pairs import PairSpec, SkippedInputWarning, build_pairs, read_manifest
 
 SPEC = PairSpec(hq_size=32, seed=0)  # source region 64 px, LQ 16 px (two tiny-Wan latent cells)
 
@@ -236,7 +236,10 @@ def test_symlinked_folders_are_followed_once_without_loops(tmp_path):
     (src / "again").symlink_to(elsewhere, target_is_directory=True)  # the same folder twice: once
     (src / "alias.png").symlink_to(src / "p1.png")  # the same file twice: once
     (src / "broken.png").symlink_to(tmp_path / "gone.png")
-    report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
+    with pytest.warns(SkippedInputWarning) as caught:
+        report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
+    warned = sorted(Path(str(w.message).split(": ")[0]).name for w in caught)
+    assert warned == ["alias.png", "broken.png", "linked", "loop"]
     # A link never shadows the path it points to; of two links to one folder the first by name is followed.
     assert sorted(r["source"] for r in read_manifest(tmp_path / "out")) == ["again/far.png", "p0.png", "p1.png"]
     skipped = {s["source"]: s["reason"] for s in report["skipped"]}
@@ -285,7 +288,8 @@ def test_a_100_megapixel_photo_is_a_normal_input(tmp_path):
     _real_big_png(src / "big.png", 12_000, 8_400)  # 100.8 Mpx, over Pillow's default 89.5 Mpx limit
     with open_image(src / "big.png") as img:
         assert img.size == (12_000, 8_400)
-    report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
+    with pytest.warns(SkippedInputWarning, match="big.png: 1 converted to RGB"):  # a 1-bit PNG
+        report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
     assert report["skipped"] == [] and report["pairs_total"] == 1
     r = read_manifest(tmp_path / "out")[0]
     assert r["source_size"] == [12_000, 8_400]
@@ -301,6 +305,7 @@ def test_absurd_pixel_counts_are_still_refused(tmp_path, size):
     with pytest.raises(ImageLoadError, match=rf"bomb.png: too many pixels \({mpx} Mpx, over the 400 Mpx"):
         with open_image(tmp_path / "bomb.png"):
             pass
-    report = build_pairs(tmp_path, tmp_path / "out", SPEC, workers=1, progress=False)
+    with pytest.warns(SkippedInputWarning, match="bomb.png: skipped: too many pixels"):
+        report = build_pairs(tmp_path, tmp_path / "out", SPEC, workers=1, progress=False)
     assert [s["source"] for s in report["skipped"]] == ["bomb.png"]
     assert "too many pixels" in report["skipped"][0]["reason"]
