@@ -98,7 +98,9 @@ def _pair_spec(args: argparse.Namespace):
     try:
         preset = _preset(args)
     except FileNotFoundError:  # taef2 weights absent: cutting crops needs only sizes, and taef2 uses the recipe's
-        return PairSpec(**overrides)
+        spec = PairSpec(**overrides)
+        spec.check_encodable(8, f"the {args.preset} VAE")  # every preset's VAE has 8 px per latent cell
+        return spec
     return PairSpec.from_preset(preset, **overrides)
 
 
@@ -343,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .files import FolderBusyError
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        # Bad input: one clear line, not a traceback.
+    except (OSError, ValueError, FolderBusyError) as e:
+        # Bad input, a folder we cannot write, a busy folder: one clear line naming it, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -496,15 +496,13 @@ class TAECodec(Codec):
         """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``."""
         from safetensors.torch import save_file
 
-        from .files import atomic_write_bytes
+        from .files import atomic_write_bytes, atomic_write_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, module in (("encoder", self.encoder), ("decoder", self.decoder)):
             sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            tmp = folder / f".{name}.safetensors.tmp"
-            save_file(sd, str(tmp))
-            os.replace(tmp, folder / f"{name}.safetensors")
+            atomic_write_file(folder / f"{name}.safetensors", lambda tmp: save_file(sd, str(tmp)))
         cfg = {
             "family": "tae",
             "latent_channels": self.latent_channels,

@@ -79,20 +79,48 @@ def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | o
     return model.codec.requires_grad_(False).eval(), cfg
 
 
+def _is_run(path: Path) -> bool:
+    """A train-decoder run folder: checkpoints/, or the config.json of a run stopped before its first checkpoint."""
+    if (path / "checkpoints").is_dir():
+        return True
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "preset" in cfg and "loss" in cfg and "_class_name" not in cfg
+
+
+def _export_family(path: Path) -> str | None:
+    """The codec family of an exported decoder folder (from its config.json), None when it names none."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    names = {"AutoencoderKLWan": "wan", "AutoencoderKL": "kl"}
+    return names.get(cfg.get("_class_name"), cfg.get("family")) if isinstance(cfg, dict) else None
+
+
 def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
     """A 2x codec from a training run folder (EMA weights) or an exported folder, and what was loaded."""
     from .codecs import TAECodec, load_codec
 
     path = Path(model)
-    if (path / "checkpoints").is_dir():
+    if _is_run(path):
         codec, cfg = load_run_codec(path)
-        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.get("val_fraction"), "seed": cfg.get("seed")}
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: neither a training run nor an exported decoder folder")
-    if preset.family == "tae":
-        codec = TAECodec.from_folder(path)
-    else:
-        codec = load_codec(preset.family, path)
+        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.get("val_fraction"),
+                       "seed": cfg.get("split_seed") if cfg.get("split_seed") is not None else cfg.get("seed"),
+                       "made_with_preset": cfg.get("preset")}
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a training run (config.json, checkpoints/) nor an exported "
+                                "decoder folder (config.json and weights)")
+    family = _export_family(path) or preset.family
+    made_with = None
+    if (path / "ldlib_export.json").is_file():
+        made_with = json.loads((path / "ldlib_export.json").read_text()).get("preset")
+    if family != preset.family:
+        raise ValueError(f"{path}: a {family} decoder{f' (preset {made_with!r})' if made_with else ''}, but "
+                         f"--preset {preset.name!r} is a {preset.family} VAE: its latents do not fit this decoder")
+    codec = TAECodec.from_folder(path) if family == "tae" else load_codec(family, path)
     if codec.upscale != 2:
         raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
-    return codec.eval(), {"model": str(path), "kind": "export"}
+    return codec.eval(), {"model": str(path), "kind": "export", "made_with_preset": made_with}

@@ -231,6 +231,19 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
     return doc
 
 
+def _check_latents_fit(model: str | os.PathLike, decoder, info: dict, original, preset) -> None:
+    """Refuse a decoder whose latents (family, channels, factor) are not the ones the preset's encoder makes."""
+    have = (decoder.family, decoder.latent_channels, decoder.spatial_factor)
+    want = (original.family, original.latent_channels, original.spatial_factor)
+    if have != want:
+        made_with = info.get("made_with_preset")
+        raise ValueError(
+            f"{model}: decodes {have[0]} latents with {have[1]} channels"
+            f"{f' (trained with preset {made_with!r})' if made_with else ''}, but --preset {preset.name!r} encodes "
+            f"{want[0]} latents with {want[1]} channels; pass the preset the decoder was trained with"
+        )
+
+
 def run_evaluation(
     model: str | os.PathLike,
     pairs: str | os.PathLike,
@@ -253,9 +266,11 @@ def run_evaluation(
     preset = get_preset(preset_name, taef2_path=taef2_dir)
     original = preset.load_codec()
     ours, info = load_decoder(model, preset)
+    _check_latents_fit(model, ours, info, original, preset)
     decoders = {"ours": ours}
     if baseline_model is not None:
-        decoders["ours (no degradation)"], _ = load_decoder(baseline_model, preset)
+        decoders["ours (no degradation)"], base_info = load_decoder(baseline_model, preset)
+        _check_latents_fit(baseline_model, decoders["ours (no degradation)"], base_info, original, preset)
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
     vf = val_fraction if val_fraction is not None else info.get("val_fraction", 0.1)
     seed = split_seed if split_seed is not None else info.get("seed", 0)

@@ -53,8 +53,37 @@ with torch.no_grad():
 """
 
 
+EXPORT_MARKER = "ldlib_export.json"
+
+
+def export_folder(run: str | os.PathLike, out: str | os.PathLike):
+    """A new folder to write an export of run into, swapped into out when the block succeeds (replaced_folder).
+
+    Refuses an out that is the run, holds it or lies in its checkpoints (replacing it would destroy the run), and
+    an out holding anything but a previous export (EXPORT_MARKER): its files would be mixed with the export's.
+    """
+    from .files import replaced_folder
+
+    r, o = Path(run).resolve(), Path(out).resolve()
+    if o == r or o in r.parents:
+        raise ValueError(f"{out}: would replace the run {run} itself; export into a folder outside the run")
+    if o == r / "checkpoints" or r / "checkpoints" in o.parents:
+        raise ValueError(f"{out}: is inside the run's checkpoints; export into another folder")
+    return replaced_folder(out, EXPORT_MARKER)
+
+
 def export_run(run: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
-    """Write the run's (EMA) 2x decoder into out: a diffusers folder (wan/kl) or TAESD files (tae), + README.md."""
+    """Write the run's (EMA) 2x decoder into out: a diffusers folder (wan/kl) or TAESD files (tae), + README.md.
+
+    out must be new, empty or a previous export, which is replaced whole (see export_folder).
+    """
+    with export_folder(run, out) as folder:
+        _write_export(run, folder, ema, final=Path(out))
+    return Path(out)
+
+
+def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path) -> Path:
+    """The export's files, written into out (a staging folder that becomes final)."""
     from .decoder import load_run_codec
     from .runs import CheckpointManager
 
@@ -68,8 +97,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, ema: bool = True)
     codec.save_pretrained(out)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     template = _README_TAE if codec.family == "tae" else _README_WAN
-    atomic_write_bytes(out / "README.md", template.format(run=run, step=step, preset=cfg["preset"], folder=out).encode())
+    atomic_write_bytes(out / "README.md", template.format(run=run, step=step, preset=cfg["preset"], folder=final).encode())
     info = {"run": str(run), "checkpoint": str(ckpt), "step": step, "preset": cfg["preset"], "family": codec.family,
             "weights": "ema" if ema else "live", "upscale": codec.upscale}
-    atomic_write_bytes(out / "ldlib_export.json", json.dumps(info, indent=2).encode())
+    atomic_write_bytes(out / EXPORT_MARKER, json.dumps(info, indent=2).encode())
     return out

@@ -1,33 +1,88 @@
-"""Files on disk: atomic writes, ``--shard i/N`` selection, and named tensors spread over safetensors shards.
+"""Files on disk: atomic writes, ``--shard i/N`` selection, named tensors over safetensors shards, output folders.
 
-Every writer in ldlib goes through ``atomic_write_bytes`` (a temporary file in the same folder, then a rename), so a
-killed job never leaves a half-written file under a final name. Batch jobs that split work across machines select
-their keys with ``in_shard`` and name their files with ``shard_tag``, so shards never collide.
+Every writer in ldlib goes through ``atomic_write_bytes`` / ``atomic_write_file`` (a temporary file in the same
+folder, then a rename, with the mode a plain ``open()`` would give), so a killed job never leaves a half-written
+file under a final name. Batch jobs that split work across machines select their keys with ``in_shard`` and name
+their files with ``shard_tag``, so shards never collide. ``writable_folder(path)`` creates a folder a command
+writes into, or refuses with one line naming it; ``replaced_folder(out, marker)`` yields a staging folder that
+replaces ``out`` whole when the block succeeds (an export is never mixed with what was there).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
+import json
 import os
 import re
-import tempfile
+import secrets
+import shutil
+import socket
+import stat
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """Create a hidden temporary file beside path as open() would (mode 0o666 less the umask); (fd, its path).
+
+    Not tempfile.mkstemp: its 0600 would make every file we write unreadable to the group (shared pair sets).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a name another writer drew; draw again
+            continue
+
+
+def plain_file_mode(folder: str | os.PathLike) -> int:
+    """The permission bits a new file created with open() in folder gets (0o666 less the umask, or the ACL)."""
+    fd, tmp = _new_temp(Path(folder) / "mode")
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to path through a temporary file in the same folder and a rename."""
+    """Write bytes to path through a temporary file in the same folder and a rename (mode as open() gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write path with write(temporary path) and a rename; for writers that make their own file (safetensors).
+
+    The file gets the mode a plain open() gives: safetensors' save_file writes 0600 whatever the umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _new_temp(path)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -139,3 +194,132 @@ class ShardedTensors:
 
     def __getstate__(self) -> dict:
         return {"_index": self._index, "_handles": {}}  # file handles do not cross process boundaries
+
+
+# ------------------------------------------------------------------------------------------------------------
+# output folders: writable, and replaced whole (exports)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class FolderBusyError(RuntimeError):
+    """Another process is writing the folder right now; the message names it."""
+
+
+def _not_writable(path: Path) -> bool:
+    return not os.access(path, os.W_OK | os.X_OK)
+
+
+def writable_folder(path: str | os.PathLike) -> Path:
+    """path as a folder this process can write into, created with its parents when missing; else ValueError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        reason = f"{parent} is not writable" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise ValueError(f"{path}: cannot create the folder: {reason}") from e
+    if _not_writable(path):
+        raise ValueError(f"{path}: folder is not writable")
+    return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # libc without renameat2 (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # kernel or filesystem without the exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _staging_prefix(out: Path) -> str:
+    # Host and pid in the name: a later run can tell a dead run's leftover from a live one on a shared filesystem.
+    return f".{out.name}.ldlib-{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}-"
+
+
+def _remove_dead_stagings(out: Path) -> None:
+    """Delete staging folders that a killed run of this host left beside out."""
+    prefix = _staging_prefix(out)
+    for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+        m = re.fullmatch(r"(\d+)-[0-9a-f]+(\.old)?", p.name[len(prefix):])
+        if not m or not p.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _check_target(out: Path, marker: str) -> None:
+    """Refuse an out that is a file, unwritable, or holds anything but a previous output with marker."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, not a folder")
+    if out.is_dir():
+        if _not_writable(out):
+            raise ValueError(f"{out}: folder is not writable")
+        if any(out.iterdir()):
+            try:
+                ok = isinstance(json.loads((out / marker).read_text()), dict)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"{out}: folder is not empty and is not a previous output of this command (no {marker}); "
+                    "refusing to mix files: choose a new or empty folder"
+                )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{parent}: is a file, not a folder")
+    if _not_writable(parent):
+        raise ValueError(f"{parent}: folder is not writable (the output is written beside {out.name} and renamed)")
+
+
+@contextmanager
+def replaced_folder(out: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """A new empty folder beside out to write into; on success it replaces out in one rename (see module doc).
+
+    Files in it get the mode a plain open() gives (libraries such as safetensors write 0600 temporaries).
+    """
+
+    out = Path(out)
+    if out.is_symlink():  # replace the folder it points to, not the link
+        out = out.resolve()
+    _check_target(out, marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_stagings(out)
+    staging = out.parent / f"{_staging_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # not mkdtemp: its 0700 would become out's mode
+    try:
+        yield staging
+        mode = plain_file_mode(staging)
+        for p in staging.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                p.chmod(mode)
+        if not (out.is_dir() and any(out.iterdir())):
+            os.replace(staging, out)  # rename() replaces a missing or empty folder atomically
+        else:
+            _check_target(out, marker)  # still a previous output (not filled by someone else meanwhile)
+            if not _exchange(staging, out):  # no atomic swap here: two renames, out is missing for a moment
+                old = staging.with_name(staging.name + ".old")
+                os.rename(out, old)
+                os.rename(staging, out)
+                staging = old
+    finally:  # the old output after a swap, or the half-written new one after an error
+        shutil.rmtree(staging, ignore_errors=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 import warnings
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -46,13 +49,50 @@ def _to_uint8_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
     return np.asarray(img.convert("RGB")), f"{mode} converted to RGB"
 
 
+# Pillow refuses images over 89.5 Mpx (its decompression-bomb guard), but a 100 Mpx photo (medium format, a
+# stitched panorama) is a normal input for this recipe. Up to 400 Mpx (20000 x 20000: 1.2 GB as 8-bit RGB) opens;
+# headers claiming more are still refused. A limit the user set on Pillow themselves is kept as it is.
+MAX_PHOTO_PIXELS = 400_000_000
+_PILLOW_DEFAULT_LIMIT = int(1024 * 1024 * 1024 // 4 // 3)
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limit_before: int | None = None
+
+
+@contextmanager
+def _photo_pixel_limit() -> Iterator[int | None]:
+    """Pillow's pixel limit at MAX_PHOTO_PIXELS inside the block (unless the user changed it; yields it), restored.
+
+    Pillow reads the limit from a module global; the count keeps overlapping blocks in threads from restoring early.
+    """
+    global _limit_users, _limit_before
+    with _limit_lock:
+        if _limit_users == 0:
+            _limit_before = Image.MAX_IMAGE_PIXELS
+            if Image.MAX_IMAGE_PIXELS == _PILLOW_DEFAULT_LIMIT:
+                Image.MAX_IMAGE_PIXELS = MAX_PHOTO_PIXELS
+        _limit_users += 1
+        limit = Image.MAX_IMAGE_PIXELS
+    try:
+        yield limit
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _limit_before
+
+
 @contextmanager
 def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
-    """A fully decoded, EXIF-upright Pillow image of a file; a failure to read it is an ImageLoadError naming it."""
+    """A fully decoded, EXIF-upright Pillow image of a file; a failure to read it is an ImageLoadError naming it.
+
+    Images up to MAX_PHOTO_PIXELS open; larger ones are refused as decompression bombs.
+    """
     path = Path(path)
     img = None
+    limit = None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _photo_pixel_limit() as limit:
             # Pillow warns before its hard limit; we want one clear error type instead.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
@@ -63,7 +103,11 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if img is not None:
             img.close()
-        raise ImageLoadError(f"{path}: too many pixels (decompression bomb limit): {e}") from e
+        m = re.search(r"\((\d+) pixels\)", str(e))  # Pillow's message names 2x the limit for its hard error
+        size = f"{int(m.group(1)) / 1e6:,.0f} Mpx, " if m else ""
+        raise ImageLoadError(
+            f"{path}: too many pixels ({size}over the {limit / 1e6:,.0f} Mpx decompression bomb limit)"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         if img is not None:
             img.close()
@@ -140,11 +184,50 @@ def area_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(x, kernel_size=factor, stride=factor)
 
 
+def walk_files(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
+    """Every non-hidden file under folder (recursive, sorted) and what was not listed, with the reason.
+
+    Symbolic links to folders are followed (photos kept on another disk), each real folder and file once: a link
+    to something already listed (a loop, a second link, a link to a file in the tree) is reported, never read
+    twice. Entries reached without a link come first, so a link never takes the place of the path it points to.
+    Broken links are reported. Non-images are listed so callers can report them.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    files: list[Path] = []
+    not_listed: list[dict] = []
+    listed: dict[Path, str] = {}  # real path -> the name it was listed under
+    links: deque[Path] = deque()
+
+    def add(entry: Path) -> None:
+        name = entry.relative_to(root).as_posix()
+        if not (entry.is_dir() or entry.is_file()):
+            if entry.is_symlink():
+                not_listed.append({"source": name, "reason": f"broken symbolic link (to {os.readlink(entry)})"})
+            return
+        real = entry.resolve()
+        if real in listed:
+            kind = "folder" if entry.is_dir() else "file"
+            not_listed.append({"source": name, "reason": f"symbolic link to a {kind} already listed as {listed[real]}"})
+            return
+        listed[real] = name
+        if entry.is_file():
+            files.append(entry)
+            return
+        for child in sorted(entry.iterdir()):
+            if not child.name.startswith("."):
+                if child.is_symlink():
+                    links.append(child)  # after every entry reached without a link
+                else:
+                    add(child)
+
+    add(root)
+    while links:
+        add(links.popleft())
+    return sorted(files), sorted(not_listed, key=lambda s: s["source"])
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Every non-hidden file under folder (recursive, sorted), images or not, so callers can report non-images."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Every non-hidden file under folder (recursive, sorted, symlinked folders followed once; see walk_files)."""
+    return walk_files(folder)[0]

@@ -10,6 +10,8 @@ A cache holds latents of one codec only: opening it with another codec's identit
 metadata names another codec, raises ValueError. Shards are written to a hidden temporary name and renamed, so a
 killed run loses at most the chunk in flight; a rerun encodes only ids that no shard holds. ``--shard i/N`` runs
 take the ids with ``sha256(id) % N == i`` and name their files with ``<tag> = i-of-N``, so they never collide.
+identity.json is written with the first shard, so a run that fails before it leaves no cache that could refuse
+or confuse a later one; a folder with an identity.json but no shard is not a cache and is taken over.
 """
 
 from __future__ import annotations
@@ -108,20 +110,21 @@ def _mismatch(folder: Path, have: dict, want: dict) -> str:
     )
 
 
-def open_cache(folder: str | os.PathLike, identity: dict, pairset: dict) -> LatentCache:
-    """Open a cache folder for writing latents of identity (creating it), refusing another codec or pair set."""
+def open_cache(folder: str | os.PathLike, identity: dict, pairset: dict) -> LatentCache | None:
+    """The cache at folder to add latents of identity to, or None when it holds no latent yet (nothing to keep).
+
+    Refuses a cache holding latents of another codec or pair set. An identity.json without any latent file (a
+    first run that failed before its first shard, with versions that wrote it first) is not a cache: it is replaced.
+    """
     folder = Path(folder)
     path = folder / IDENTITY_JSON
-    if path.is_file():
-        info = json.loads(path.read_text())
-        if not same_codec(info["identity"], identity):
-            raise ValueError(_mismatch(folder, info["identity"], identity))
-        if info.get("pairset") != pairset:
-            raise ValueError(f"{folder}: holds latents of pairs cut with {info.get('pairset')}, not {pairset}")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        info = {"identity": identity, "pairset": pairset, "dtype": "float32"}
-        atomic_write_bytes(path, json.dumps(info, indent=2, sort_keys=True).encode() + b"\n")
+    if not path.is_file() or not shard_files(folder):
+        return None
+    info = json.loads(path.read_text())
+    if not same_codec(info["identity"], identity):
+        raise ValueError(_mismatch(folder, info["identity"], identity))
+    if info.get("pairset") != pairset:
+        raise ValueError(f"{folder}: holds latents of pairs cut with {info.get('pairset')}, not {pairset}")
     return LatentCache(folder)
 
 
@@ -151,7 +154,7 @@ def encode_pairs(
     pairset = json.loads((pairs_root / PAIRSET_JSON).read_text())["spec"] if (pairs_root / PAIRSET_JSON).is_file() else {}
     identity = codec.identity()
     cache = open_cache(out, identity, pairset)
-    todo = [r for r in records if r["id"] not in cache]
+    todo = [r for r in records if cache is None or r["id"] not in cache]
     device = torch.device(device) if device is not None else default_device()
     codec = codec.to(device).eval()
     meta = {"identity": json.dumps(identity, sort_keys=True), "pairset": json.dumps(pairset, sort_keys=True)}
@@ -171,9 +174,15 @@ def encode_pairs(
             for r, zi in zip(batch, z):
                 tensors[r["id"]] = zi.contiguous()
             bar.update(len(batch))
+        if cache is None and not written:  # with the first shard: a run that fails before it leaves no cache behind
+            info = {"identity": identity, "pairset": pairset, "dtype": "float32"}
+            atomic_write_bytes(Path(out) / IDENTITY_JSON, json.dumps(info, indent=2, sort_keys=True).encode() + b"\n")
         written.append(write_tensor_shard(out, "latents", shard, tensors, meta).name)
     bar.close()
-    cache.refresh()
+    if cache is None and written:
+        cache = LatentCache(out)
+    elif cache is not None:
+        cache.refresh()
     return {
         "out": str(out),
         "identity": identity,
@@ -183,5 +192,5 @@ def encode_pairs(
         "already_cached": len(records) - len(todo),
         "encoded": len(todo),
         "files_written": written,
-        "cached_total": len(cache),
+        "cached_total": len(cache) if cache is not None else 0,
     }

@@ -31,6 +31,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -40,8 +42,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, in_shard, parse_shard
-from .images import ImageLoadError, area_downsample, list_images, load_rgb8, open_image, rgb8, save_image
+from .files import atomic_write_bytes, in_shard, parse_shard, writable_folder
+from .images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
 
 MANIFEST = "manifest.jsonl"
 PAIRSET_JSON = "pairset.json"
@@ -100,14 +102,29 @@ class PairSpec:
 
     @classmethod
     def from_preset(cls, preset: str | object = "tiny", **overrides) -> "PairSpec":
-        """The recipe spec at a preset's sizes (a Preset or its name); keyword overrides replace fields."""
+        """The recipe spec at a preset's sizes (a Preset or its name); keyword overrides replace fields.
+
+        Refuses a size whose LQ the preset's VAE cannot encode (not a multiple of its pixels per latent cell).
+        """
         if isinstance(preset, str):
             from .presets import get_preset
 
             preset = get_preset(preset)
         base = dict(pre_downsample=preset.pre_downsample, hq_size=preset.hq_size, lq_factor=preset.lq_factor)
         base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+        spec = cls(**base)
+        spec.check_encodable(preset.spatial_factor, f"the {preset.name} VAE")
+        return spec
+
+    def check_encodable(self, factor: int, vae: str = "the VAE") -> None:
+        """ValueError unless the LQ side is a multiple of factor (the VAE's pixels per latent cell)."""
+        if self.lq_size % factor:
+            step = factor * self.lq_factor
+            near = " or ".join(str(v) for v in (self.hq_size // step * step, (self.hq_size // step + 1) * step) if v)
+            raise ValueError(
+                f"crop size {self.hq_size} px gives LQ {self.lq_size} px, not a multiple of {factor} ({vae}'s pixels "
+                f"per latent), so it cannot be encoded; use a multiple of {step}, e.g. {near}"
+            )
 
 
 def manifest_name(shard: tuple[int, int]) -> str:
@@ -219,7 +236,10 @@ class _ManifestWriter:
             pass
         except OSError as e:
             self.f.close()
-            raise RuntimeError(f"{path}: another build is writing this shard right now") from e
+            from .files import FolderBusyError
+
+            raise FolderBusyError(f"{path}: another build is writing this pair set right now; wait for it to "
+                                  "finish or use another OUT folder") from e
         _repair_tail(path)
 
     def append(self, records: Iterable[dict]) -> None:
@@ -294,7 +314,31 @@ def _process_source(task: _Task) -> dict:
     return result
 
 
-def _worker_init() -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this worker process as soon as the build process that started it dies (kill -9, the OOM killer).
+
+    Otherwise a worker waits for tasks forever, holding a decoded photo's memory (GBs at 100 Mpx).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # SIGKILL when the thread that started us ends: build_pairs' thread, until the pool closes
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    else:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="ldlib-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    _exit_with_parent(parent)
     # Parallelism is across processes; one intra-op thread each avoids oversubscribing the cores.
     torch.set_num_threads(1)
 
@@ -314,17 +358,39 @@ def _single_thread():
         torch.set_num_threads(before)
 
 
-def _check_pairset(out: Path, spec: PairSpec) -> None:
-    """Record the spec's pixel key in OUT, or refuse when OUT holds pairs cut with another one."""
+def _other_build_running(out: Path, own: Path) -> bool:
+    """Whether another build holds the lock of one of OUT's manifest files (other than own)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locks to ask
+        return False
+    for path in manifest_files(out):
+        if path == own:
+            continue
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+    return False
+
+
+def _check_pairset(out: Path, spec: PairSpec, own_manifest: Path) -> None:
+    """Record the spec's pixel key in OUT, or refuse when OUT holds pairs (or a running build) of another one.
+
+    A folder that lists no pair (the skeleton of a build that found no usable photo) takes the new spec.
+    """
     path = out / PAIRSET_JSON
     want = {"format": FORMAT_VERSION, "spec": spec.pixel_key()}
     if path.is_file():
         have = json.loads(path.read_text())
-        if have.get("spec") != want["spec"]:
+        if have.get("spec") == want["spec"]:
+            return
+        holds_pairs = bool(manifest_files(out)) and bool(read_manifest(out))
+        if holds_pairs or _other_build_running(out, own_manifest):
             raise ValueError(
                 f"{out} holds pairs built with {have.get('spec')}, not {want['spec']}; use another OUT folder"
             )
-        return
     atomic_write_bytes(path, json.dumps(want, indent=2, sort_keys=True).encode() + b"\n")
 
 
@@ -357,16 +423,27 @@ def build_pairs(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    files = list_images(src)  # raises FileNotFoundError naming src
-    if out == src or src in out.parents:
-        files = [p for p in files if out not in p.parents]  # never read our own output as sources
+    files, not_listed = walk_files(src)  # raises FileNotFoundError naming src
+    files = [p for p in files if out not in p.resolve().parents]  # never read our own output as sources
     rels = [p.relative_to(src).as_posix() for p in files]
     mine = [r for r in rels if in_shard(r, shard)]
+    not_listed = [s for s in not_listed if in_shard(s["source"], shard)]
+    for item in not_listed:
+        warnings.warn(f"{src / item['source']}: skipped: {item['reason']}", SkippedInputWarning, stacklevel=2)
 
+    writable_folder(out)  # one line naming OUT when it is a file or not writable
+    manifest = out / manifest_name(shard)
+    new_manifest = not manifest.exists()
+    writer = _ManifestWriter(manifest)  # first: the loser of two builds stops here, having written nothing
+    try:
+        _check_pairset(out, spec, manifest)
+    except BaseException:
+        writer.close()
+        if new_manifest and manifest.stat().st_size == 0:
+            manifest.unlink()
+        raise
     for sub in ("hq", "lq"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    _check_pairset(out, spec)
-    writer = _ManifestWriter(out / manifest_name(shard))
+        (out / sub).mkdir(exist_ok=True)
     try:
         stale = _remove_stale_temps(out) if shard[1] == 1 else 0
         listed = {r["id"] for r in read_manifest(out)} if manifest_files(out) else set()
@@ -388,7 +465,7 @@ def build_pairs(
 
         n_workers = max(1, min(workers, len(tasks)))
         bar = tqdm(total=len(tasks), desc=f"pairs {shard[0]}/{shard[1]}" if shard[1] > 1 else "pairs", unit="img", disable=not progress)
-        skipped, converted = [], []
+        skipped, converted = list(not_listed), []
         built = 0
         timings = {"decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}
 
@@ -416,7 +493,8 @@ def build_pairs(
 
             # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init) as pool:
+            pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+            with pool:
                 for res in pool.map(_process_source, tasks):  # ordered: the manifest order is deterministic
                     consume(res)
         bar.close()
@@ -424,7 +502,7 @@ def build_pairs(
         writer.close()
 
     total = len(read_manifest(out))
-    used = len(tasks) - len(skipped)
+    used = len(tasks) - (len(skipped) - len(not_listed))
     report = {
         "source_folder": str(src),
         "out": str(out),

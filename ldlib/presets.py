@@ -72,6 +72,7 @@ class Preset:
     hq_size: int = 512  # HQ crop (px); LQ is hq_size // lq_factor
     lq_factor: int = 2
     pre_downsample: int = 2  # area downsample of the source before cropping
+    spatial_factor: int = 8  # pixels per latent cell of the VAE (every preset's VAE: 8); LQ sides must be multiples
     flow_shift: float = 3.0  # the scheduler shift the model's pipelines use (recorded; the degrader uses raw sigmas)
     seed: int = 0  # seed of the random weights of "tiny" models
     note: str = ""

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_file
 
 
 def default_device() -> torch.device:
@@ -132,7 +132,8 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    sd = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_file(path, lambda tmp: save_file(sd, str(tmp)))  # the umask's mode, not save_file's 0600
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

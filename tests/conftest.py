@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -57,3 +62,25 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     differ by a few float32 epsilons of the magnitudes involved, not by a fixed absolute amount.
     """
     return (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1e-30)
+
+
+@contextmanager
+def read_only_folder(path: Path) -> Iterator[Path]:
+    """Make an existing folder unwritable for this process for the block (chmod; as root, chattr +i), or skip."""
+    path = Path(path)
+    mode = path.stat().st_mode
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK) and shutil.which("chattr"):  # root ignores permission bits, not the immutable flag
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    if os.access(path, os.W_OK):
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(mode)
+        pytest.skip("cannot make a folder read-only for this user here (root without chattr +i)")
+    try:
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(mode)

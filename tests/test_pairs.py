@@ -171,8 +171,8 @@ def test_resume_after_kill_9(tmp_path):
     assert manifest.read_text().count("\n") == 18
 
 
-def _bomb_png(path: Path, side: int = 20000) -> None:
-    """A tiny PNG whose header claims side x side pixels (over Pillow's decompression-bomb limit)."""
+def _bomb_png(path: Path, side: int = 30000) -> None:
+    """A tiny PNG whose header claims side x side pixels (over ldlib's 400 Mpx decompression-bomb limit)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -17,6 +17,8 @@ from ldlib.degrade import CachedTeacher, parse_degrader
 from ldlib.runs import GlobalBatchSampler, sample_generator
 from ldlib.train import TrainConfig, degrade_batch, train_decoder
 
+from conftest import rel_diff
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -119,17 +121,28 @@ def test_nan_step_is_skipped_and_weights_untouched(setup, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_grad_accumulation_matches_bigger_batch(setup, tmp_path):
-    # batch 2 x accumulation 2 == batch 4 in one micro-step (same global batch, same per-sample noise).
-    cfg_a = _cfg(steps=2, batch=2, grad_accum=2, loss=LossConfig(lpips_net="alex", gan_start=100))
-    cfg_b = _cfg(steps=2, batch=4, grad_accum=1, loss=LossConfig(lpips_net="alex", gan_start=100))
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_grad_accumulation_matches_bigger_batch(setup, tmp_path, max_grad_norm):
+    # batch 2 x accumulation 2 == batch 4 in one micro-step (same global batch, same per-sample noise). Clipped
+    # (the gradient norm here is ~1): clipping happens once, after accumulation; unclipped: the gradient's scale.
+    loss = LossConfig(lpips_net="alex", gan_start=100)
+    cfg_a = _cfg(steps=2, batch=2, grad_accum=2, max_grad_norm=max_grad_norm, loss=loss)
+    cfg_b = _cfg(steps=2, batch=4, grad_accum=1, max_grad_norm=max_grad_norm, loss=loss)
     a = _run(setup, tmp_path / "a", cfg_a)
     b = _run(setup, tmp_path / "b", cfg_b)
     for ha, hb in zip(a.history, b.history):
         assert ha["total"] == pytest.approx(hb["total"], rel=1e-4)
-    wa = load_file(str(tmp_path / "a" / "checkpoints" / "step_000002" / "decoder.safetensors"))
-    wb = load_file(str(tmp_path / "b" / "checkpoints" / "step_000002" / "decoder.safetensors"))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # Compare the gradients, through AdamW's moments (linear and quadratic in them), relative to their largest
+    # value: float32 sums in another order differ by rounding only. Not the weights: Adam turns the rounding noise
+    # of a gradient that is ~0 into a +-lr step, and it hides a wrong gradient scale (it divides by sqrt(v)).
+    # The warm-up's first lr is 0, so both steps' gradients are taken at the initial weights.
+    opt_a = torch.load(tmp_path / "a" / "checkpoints" / "step_000002" / "optim.pt", weights_only=True)["opt_g"]["state"]
+    opt_b = torch.load(tmp_path / "b" / "checkpoints" / "step_000002" / "optim.pt", weights_only=True)["opt_g"]["state"]
+    assert opt_a.keys() == opt_b.keys() and len(opt_a) > 10
+    for moment in ("exp_avg", "exp_avg_sq"):
+        ma = torch.cat([opt_a[k][moment].flatten() for k in sorted(opt_a)])
+        mb = torch.cat([opt_b[k][moment].flatten() for k in sorted(opt_b)])
+        assert mb.abs().max() > 0 and rel_diff(ma, mb) <= 1e-4, moment  # 1e-6 seen; a gradient off by 2x gives >= 0.5
 
 
 def test_global_batch_sampler_is_split_consistently():
@@ -171,7 +184,10 @@ def test_gradient_checkpointing_same_gradients(setup, monkeypatch):
         (model(z) - hq).abs().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.trainable_state().items() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5) for k in grads[0])
+    # The recomputed forward is the same arithmetic: agreement to float rounding of the largest gradient (the
+    # gradients are ~1e-3, so an absolute 1e-6 would allow 0.1% errors).
+    flat = [torch.cat([g[k].flatten() for k in sorted(g)]) for g in grads]
+    assert rel_diff(flat[1], flat[0]) <= 1e-6
     assert len(calls) >= 2, "the checkpointed path was not taken"
 
 

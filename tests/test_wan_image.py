@@ -135,10 +135,12 @@ def test_to_2x_is_nearest_upsample_and_export_roundtrip(tmp_path):
     assert codec2.image_mode and codec2.upscale == 2
     z = _latents(1, 8, scale=2.0)
     with torch.no_grad():
-        one = codec.decode(z, clamp=False)
-        two = codec2.decode(z, clamp=False)
+        # float64: a 12- and a 3-channel conv may take different kernels (sums in another order) on other CPUs.
+        one = codec.double().decode(z.double(), clamp=False)
+        two = codec2.double().decode(z.double(), clamp=False)
+    codec2.float()  # back to float32 (exactly the same weights) for the export below
     assert two.shape == (1, 3, 128, 128)
-    assert (two - F.interpolate(one, scale_factor=2, mode="nearest")).abs().max().item() <= 1e-6
+    assert rel_diff(two, F.interpolate(one, scale_factor=2, mode="nearest")) <= 1e-12
     codec2.save_pretrained(tmp_path / "vae2x")
     loaded = AutoencoderKLWan.from_pretrained(tmp_path / "vae2x").eval()
     assert loaded.config.out_channels == 12
