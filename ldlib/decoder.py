@@ -63,16 +63,28 @@ def read_run_config(run: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def run_checkpoint(run: str | os.PathLike, ema: bool = True) -> Path:
+    """The newest checkpoint of a run whose (EMA or live) decoder weights read back whole."""
+    import sys
+
+    from .runs import CheckpointManager
+
+    found = CheckpointManager(Path(run) / "checkpoints").load_intact(
+        ["ema" if ema else "decoder"], restore_rng=False, with_objects=False,
+        warn=lambda msg: print(msg, file=sys.stderr))
+    if found is None:
+        raise FileNotFoundError(f"{run}: no checkpoint yet (the run stopped before its first checkpoint_every steps)")
+    return found[0]
+
+
 def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | os.PathLike | None = None):
     """The trained 2x codec of a run folder (EMA weights by default) and the run's config (a dict)."""
     from .presets import get_preset
-    from .runs import CheckpointManager, load_safetensors
+    from .runs import load_safetensors
 
     run = Path(run)
     cfg = read_run_config(run)
-    path = Path(checkpoint) if checkpoint else CheckpointManager(run / "checkpoints").latest()
-    if path is None:
-        raise FileNotFoundError(f"{run}: no checkpoint yet (checkpoints/latest.json missing)")
+    path = Path(checkpoint) if checkpoint else run_checkpoint(run, ema)
     codec = get_preset(cfg["preset"], taef2_path=cfg.get("taef2_dir")).load_codec()
     model = TwoXDecoder(codec.to_2x())
     model.load_trainable_state(load_safetensors(path / ("ema.safetensors" if ema else "decoder.safetensors")), str(path))

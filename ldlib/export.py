@@ -84,13 +84,10 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, ema: bool = True)
 
 def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path) -> Path:
     """The export's files, written into out (a staging folder that becomes final)."""
-    from .decoder import load_run_codec
-    from .runs import CheckpointManager
+    from .decoder import load_run_codec, run_checkpoint
 
     run, out = Path(run), Path(out)
-    ckpt = CheckpointManager(run / "checkpoints").latest()
-    if ckpt is None:
-        raise FileNotFoundError(f"{run}: no checkpoint to export (checkpoints/latest.json missing)")
+    ckpt = run_checkpoint(run, ema)
     codec, cfg = load_run_codec(run, ema=ema, checkpoint=ckpt)
     if not hasattr(codec, "save_pretrained"):
         raise ValueError(f"{run}: codec family {codec.family!r} has no export format")

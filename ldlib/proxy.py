@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from .files import atomic_write_bytes
 from .pairs import split_by_source
-from .runs import GlobalBatchSampler, RunLogger, all_finite, build_optimizer, make_accelerator, mix_seed, open_run
+from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings,
+                   make_accelerator, mix_seed, open_run, write_config)
 from .teacher_data import TeacherDataset, TeacherSet
 
 
@@ -129,6 +130,8 @@ class ProxyTrainConfig:
         for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_optimiser_settings("ProxyTrainConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
+                                 self.keep_checkpoints)
 
 
 def proxy_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, floor: float = 0.01) -> torch.Tensor:
@@ -171,7 +174,8 @@ def train_proxy(
     train_set, val_set = split_teacher_data(ts, cfg.val_fraction, split_seed, latents)
     channels = int(train_set.latents.identity["latent_channels"])
 
-    ckpts, latest = open_run(out, acc, resume, cfg.keep_checkpoints, {**asdict(cfg), "teacher": str(teacher)})
+    config = {**asdict(cfg), "teacher": str(teacher)}
+    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 23))
@@ -179,13 +183,15 @@ def train_proxy(
     opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                  cfg.warmup_steps, cfg.steps)
     step, skipped = 0, []
-    if latest is not None:
-        tensors, objects, state = ckpts.load(latest, ["proxy"])
+    found = ckpts.load_intact(["proxy"], warn=acc.print) if resume else None
+    if found is not None:
+        latest, tensors, objects, state = found
         net.load_state_dict(tensors["proxy"])
         opt.load_state_dict(objects["opt"])
         sched.load_state_dict(objects["sched"])
         step, skipped = int(state["step"]), list(state.get("skipped", []))
         acc.print(f"resumed from {latest} at step {step}")
+    write_config(out, acc, config)
     net_w, opt = acc.prepare(net, opt)
 
     stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)

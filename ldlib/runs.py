@@ -166,18 +166,52 @@ class CheckpointManager:
             self.acc.wait_for_everyone()
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint folder, or None."""
+        """The checkpoint folder latest.json names, or None when there is none yet."""
         pointer = self.folder / "latest.json"
         if not pointer.is_file():
             return None
         try:
             name = json.loads(pointer.read_text())["checkpoint"]
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{pointer}: unreadable checkpoint pointer ({e})") from e
         path = self.folder / name
         if not (path / "state.json").is_file():
             raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
         return path
+
+    def candidates(self) -> list[Path]:
+        """Complete-looking checkpoint folders, newest first: the one latest.json names, then older ones by step."""
+        found = sorted((p for p in self.folder.glob("step_*") if (p / "state.json").is_file()), reverse=True)
+        try:
+            named = self.latest()
+        except (ValueError, FileNotFoundError):
+            named = None  # a broken pointer: fall back on the folders themselves
+        if named is not None:
+            found = [named] + [p for p in found if p != named and p.name < named.name]
+        return found
+
+    def load_intact(self, tensor_names: Sequence[str], restore_rng: bool = True, with_objects: bool = True,
+                    warn=print) -> tuple[Path, dict, dict, dict] | None:
+        """(path, tensors, objects, state) of the newest checkpoint that reads back whole, or None when none exists.
+
+        A checkpoint with an unreadable file (truncated, corrupt) is skipped for the previous intact one, with one
+        line saying which file and why, and renamed ``unreadable_step_N`` so that pruning never keeps it over an
+        intact one. Raises when checkpoints exist but none reads back.
+        """
+        problems = []
+        for path in self.candidates():
+            try:
+                tensors, objects, state = self.load(path, tensor_names, restore_rng, with_objects)
+            except CheckpointError as e:
+                problems.append(str(e))
+                warn(f"warning: {e}; trying the previous checkpoint")
+                if self._main and restore_rng:
+                    os.replace(path, path.with_name(f"unreadable_{path.name}"))
+                continue
+            return path, tensors, objects, state
+        if problems:
+            raise CheckpointError(f"{self.folder}: no checkpoint reads back whole ({'; '.join(problems)})")
+        return None
 
     def save(
         self,
@@ -213,29 +247,105 @@ class CheckpointManager:
         self._barrier()
         return final
 
-    def load(self, path: Path, tensor_names: Sequence[str]) -> tuple[dict, dict, dict]:
-        """(tensors by name, objects, state) of a checkpoint; restores this rank's RNG states when saved."""
-        tensors = {name: load_safetensors(path / f"{name}.safetensors") for name in tensor_names}
-        objects = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-        state = json.loads((path / "state.json").read_text())
+    def load(self, path: Path, tensor_names: Sequence[str], restore_rng: bool = True,
+             with_objects: bool = True) -> tuple[dict, dict, dict]:
+        """(tensors by name, objects, state) of a checkpoint; restores this rank's RNG states when saved.
+
+        Any unreadable file raises CheckpointError naming it (nothing is restored then). ``with_objects=False``
+        skips the optimiser states (loading weights only).
+        """
+        from safetensors import SafetensorError
+
+        def read(file: Path, how):
+            try:
+                return how(file)
+            except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError) as e:
+                raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
+
+        torch_load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+        tensors = {name: read(path / f"{name}.safetensors", load_safetensors) for name in tensor_names}
+        objects = read(path / "optim.pt", torch_load) if with_objects else {}
+        state = read(path / "state.json", lambda f: json.loads(f.read_text()))
         rank = 0 if self.acc is None else self.acc.process_index
         rng = path / f"rng_{rank}.pt"
-        if rng.is_file():
-            set_rng_states(torch.load(rng, map_location="cpu", weights_only=True))
+        states = read(rng, torch_load) if restore_rng and rng.is_file() else None
+        if restore_rng and states is not None:
+            set_rng_states(states)
         return tensors, objects, state
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file could not be read back; the message names it."""
+
+
+# Settings a resumed run may change: they do not alter what is computed, only how often it is saved or shown.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_count", "log_every", "num_workers",
+                  "compile", "grad_checkpointing", "eval_bins")
+
+
+def check_optimiser_settings(name: str, lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int,
+                             keep_checkpoints: int, **more_lrs: float) -> None:
+    """ValueError naming the first setting of an optimiser config that AdamW or the run machinery would refuse."""
+    for key, value in {"lr": lr, **more_lrs}.items():
+        if not value > 0:
+            raise ValueError(f"{name}.{key} must be > 0, got {value}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"{name}.betas must be two numbers in [0, 1), got {tuple(betas)}")
+    if weight_decay < 0 or warmup_steps < 0:
+        raise ValueError(f"{name}: weight_decay and warmup_steps must be >= 0, got {weight_decay}, {warmup_steps}")
+    if keep_checkpoints < 1:
+        raise ValueError(f"{name}.keep_checkpoints must be >= 1, got {keep_checkpoints}")
+
+
+def config_changes(have: dict, want: dict, allowed: Sequence[str] = RESUMABLE_KEYS, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every setting that differs between two config dicts, except the allowed ones."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, allowed, f"{prefix}{key}.")
+        elif key not in allowed and a != b and not (isinstance(a, list) and tuple(a) == b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> tuple[CheckpointManager, Path | None]:
-    """Set up a run folder: its checkpoints and the one to resume from; refuses to overwrite a run unless resuming."""
+    """Check a run folder before anything is written: (its checkpoints, the folder to resume from or None).
+
+    Refuses a folder that holds a run unless resuming; when resuming, refuses settings that differ from the run's
+    config.json except those in RESUMABLE_KEYS (one line listing each change), so the file never records settings
+    the run does not use. Writes nothing: call ``write_config`` once the set-up has succeeded.
+    """
+    out = Path(out)
     ckpts = CheckpointManager(out / "checkpoints", accelerator, keep=keep)
-    latest = ckpts.latest() if resume else None
-    if not resume and accelerator.is_main_process and (out / "checkpoints" / "latest.json").is_file():
+    has_run = (out / "checkpoints" / "latest.json").is_file() or any((out / "checkpoints").glob("step_*"))
+    if not resume and has_run:
         raise ValueError(f"{out}: holds a run already; pass resume=True (--resume) or choose another folder")
+    if resume and (out / "config.json").is_file():
+        try:
+            have = json.loads((out / "config.json").read_text())
+        except ValueError as e:
+            raise ValueError(f"{out / 'config.json'}: unreadable ({e})") from e
+        changes = config_changes(have, json.loads(json.dumps(config)))
+        if changes:
+            raise ValueError(f"{out}: resuming with other settings than the run's ({'; '.join(changes)}); only "
+                             f"{', '.join(RESUMABLE_KEYS)} may change on resume: start a new run folder instead")
+    candidates = ckpts.candidates() if resume else []
+    return ckpts, candidates[0] if candidates else None
+
+
+def write_config(out: Path, accelerator, config: dict) -> None:
+    """Record the run's settings in out/config.json (main process), after its set-up succeeded."""
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
+        atomic_write_bytes(Path(out) / "config.json", json.dumps(config, indent=2).encode())
     accelerator.wait_for_everyone()
-    return ckpts, latest
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn or foreign line: dropped
 
 
 class RunLogger:
@@ -250,9 +360,17 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
             from tqdm.auto import tqdm
 
+            out.mkdir(parents=True, exist_ok=True)
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-            self.tb = SummaryWriter(str(out / "tb"))
-            self._hist = open(out / "history.jsonl", "a")
+            # A run resumed at step S (or restarted from scratch, S = 0) logged steps >= S before it was killed:
+            # TensorBoard hides those events (purge_step) and history.jsonl keeps only the lines before S.
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=initial)
+            hist = out / "history.jsonl"
+            if hist.is_file():
+                kept = [line for line in hist.read_text().splitlines(keepends=True)
+                        if line.endswith("\n") and _step_of(line) is not None and _step_of(line) < initial]
+                atomic_write_bytes(hist, "".join(kept).encode())
+            self._hist = open(hist, "a")
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         """Log scalars to TensorBoard."""

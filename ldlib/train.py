@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
-from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_optimizer, make_accelerator,
-                   mean_terms, mix_seed, open_run, sample_generator)
+from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_optimizer,
+                   check_optimiser_settings, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
+                   write_config)
 
 
 @dataclass
@@ -84,6 +85,15 @@ class TrainConfig:
             raise ValueError(f"need 0 <= sigma_min <= sigma_max, got {self.sigma_min}, {self.sigma_max}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be auto | no | bf16 | fp16, got {self.mixed_precision!r}")
+        check_optimiser_settings("TrainConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
+                                 self.keep_checkpoints, disc_lr=self.disc_lr)
+        # 1 would freeze the EMA at the initial weights; export uses the EMA, so a silent "off" must not exist.
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1) (0: EMA = live weights), got {self.ema_decay}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.sigma_max > 1:
+            raise ValueError(f"TrainConfig.sigma_max must be <= 1 (pure noise), got {self.sigma_max}")
 
     @property
     def held_out_seed(self) -> int:
@@ -209,9 +219,16 @@ def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> 
     return _Models(original, model, model, disc, disc, loss_fn, ema, names, params, opt_g, sched_g, opt_d, sched_d)
 
 
-def _load_checkpoint(m: _Models, ckpts: CheckpointManager, path: Path, device) -> dict:
-    """Restore models, EMA, optimisers and schedules from a checkpoint; returns its state (step, skipped, ...)."""
-    tensors, objects, state = ckpts.load(path, ["decoder", "ema", "discriminator"])
+def _resume(m: _Models, ckpts: CheckpointManager, acc) -> tuple[int, list[int]]:
+    """Restore models, EMA, optimisers and schedules from the newest intact checkpoint: (step, skipped steps).
+
+    (0, []) when the run has no checkpoint yet; an unreadable checkpoint is skipped for the previous one.
+    """
+    found = ckpts.load_intact(["decoder", "ema", "discriminator"], warn=acc.print)
+    if found is None:
+        return 0, []
+    path, tensors, objects, state = found
+    device = acc.device
     m.model.load_trainable_state(tensors["decoder"], str(path))
     m.disc_raw.load_state_dict(tensors["discriminator"])
     ema_state = dict(state["ema"])
@@ -220,7 +237,8 @@ def _load_checkpoint(m: _Models, ckpts: CheckpointManager, path: Path, device) -
     m.ema.to(device)
     for key in ("opt_g", "opt_d", "sched_g", "sched_d"):
         getattr(m, key).load_state_dict(objects[key])
-    return state
+    acc.print(f"resumed from {path} at step {state['step']}")
+    return int(state["step"]), list(state.get("skipped", []))
 
 
 def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: list[int], preset: str, family: str) -> None:
@@ -361,13 +379,10 @@ def train_decoder(
         acc.print(f"{degrader_name}: {degrader.coverage(ids):.0%} of {len(ids)} training pairs can be degraded "
                   f"(sigma <= {cfg.sigma_max}); the rest train clean")
 
-    ckpts, latest = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
+    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
     m = _build_models(cfg, codec, acc, loss_fn)
-    step, skipped = 0, []
-    if latest is not None:
-        state = _load_checkpoint(m, ckpts, latest, device)
-        step, skipped = int(state["step"]), list(state.get("skipped", []))
-        acc.print(f"resumed from {latest} at step {step}")
+    step, skipped = _resume(m, ckpts, acc) if resume else (0, [])
+    write_config(out, acc, cfg.to_dict())  # only now: every setting was accepted and the resume worked
     m.fwd, m.disc, m.opt_g, m.opt_d = acc.prepare(torch.compile(m.model) if cfg.compile else m.model, m.disc_raw,
                                                   m.opt_g, m.opt_d)
     m.disc_raw = acc.unwrap_model(m.disc)

@@ -1,0 +1,172 @@
+"""Resuming a run without losing or misreporting anything: settings, damaged checkpoints, logs, EMA settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldlib.cli import main
+from ldlib.datasets import sample_tensor_pairs
+from ldlib.decoder import load_run_codec
+from ldlib.losses import DecoderLoss, LossConfig
+from ldlib.metrics import lpips_model
+from ldlib.presets import get_preset
+from ldlib.runs import read_history
+from ldlib.train import TrainConfig, train_decoder
+
+
+@pytest.fixture(scope="module")
+def setup():
+    codec = get_preset("tiny").load_codec()
+    data = sample_tensor_pairs(codec, count=4, hq_size=32, seed=0)
+    with pytest.warns(UserWarning, match="LPIPS"):
+        lp = lpips_model("alex")
+    return codec, data, lp
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch=2, warmup_steps=2, checkpoint_every=2, keep_checkpoints=3, val_every=100, log_every=1,
+                val_count=2, loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(setup, out, cfg, **kw):
+    codec, data, lp = setup
+    return train_decoder(cfg, out, data, data, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp), **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory):
+    """An uninterrupted 6-step run, and the same run stopped at step 4 (checkpoints at 2 and 4)."""
+    root = tmp_path_factory.mktemp("resume")
+    full = _run(setup, root / "full", _cfg())
+    _run(setup, root / "cut", _cfg(), stop_at=4)
+    return root, full
+
+
+def _weights(run, step):
+    return {name: load_file(str(run / "checkpoints" / f"step_{step:06d}" / f"{name}.safetensors"))
+            for name in ("decoder", "ema", "discriminator")}
+
+
+# --- item 4: a damaged latest checkpoint falls back to the previous intact one ------------------------------------
+
+
+@pytest.mark.parametrize("damaged", ["decoder.safetensors", "ema.safetensors", "discriminator.safetensors",
+                                     "optim.pt", "state.json", "rng_0.pt"])
+def test_truncated_latest_checkpoint_falls_back_and_continues_exactly(setup, runs, tmp_path, damaged, capsys):
+    root, full = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "cut", run)
+    path = run / "checkpoints" / "step_000004" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated file, as a full disk leaves it
+
+    res = _run(setup, run, _cfg(), resume=True)
+    said = capsys.readouterr().out
+    assert damaged in said and "step_000002" in said  # one line naming the file, then the fallback
+    assert (run / "checkpoints" / "unreadable_step_000004").is_dir()  # kept aside, never pruned over an intact one
+    assert res.step == 6
+    # From step 2, bit-exactly the uninterrupted run: every later loss and the final weights.
+    assert [(h["step"], h["total"]) for h in res.history] == [(h["step"], h["total"]) for h in full.history[2:]]
+    for name, sd in _weights(run, 6).items():
+        ref = _weights(root / "full", 6)[name]
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), name
+    # The log holds each step once: 0-1 from the first part, 2-5 from the resumed one.
+    assert [h["step"] for h in read_history(run)] == list(range(6))
+
+
+def test_no_intact_checkpoint_is_one_clear_error(setup, runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "cut", run)
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step:06d}" / "optim.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no checkpoint reads back whole.*optim.pt"):
+        _run(setup, run, _cfg(), resume=True)
+
+
+def test_export_and_evaluate_load_the_previous_checkpoint_when_the_latest_is_damaged(runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "cut", run)
+    (run / "checkpoints" / "step_000004" / "ema.safetensors").write_bytes(b"\x00" * 10)
+    codec, _ = load_run_codec(run)
+    ema2 = load_file(str(run / "checkpoints" / "step_000002" / "ema.safetensors"))
+    own = dict(codec.named_parameters())
+    assert all(torch.equal(own[k], v) for k, v in ema2.items())
+
+
+# --- item 3: config.json is written only once the resume is accepted, and records what the run uses ------------
+
+
+def test_resume_with_other_settings_is_refused_and_the_run_stays_usable(setup, runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "cut", run)
+    before = (run / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"lr: 0\.0001 -> 0\.001"):
+        _run(setup, run, _cfg(lr=1e-3), resume=True)
+    with pytest.raises(ValueError, match="preset: 'tiny' -> 'taef2'"):
+        _run(setup, run, _cfg(preset="taef2"), resume=True)
+    assert (run / "config.json").read_bytes() == before
+    load_run_codec(run)  # export / evaluate still read the run
+
+    # What may change (how long, how often it is saved or shown) is accepted and recorded.
+    res = _run(setup, run, _cfg(steps=6, val_every=50, log_every=3), resume=True)
+    assert res.step == 6
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["val_every"] == 50 and recorded["log_every"] == 3
+
+
+def test_a_refused_setting_writes_nothing(tmp_path, tiny_pairset):
+    out = tmp_path / "run"
+    for flag, value in (("--lr", "-1"), ("--ema-decay", "-1"), ("--ema-decay", "2"), ("--betas", "0.5,1.5")):
+        assert main(["train-decoder", str(tiny_pairset["pairs"]), str(out), "--steps", "1", flag, value]) == 2
+        assert not out.exists()
+
+
+# --- item 8: EMA decay --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", [-1.0, 1.0, 2.0])
+def test_ema_decay_outside_0_1_is_refused(decay):
+    with pytest.raises(ValueError, match="ema_decay"):
+        _cfg(ema_decay=decay)
+
+
+# --- item 7: logs never mix two attempts ----------------------------------------------------------------------------
+
+
+def test_history_and_tensorboard_keep_each_step_once(setup, runs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, full = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "cut", run)
+    # The first part logged steps 0-3; pretend it was killed at step 5 after its checkpoint at 4 ...
+    _run(setup, run, _cfg(), resume=True, stop_at=5)
+    assert [h["step"] for h in read_history(run)] == list(range(5))
+    # ... before its next checkpoint (stop_at saved one at 5; a kill would not have): resumed from step 4, the log
+    # holds steps 4 and 5 once each.
+    shutil.rmtree(run / "checkpoints" / "step_000005")
+    _run(setup, run, _cfg(), resume=True)
+    assert [h["step"] for h in read_history(run)] == list(range(6))
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/total")]
+    assert steps == list(range(6))
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_history(setup, tmp_path):
+    run = tmp_path / "run"
+    _run(setup, run, _cfg(checkpoint_every=100), stop_at=3)
+    # stop_at saves a checkpoint at the stop; a kill does not: remove it to leave what a kill leaves.
+    shutil.rmtree(run / "checkpoints")
+    assert len(read_history(run)) == 3
+    _run(setup, run, _cfg(steps=2, checkpoint_every=100))
+    assert [h["step"] for h in read_history(run)] == [0, 1]
