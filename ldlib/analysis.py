@@ -57,11 +57,11 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
     """
     from .datasets import PairDataset
     from .pairs import PairSpec, build_pairs
-    from .samples import sample_folder
+    from .samples import sample_photos
 
     work_dir = Path(work_dir)
     if pairs_dir is None:
-        src = Path(photos) if photos else sample_folder(work_dir / "sample_photos")
+        src = Path(photos) if photos else sample_photos()
         spec = PairSpec.from_preset(preset, seed=seed)
         pairs_dir = work_dir / f"pairs_{preset.name}_{spec.hq_size}_{src.name}"
         report = build_pairs(src, pairs_dir, spec, workers=1, progress=False)

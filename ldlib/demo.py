@@ -28,7 +28,7 @@ def run_demo(out: Path, preset_name: str = "tiny", decoder_steps: int = 40, prox
     from .datasets import PairDataset
     from .pairs import PairSpec, build_pairs
     from .proxy import ProxyTrainConfig, train_proxy
-    from .samples import sample_folder
+    from .samples import sample_photos
     from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
     from .train import TrainConfig, train_decoder
 
@@ -43,7 +43,7 @@ def run_demo(out: Path, preset_name: str = "tiny", decoder_steps: int = 40, prox
 
     # 1. Pairs (recipe: area 0.5x, random crop = HQ, area 0.5x = LQ) and 2. their latents.
     pairs = out / "pairs"
-    report = build_pairs(sample_folder(out / "samples"), pairs, PairSpec.from_preset(preset, crops_per_image=2),
+    report = build_pairs(sample_photos(), pairs, PairSpec.from_preset(preset, crops_per_image=2),
                          workers=1, progress=False)
     latents = default_cache_dir(pairs, preset.name)
     encoded = encode_pairs(pairs, codec, latents, progress=False, device="cpu")

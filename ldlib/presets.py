@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .codecs import Codec, WanCodec, load_codec
+from .samples import ASSETS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -209,17 +210,17 @@ class ByteTokenizer:
 
 
 def taef2_dir(path: str | os.PathLike | None = None) -> Path:
-    """Folder of the taef2 weights: the argument, else $LDLIB_TAEF2_DIR, else ../shared/models/taef2."""
+    """Folder of the taef2 weights: the argument, else $LDLIB_TAEF2_DIR, else the weights shipped in ldlib/assets."""
     if path is not None:
         folder, origin = Path(path), "the path given"
     elif os.environ.get(TAEF2_ENV):
         folder, origin = Path(os.environ[TAEF2_ENV]), f"${TAEF2_ENV}"
     else:
-        folder, origin = SHARED_DIR / "models" / "taef2", "the default beside the repo"
-    if not (folder / "taef2_encoder.pth").is_file() and not (folder / "encoder.safetensors").is_file():
+        folder, origin = ASSETS_DIR / "taef2", "the weights shipped with ldlib"
+    if not any(folder.glob("*encoder.safetensors")) and not any(folder.glob("*encoder.pth")):
         raise FileNotFoundError(
-            f"taef2 weights not found in {folder} ({origin}); set {TAEF2_ENV} to the folder holding "
-            "taef2_encoder.pth and taef2_decoder.pth"
+            f"taef2 weights not found in {folder} ({origin}); set {TAEF2_ENV} to a folder holding "
+            "taef2_encoder/decoder (.safetensors or .pth)"
         )
     return folder
 

@@ -1,32 +1,23 @@
-"""Embedded sample photos for demos and CI: scikit-image's bundled colour photos (no download, nothing committed)."""
+"""The real data shipped with ldlib (``ldlib/assets``, licences in its SOURCES.md): five photos, the taef2 weights.
+
+A fresh clone runs the real recipe offline with them: ``make demo``, the tests and the notebooks' defaults.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-# Colour photos that ship inside the scikit-image wheel (skimage/data), all at least 300 px on the short side.
-SAMPLE_NAMES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def sample_photos() -> Path:
+    """The folder of the shipped real photos (read them in place: a photo folder like a user's own)."""
+    folder = ASSETS_DIR / "photos"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: the shipped photos are missing (a broken install of ldlib?)")
+    return folder
 
 
 def sample_paths() -> list[Path]:
-    """Paths of the bundled sample photos inside the installed scikit-image package."""
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
-    paths = [folder / name for name in SAMPLE_NAMES]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"scikit-image sample photos missing: {', '.join(map(str, missing))}")
-    return paths
-
-
-def sample_folder(dest: str | os.PathLike) -> Path:
-    """Copy the sample photos into dest (once) and return it: a photo folder like a user's own."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in sample_paths():
-        if not (dest / p.name).is_file():
-            shutil.copyfile(p, dest / p.name)
-    return dest
+    """Paths of the shipped photos, sorted."""
+    return sorted(p for p in sample_photos().iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

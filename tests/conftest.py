@@ -1,4 +1,4 @@
-"""Shared fixtures: the ../shared data folder (skip with a message when absent) and small helpers."""
+"""Shared fixtures: the real taef2 codec and a tiny pair set (both from ldlib's shipped assets), and small helpers."""
 
 from __future__ import annotations
 
@@ -12,27 +12,16 @@ from typing import Iterator
 import pytest
 import torch
 
-from ldlib.presets import SHARED_DIR
 
 # Tests are small; two intra-op threads is what this project's CI machines have anyway.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """../shared beside the repo, or skip: real photos, taef2 weights and Wan latents live there."""
-    if not (SHARED_DIR / "data" / "photos").is_dir():
-        pytest.skip(f"../shared data not found at {SHARED_DIR}: real-data test skipped")
-    return SHARED_DIR
-
-
-@pytest.fixture(scope="session")
-def taef2_codec(shared_dir):
-    """The real pretrained taef2 codec from ../shared/models/taef2."""
+def taef2_codec():
+    """The real pretrained taef2 codec (the weights shipped in ldlib/assets/taef2)."""
     from ldlib.presets import get_preset
 
-    if not (shared_dir / "models" / "taef2" / "taef2_encoder.pth").is_file():
-        pytest.skip("../shared/models/taef2 not found: taef2 test skipped")
     return get_preset("taef2").load_codec()
 
 
@@ -42,10 +31,10 @@ def tiny_pairset(tmp_path_factory) -> dict:
     from ldlib.latents import default_cache_dir, encode_pairs
     from ldlib.pairs import PairSpec, build_pairs
     from ldlib.presets import get_preset
-    from ldlib.samples import sample_folder
+    from ldlib.samples import sample_photos
 
     root = tmp_path_factory.mktemp("tiny_pairset")
-    photos = sample_folder(root / "photos")
+    photos = sample_photos()
     pairs = root / "pairs"
     preset = get_preset("tiny")
     build_pairs(photos, pairs, PairSpec.from_preset(preset, crops_per_image=2), workers=1, progress=False)

@@ -75,4 +75,29 @@ def test_hub_style_preset_loads_through_from_pretrained(tmp_path):
 def test_taef2_preset_loads_real_weights(taef2_codec):
     assert taef2_codec.family == "tae" and taef2_codec.latent_channels == 32
     n = sum(p.numel() for p in taef2_codec.decoder.parameters())
-    assert n == 1_338_499  # the figure in ../shared/models/taef2/SOURCES.md
+    assert n == 1_338_499  # the figure published with taef2 (ldlib/assets/SOURCES.md)
+
+
+def test_taef2_default_is_the_shipped_weights(monkeypatch):
+    from ldlib.samples import ASSETS_DIR
+
+    monkeypatch.delenv(TAEF2_ENV, raising=False)
+    assert taef2_dir() == ASSETS_DIR / "taef2"
+    assert (ASSETS_DIR / "SOURCES.md").is_file() and (ASSETS_DIR / "taef2" / "LICENSE").is_file()
+
+
+def test_shipped_taef2_equals_the_published_pth(tmp_path):
+    # The shipped safetensors are the published .pth tensors, unchanged; needs the .pth files beside the repo.
+    import torch
+    from safetensors.torch import load_file
+
+    from ldlib.presets import SHARED_DIR
+    from ldlib.samples import ASSETS_DIR
+
+    src = SHARED_DIR / "models" / "taef2"
+    if not (src / "taef2_encoder.pth").is_file():
+        pytest.skip(f"{src}: the published .pth files are not beside the repo (the shipped copy is what runs)")
+    for part in ("encoder", "decoder"):
+        ref = torch.load(src / f"taef2_{part}.pth", map_location="cpu", weights_only=True)
+        ours = load_file(str(ASSETS_DIR / "taef2" / f"taef2_{part}.safetensors"))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)

@@ -205,13 +205,13 @@ def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
     from ldlib.datasets import PairDataset
     from ldlib.latents import LatentCache, default_cache_dir, encode_pairs
     from ldlib.pairs import PairSpec, build_pairs
-    from ldlib.samples import sample_folder
+    from ldlib.samples import sample_photos
     from ldlib.teacher_data import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
 
     codec, _, lp = setup
     preset = get_preset("tiny")
     pairs = tmp_path / "pairs"
-    build_pairs(sample_folder(tmp_path / "photos"), pairs, PairSpec.from_preset(preset, hq_size=32), workers=1,
+    build_pairs(sample_photos(), pairs, PairSpec.from_preset(preset, hq_size=32), workers=1,
                 progress=False)
     latents = default_cache_dir(pairs, "tiny")
     encode_pairs(pairs, codec, latents, progress=False)
