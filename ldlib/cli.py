@@ -213,8 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     doc = run_evaluation(args.model, args.pairs, out, preset_name=args.preset, cfg=cfg, baseline_model=args.no_degrade_model,
                          latents=args.latents, taef2_dir=args.taef2_dir)
     print(markdown_table(doc["rows"]))
-    print(f"ours beats both baselines on PSNR and LPIPS at every sigma: {doc['verdict']['ours_beats_baselines']}; "
-          f"wrote {out / 'eval.json'}, eval.md, eval.png")
+    print(f"verdict: {doc['verdict']['summary']}; wrote {out / 'eval.json'}, eval.md, eval.png")
     return 0
 
 

@@ -94,7 +94,7 @@ def run_demo(out: Path, preset_name: str = "tiny", decoder_steps: int = 40, prox
 
     # 7. Evaluation on held-out source images against original decoder + bicubic / Lanczos.
     doc = run_evaluation(run, pairs, out / "eval", preset.name, EvalConfig(sigmas=(0.0, 0.06, 0.12), degrader=degrader_spec))
-    say(f"evaluation -> {out / 'eval'}/eval.md, eval.png (beats baselines: {doc['verdict']['ours_beats_baselines']}; "
+    say(f"evaluation -> {out / 'eval'}/eval.md, eval.png (verdict: {doc['verdict']['summary']}; "
         "random tiny models: the numbers show plumbing, not quality)")
 
     # 8. Export in the format people already load (diffusers AutoencoderKLWan with out_channels=12, or TAESD files).

@@ -117,3 +117,17 @@ def speckle_ratio(x: torch.Tensor, ref: torch.Tensor, cutoff: float = 0.5) -> to
     has no energy there.
     """
     return (hf_energy(x, cutoff) / hf_energy(ref, cutoff).clamp_min(1e-20)).float()
+
+
+def haarpsi(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image HaarPSI (piq) of two N x 3 x H x W batches in [-1, 1]: a perceptual similarity in [0, 1] that needs
+    no downloaded weights (Reisenhofer et al. 2018)."""
+    import piq
+
+    to01 = lambda t: ((t.detach().float() + 1) / 2).clamp(0, 1)  # noqa: E731
+    return piq.haarpsi(to01(x), to01(y), data_range=1.0, reduction="none").float()
+
+
+def colour_shift(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-image distance between the mean RGB colours of x and ref, in 8-bit levels (images in [-1, 1])."""
+    return ((x.float().mean((2, 3)) - ref.float().mean((2, 3))) * 127.5).norm(dim=1)

@@ -79,6 +79,11 @@ class Preset:
     note: str = ""
 
     @property
+    def random_weights(self) -> bool:
+        """Whether the preset's VAE is randomly initialised (results then show plumbing, not quality)."""
+        return self.vae == "tiny"
+
+    @property
     def lq_size(self) -> int:
         """Size of the LQ input (px)."""
         return self.hq_size // self.lq_factor

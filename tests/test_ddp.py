@@ -1,5 +1,5 @@
 """DDP on CPU: 2 processes (torchrun, gloo) train the decoder a few steps; both ranks end with identical weights,
-equal (within float tolerance) to one process at the same global batch.
+and their averaged gradient equals one process's at the same global batch (within float32 rounding).
 
 Run as a script (``python -m torch.distributed.run --nproc_per_node 2 tests/test_ddp.py OUT``) it is the worker;
 under pytest it launches that worker and trains the single-process reference itself.
@@ -30,7 +30,8 @@ def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
     warnings.simplefilter("ignore")
     # GAN on from step 1: exercises the discriminator under DDP and the cross-rank averaged adaptive weight.
     cfg = TrainConfig(
-        steps=STEPS, batch=batch, warmup_steps=1, checkpoint_every=STEPS, val_every=1000, log_every=1, lr=1e-3,
+        steps=STEPS, batch=batch, warmup_steps=1, checkpoint_every=1, keep_checkpoints=STEPS, val_every=1000,
+        log_every=1, lr=1e-3,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=0, disc_channels=8, disc_layers=2),
     )
     codec = get_preset("tiny").load_codec()
@@ -72,14 +73,23 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     init = {n: p for n, p in __import__("ldlib.presets", fromlist=["get_preset"]).get_preset("tiny")
             .load_codec().to_2x().named_parameters() if n in single}
     moved = max((single[k] - init[k]).abs().max().item() for k in single)
-    diff = torch.cat([(single[k] - r0[k]).abs().flatten() for k in single])
     assert moved > 1e-4, "training did not move the weights: the comparison would be empty"
-    # Gradients agree to float rounding; AdamW turns a gradient that is zero in exact arithmetic (attention key
-    # biases: softmax ignores them) into +-lr from its rounding noise, so a handful of such elements may differ by
-    # up to lr * steps. Everything else must agree to 1e-6.
-    assert (diff > 1e-6).sum().item() <= 1e-3 * diff.numel(), f"{(diff > 1e-6).sum().item()} of {diff.numel()} differ"
-    assert diff.max().item() <= 1e-3 * STEPS, f"DDP vs single process: max |dw| {diff.max().item():.3g}"
+    # The gradients: step 0 has lr 0 (warm-up), so AdamW's moments after it hold the global batch's gradient at the
+    # initial weights, whatever the split; DDP's averaged gradient must equal the single process's to float32
+    # rounding (relative to the largest value). Not the weights: AdamW turns the rounding noise of a gradient that is
+    # ~0 in exact arithmetic (attention key biases) into a +-lr step, on how many elements depends on the data.
+    from conftest import rel_diff
 
+    def moments(run):
+        state = torch.load(run / "checkpoints" / "step_000001" / "optim.pt", weights_only=True)["opt_g"]["state"]
+        return {m: torch.cat([state[k][m].flatten() for k in sorted(state)]) for m in ("exp_avg", "exp_avg_sq")}
+
+    ddp, one = moments(tmp_path / "ddp"), moments(tmp_path / "single")
+    for m in ddp:
+        assert one[m].abs().max() > 0 and rel_diff(ddp[m], one[m]) <= 1e-4, m
+    # And the whole run stays within AdamW's bounded step of the single process: at most lr per step per element.
+    diff = torch.cat([(single[k] - r0[k]).abs().flatten() for k in single])
+    assert diff.max().item() <= 1e-3 * STEPS * 1.01, f"DDP vs single process: max |dw| {diff.max().item():.3g}"
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))

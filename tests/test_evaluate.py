@@ -14,7 +14,7 @@ from PIL import Image
 from ldlib.evaluate import EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, verdict, write_report
 from ldlib.export import export_run
 from ldlib.losses import DecoderLoss, LossConfig
-from ldlib.metrics import hf_energy, lpips_model, speckle_ratio, ssim
+from ldlib.metrics import colour_shift, haarpsi, hf_energy, lpips_model, speckle_ratio, ssim
 from ldlib.presets import get_preset
 from ldlib.datasets import sample_tensor_pairs
 from ldlib.decoder import load_run_codec
@@ -105,22 +105,58 @@ def test_evaluate_tables_and_verdict(tiny_run, lp, tmp_path):
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"] == rows
     assert "### PSNR" in (tmp_path / "ev" / "eval.md").read_text()
     assert (tmp_path / "ev" / "eval.png").stat().st_size > 1000
-    assert doc["verdict"]["ours_beats_baselines"] in (True, False)
+    # Two pairs of a random tiny model: no verdict either way, and the report says why.
+    assert doc["verdict"]["ours_beats_baselines"] is None and "too few" in doc["verdict"]["summary"]
+    tiny = write_report(rows, tmp_path / "ev2", cfg, {"random_models": True})
+    assert tiny["verdict"]["ours_beats_baselines"] is None and "random models" in tiny["verdict"]["summary"]
     assert "| ours |" in markdown_table(rows)
 
 
-def test_verdict_logic():
-    rows = [
-        {"method": "decoder+bicubic", "sigma": 0.0, "psnr": 20.0, "lpips": 0.3},
-        {"method": "decoder+lanczos", "sigma": 0.0, "psnr": 21.0, "lpips": 0.2},
-        {"method": "ours", "sigma": 0.0, "psnr": 22.0, "lpips": 0.25},
-    ]
-    v = verdict(rows)
-    assert not v["ours_beats_baselines"]
-    assert v["failures"] == [{"sigma": 0.0, "baseline": "decoder+lanczos", "metric": "lpips", "ours": 0.25,
-                              "baseline_value": 0.2}]
-    rows[2]["lpips"] = 0.1
-    assert verdict(rows)["ours_beats_baselines"]
+def _row(method, psnr, lpips, sources):
+    per = {"psnr": list(psnr), "lpips": list(lpips)}
+    return {"method": method, "sigma": 0.0, "per_pair": per, "sources": sources,
+            "psnr": float(np.mean(psnr)), "lpips": float(np.mean(lpips))}
+
+
+def test_verdict_is_a_paired_test_with_a_margin():
+    rng = np.random.default_rng(0)
+    n, sources = 12, ["a.jpg"] * 6 + ["b.jpg"] * 6
+    base = rng.normal(25, 2, n)  # per-pair PSNR of a baseline: the pairs differ a lot among themselves
+    lp = rng.uniform(0.2, 0.4, n)
+    rows = [_row("decoder+bicubic", base, lp, sources), _row("decoder+lanczos", base - 0.1, lp + 0.01, sources),
+            _row("ours", base + 0.5 + rng.normal(0, 0.05, n), lp - 0.02, sources)]
+    v = verdict(rows, metrics=("psnr", "lpips"))
+    assert v["ours_beats_baselines"] is True and not v["failures"]
+    # The standard error is numpy's, of the paired differences (a t-style margin, not a comparison of means).
+    c = next(c for c in v["comparisons"] if c["baseline"] == "decoder+bicubic" and c["metric"] == "psnr")
+    d = np.asarray(rows[2]["per_pair"]["psnr"]) - base
+    assert c["mean_diff"] == pytest.approx(d.mean()) and c["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n))
+
+    # A higher mean that the pairs do not support is no win: +0.5 dB on average, +-3 dB from pair to pair.
+    rows[2] = _row("ours", base + 0.5 + 3.0 * np.resize([1, -1], n), lp - 0.02, sources)
+    v = verdict(rows, metrics=("psnr",))
+    assert v["ours_beats_baselines"] is False and {c["call"] for c in v["failures"]} == {"no clear difference"}
+    # A win on one photo and a loss on the other is no win either, however large the pooled mean.
+    rows[2] = _row("ours", np.r_[base[:6] + 3.0, base[6:] - 0.2], lp - 0.02, sources)
+    assert verdict(rows, metrics=("psnr",))["ours_beats_baselines"] is False
+    # Worse is said as worse; fewer than MIN_PAIRS pairs give no verdict at all.
+    rows[2] = _row("ours", base - 1.0, lp + 0.05, sources)
+    assert {c["call"] for c in verdict(rows, metrics=("psnr", "lpips"))["comparisons"]} == {"worse"}
+    few = [_row(r["method"], r["per_pair"]["psnr"][:4], r["per_pair"]["lpips"][:4], sources[:4]) for r in rows]
+    assert verdict(few, metrics=("psnr",))["ours_beats_baselines"] is None
+
+
+def test_haarpsi_and_colour_shift():
+    import piq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 48, 48, generator=g) * 2 - 1
+    noisy = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert torch.allclose(haarpsi(x, x), torch.ones(2))
+    torch.testing.assert_close(haarpsi(noisy, x), piq.haarpsi((noisy + 1) / 2, (x + 1) / 2, reduction="none"))
+    assert (haarpsi(noisy, x) < 0.99).all()
+    shifted = x + torch.tensor([2 / 255, 0.0, -4 / 255]).view(1, 3, 1, 1)  # +1 and -2 levels in [-1, 1] units
+    torch.testing.assert_close(colour_shift(shifted, x), torch.full((2,), 5 ** 0.5), rtol=1e-4, atol=0)
 
 
 def test_export_wan_roundtrip(tiny_run, tmp_path):
