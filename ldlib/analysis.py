@@ -179,31 +179,69 @@ def sigma_sweep(codec, degrader, lq: torch.Tensor, hq: torch.Tensor, config: Swe
 
 def plot_sweep(result: SweepResult, fig=None, recipe_range: tuple[float, float] = RECIPE_RANGE):
     """Four panels over sigma (latent error, HF share, PSNR, LPIPS) with the recipe's range shaded."""
+    fig = plot_sweeps({result.degrader: result}, fig, recipe_range)
+    fig.suptitle(f"{result.degrader}: sigma sweep on {result.latent_shape[0]} latents", fontsize=11)
+    return fig
+
+
+def plot_sweeps(results: dict[str, SweepResult], fig=None, recipe_range: tuple[float, float] = RECIPE_RANGE):
+    """The four sweep panels with one line per degrader (same latents), the recipe's range shaded."""
     import matplotlib.pyplot as plt
 
     fig = fig or plt.figure(figsize=(13, 3.2))
     fig.clear()
     axes = fig.subplots(1, 4)
-    s = [r["sigma"] for r in result.rows]
-    col = lambda k: [r[k] if math.isfinite(r[k]) else math.nan for r in result.rows]  # noqa: E731  (inf: no point)
-    panels = [
-        ("latent |D(x)-x| / |x|", [("rel_err", "")]),
-        ("HF share of the error", [("hf_share", "")]),
-        ("PSNR (dB)", [("psnr_clean", "vs decode(clean)"), ("psnr_hq", "vs HQ")]),
-        ("LPIPS" + ("" if result.lpips_pretrained else " (random backbone)"),
-         [("lpips_clean", "vs decode(clean)"), ("lpips_hq", "vs HQ")]),
-    ]
-    for ax, (title, series) in zip(axes, panels):
+    first = next(iter(results.values()))
+    many = len(results) > 1
+    for name, result in results.items():
+        s = [r["sigma"] for r in result.rows]
+        col = lambda k: [r[k] if math.isfinite(r[k]) else math.nan for r in result.rows]  # noqa: E731  (inf: no point)
+        panels = [[("rel_err", "")], [("hf_share", "")], [("psnr_clean", "vs decode(clean)"), ("psnr_hq", "vs HQ")],
+                  [("lpips_clean", "vs decode(clean)"), ("lpips_hq", "vs HQ")]]
+        for ax, series in zip(axes, panels):
+            for key, label in series:
+                text = " ".join(t for t in (name if many else "", label) if t)
+                ax.plot(s, col(key), "o-" if key.endswith("clean") or not label else "s--", label=text or None, ms=4)
+    titles = ["latent |D(x)-x| / |x|", "HF share of the error", "PSNR (dB)",
+              "LPIPS" + ("" if first.lpips_pretrained else " (random backbone)")]
+    for ax, title in zip(axes, titles):
         ax.axvspan(*recipe_range, color="tab:green", alpha=0.12, label=f"recipe U{list(recipe_range)}")
-        for key, label in series:
-            ax.plot(s, col(key), "o-", label=label or None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sigma")
-    axes[1].axhline(result.hf_share_white, color="grey", ls=":", lw=1, label="white noise")
-    axes[1].axhline(result.hf_share_clean, color="tab:purple", ls="--", lw=1, label="clean latent")
-    for ax in axes[1:]:
+    axes[1].axhline(first.hf_share_white, color="grey", ls=":", lw=1, label="white noise")
+    axes[1].axhline(first.hf_share_clean, color="tab:purple", ls="--", lw=1, label="clean latent")
+    for ax in axes if many else axes[1:]:
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result.degrader}: sigma sweep on {result.latent_shape[0]} latents", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def degraders_figure(pca, codec, z: torch.Tensor, degraders: dict[str, object], sigma: float, seed: int = 0,
+                     zoom: float = 0.35, fig=None):
+    """Columns: clean, then each degrader at one sigma (same noise). Rows: PCA of the latent (the clean-fitted basis),
+    the decode, a centre zoom of the decode. ``z`` is one normalised latent (C x h x w)."""
+    from matplotlib.figure import Figure
+
+    z = z[None].float()
+    latents = {"clean": z}
+    for name, deg in degraders.items():
+        latents[f"{name}, sigma {sigma:g}"] = deg.degrade(z, float(sigma), torch.Generator(z.device).manual_seed(seed))
+    fig = fig or Figure(figsize=(3.0 * len(latents), 8.4), dpi=100)
+    axes = fig.subplots(3, len(latents), squeeze=False)
+    for j, (name, lat) in enumerate(latents.items()):
+        dec = _to_hwc(codec.decode(lat)[0])
+        h, w = dec.shape[:2]
+        size = max(8, int(min(h, w) * zoom))
+        err = relative_error(lat, z).item()
+        axes[0, j].imshow(pca.rgb(lat.cpu())[0], interpolation="nearest")
+        axes[0, j].set_title(name if j == 0 else f"{name}\nlatent rel. change {err:.3f}", fontsize=9)
+        axes[1, j].imshow(dec, interpolation="nearest")
+        axes[1, j].set_title("decode", fontsize=9)
+        axes[2, j].imshow(_zoom(dec, ((h - size) // 2, (w - size) // 2, size)), interpolation="nearest")
+        axes[2, j].set_title("decode, centre zoom", fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
     fig.tight_layout()
     return fig
 
@@ -289,13 +327,12 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
               taef2_path: str | os.PathLike | None = None, device: str | None = None) -> SweepResult:
     """The whole sweep for scripts: pairs, codec, degrader (``ldlib.degrade`` vocabulary), statistics; writes
     sweep.json, sweep.md, sweep.png."""
-    import io
     import json
 
     from matplotlib.figure import Figure
 
     from .degrade import parse_degrader
-    from .files import atomic_write_bytes
+    from .files import atomic_write_bytes, save_figure
     from .presets import get_preset
 
     config = config or SweepConfig()
@@ -313,8 +350,5 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
     atomic_write_bytes(out / "sweep.json", json.dumps(result.to_dict(), indent=2).encode())
     atomic_write_bytes(out / "sweep.md", (result.markdown() + "\n\n" + "\n".join(f"- {t}" for t in result.notes)
                                           + "\n").encode())
-    fig = plot_sweep(result, Figure(figsize=(13, 3.2), dpi=100))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out / "sweep.png", buf.getvalue())
+    save_figure(plot_sweep(result, Figure(figsize=(13, 3.2), dpi=100)), out / "sweep.png")
     return result

@@ -63,9 +63,9 @@ def cmd_codec_check(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole pipeline at demo size on the embedded sample photos."""
-    from .demo import run_demo
+    from .demo import DemoConfig, run_demo
 
-    run_demo(Path(args.out), preset_name=args.preset)
+    run_demo(Path(args.out), DemoConfig.for_preset(args.preset, **({"decoder_steps": args.steps} if args.steps else {})))
     return 0
 
 
@@ -250,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write input | reconstruction side by side here")
     p.set_defaults(func=cmd_codec_check)
 
-    p = sub.add_parser("demo", help="run the whole pipeline at demo size on the embedded sample photos")
+    p = sub.add_parser("demo", help="the whole recipe on the shipped photos (CPU, minutes); opens with OUT/index.html")
     p.add_argument("--out", default="runs/demo")
-    _add_preset(p)
+    _add_preset(p, default="taef2")
+    p.add_argument("--steps", type=int, default=None, help="decoder training steps (default: 300 at taef2, 12 at tiny)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build-pairs", help="cut (HQ, LQ) pairs from a folder of photos (the recipe), resumable")

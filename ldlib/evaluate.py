@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, save_figure
 from .metrics import colour_shift, haarpsi, psnr, speckle_ratio, ssim
 from .runs import sample_generator
 
@@ -268,12 +268,7 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
     if not info.get("lpips_backbone_pretrained", True):
         md += "\nLPIPS used a random (seeded) backbone: torchvision weights were not available offline; HaarPSI needs none.\n"
     atomic_write_bytes(out / "eval.md", md.encode())
-    fig = plot_rows(rows, Figure(figsize=(18, 3.4)))
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(out / "eval.png", buf.getvalue())
+    save_figure(plot_rows(rows, Figure(figsize=(18, 3.4))), out / "eval.png")
     return doc
 
 
@@ -324,9 +319,56 @@ def run_evaluation(
     from .metrics import lpips_model
 
     lp = lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
-    rows = evaluate_decoders(original, decoders, held_out, cfg, lpips=lp)
+    from .degrade import parse_degrader
+
+    degrader = parse_degrader(cfg.degrader, preset, original, device="cpu")
+    rows = evaluate_decoders(original, decoders, held_out, cfg, degrader=degrader, lpips=lp)
     info.update(pairs=str(pairs), preset=preset.name, held_out_pairs=len(held_out), val_fraction=vf, split_seed=seed,
                 held_out_sources=held_out.sources, baseline_model=str(baseline_model) if baseline_model else None,
                 lpips_backbone_pretrained=bool(getattr(lp, "backbone_pretrained", False)),
                 random_models=preset.random_weights)
     return write_report(rows, out, cfg, info)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pictures: the same crop of every method, side by side
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def comparison_images(original, decoders: dict[str, object], items: Sequence[dict], sigma: float, degrader,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """Full-size outputs of every method for dataset items at one sigma (the evaluation's noise draws): ordered
+    ``LQ (bicubic 2x)``, ``decoder+bicubic``, the decoders, ``HQ``; each N x 3 x H x W in [-1, 1]."""
+    z = torch.stack([it["latent"] for it in items]).float()
+    zd = degrade_for_eval(degrader, z, list(range(len(items))), float(sigma), seed, [it.get("id") for it in items])
+    out = {"LQ (bicubic 2x)": bicubic_2x(torch.stack([it["lq"] for it in items])),
+           "decoder+bicubic": bicubic_2x(original.decode(zd).float())}
+    for name, codec in decoders.items():
+        out[name] = codec.decode(zd).float()
+    out["HQ"] = torch.stack([it["hq"] for it in items]).float()
+    return {k: v.clamp(-1, 1) for k, v in out.items()}
+
+
+def crops_figure(images: dict[str, torch.Tensor], crop: int = 160, title: str = "", fig=None):
+    """One row per sample, one column per method: the same centre crop of each, titled with its PSNR vs HQ."""
+    from matplotlib.figure import Figure
+
+    hq = images["HQ"]
+    n, names = hq.shape[0], list(images)
+    fig = fig or Figure(figsize=(2.6 * len(names), 2.75 * n), dpi=100)
+    axes = fig.subplots(n, len(names), squeeze=False)
+    h, w = hq.shape[-2:]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    for i in range(n):
+        for ax, name in zip(axes[i], names):
+            img = images[name][i]
+            ax.imshow(((img[:, top : top + crop, left : left + crop].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(),
+                      interpolation="nearest")
+            label = name if name == "HQ" else f"{name}\n{psnr(img[None], hq[i : i + 1]).item():.2f} dB"
+            ax.set_title(label, fontsize=8)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -86,6 +86,16 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
         raise
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG atomically; returns the path."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # shards of a batch job: which keys a machine owns, and what its files are called
 # ------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn as nn
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, save_figure
 from .pairs import split_by_source
 from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings,
                    make_accelerator, mix_seed, open_run, write_config)
@@ -311,11 +311,7 @@ def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        atomic_write_bytes(Path(path), buf.getvalue())
+        save_figure(fig, path)
     return fig
 
 
