@@ -72,6 +72,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the decoder"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
+    init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
+                                                          "(RUN/checkpoints/step_N): weights, EMA, optimisers, step"})
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -219,14 +221,28 @@ def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> 
     return _Models(original, model, model, disc, disc, loss_fn, ema, names, params, opt_g, sched_g, opt_d, sched_d)
 
 
+CHECKPOINT_TENSORS = ("decoder", "ema", "discriminator")
+
+
 def _resume(m: _Models, ckpts: CheckpointManager, acc) -> tuple[int, list[int]]:
     """Restore models, EMA, optimisers and schedules from the newest intact checkpoint: (step, skipped steps).
 
     (0, []) when the run has no checkpoint yet; an unreadable checkpoint is skipped for the previous one.
     """
-    found = ckpts.load_intact(["decoder", "ema", "discriminator"], warn=acc.print)
-    if found is None:
-        return 0, []
+    found = ckpts.load_intact(CHECKPOINT_TENSORS, warn=acc.print)
+    return (0, []) if found is None else _restore(m, found, acc)
+
+
+def _start_from(m: _Models, checkpoint: str | os.PathLike, acc) -> tuple[int, list[int]]:
+    """A new run that continues another run's checkpoint (weights, EMA, optimisers, schedules, step)."""
+    path = Path(checkpoint)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path}: init_from must be a checkpoint folder (RUN/checkpoints/step_N)")
+    tensors, objects, state = CheckpointManager(path.parent, acc).load(path, CHECKPOINT_TENSORS, restore_rng=False)
+    return _restore(m, (path, tensors, objects, state), acc)
+
+
+def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
     path, tensors, objects, state = found
     device = acc.device
     m.model.load_trainable_state(tensors["decoder"], str(path))
@@ -382,6 +398,8 @@ def train_decoder(
     ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
     m = _build_models(cfg, codec, acc, loss_fn)
     step, skipped = _resume(m, ckpts, acc) if resume else (0, [])
+    if step == 0 and cfg.init_from:
+        step, skipped = _start_from(m, cfg.init_from, acc)
     write_config(out, acc, cfg.to_dict())  # only now: every setting was accepted and the resume worked
     m.fwd, m.disc, m.opt_g, m.opt_d = acc.prepare(torch.compile(m.model) if cfg.compile else m.model, m.disc_raw,
                                                   m.opt_g, m.opt_d)

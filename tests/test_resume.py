@@ -170,3 +170,16 @@ def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_history(setup, 
     assert len(read_history(run)) == 3
     _run(setup, run, _cfg(steps=2, checkpoint_every=100))
     assert [h["step"] for h in read_history(run)] == [0, 1]
+
+
+def test_init_from_continues_another_runs_checkpoint(setup, runs, tmp_path):
+    # A new run started from the uninterrupted run's step-2 checkpoint, same settings: the same steps 2-5, bit for bit.
+    root, full = runs
+    fork = _run(setup, tmp_path / "fork", _cfg(init_from=str(root / "full" / "checkpoints" / "step_000002")))
+    assert fork.step == 6 and [h["step"] for h in fork.history] == [2, 3, 4, 5]
+    assert [h["total"] for h in fork.history] == [h["total"] for h in full.history[2:]]
+    for name, sd in _weights(tmp_path / "fork", 6).items():
+        ref = _weights(root / "full", 6)[name]
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), name
+    with pytest.raises(FileNotFoundError, match="checkpoint folder"):
+        _run(setup, tmp_path / "bad", _cfg(init_from=str(root / "full")))
