@@ -217,6 +217,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """The recipe's experiment: decoders differing only in the degrader, evaluated on held-out photos."""
+    from .config import config_from_args
+    from .experiment import ExperimentConfig, run_experiment
+
+    run_experiment(args.out, config_from_args(ExperimentConfig, args))
+    print(f"wrote {args.out}/results.md, results.json, metrics.png, crops.png")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's EMA decoder as a 2x decoder folder (diffusers for wan, TAESD files for tae) + README."""
     from .export import export_run
@@ -231,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis import SweepConfig
     from .config import add_config_arguments
     from .evaluate import EvalConfig
+    from .experiment import ExperimentConfig
     from .pairs import PairSpec
     from .proxy import ProxyTrainConfig
     from .teacher_data import TeacherSpec
@@ -321,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
     add_config_arguments(p, EvalConfig, skip=("extra",), title="evaluation (EvalConfig)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("experiment", help="does the recipe work: clean / noise / proxy / teacher-trained decoders "
+                                          "(+ GAN) on held-out photos (resumable, ~2 h on CPU)")
+    p.add_argument("out", help="experiment folder (rerun the same command to resume)")
+    add_config_arguments(p, ExperimentConfig, title="experiment (ExperimentConfig)")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("export", help="export a run's EMA 2x decoder (diffusers folder / TAESD files) + README")
     p.add_argument("run", help="a train-decoder run folder")
