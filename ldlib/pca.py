@@ -105,3 +105,22 @@ def load_wan_latents(path) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: expected one tensor, got {type(obj).__name__}")
     return wan_latents_as_images(obj)
+
+
+def latents_figure(images: list[torch.Tensor], latents: list[torch.Tensor], titles: list[str] | None = None, fig=None):
+    """Row 1: images (3 x H x W in [-1, 1]); row 2: their latents (C x h x w) as PCA pictures in one basis."""
+    from matplotlib.figure import Figure
+
+    z = torch.stack([torch.as_tensor(t).float() for t in latents])
+    pictures = LatentPCA.fit(z).rgb(z)
+    fig = fig or Figure(figsize=(2.6 * len(images), 5.4), dpi=100)
+    axes = fig.subplots(2, len(images), squeeze=False)
+    for j, (img, pic) in enumerate(zip(images, pictures)):
+        axes[0, j].imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        axes[0, j].set_title((titles[j] + "\n" if titles else "") + f"LQ {tuple(img.shape[1:])}", fontsize=8)
+        axes[1, j].imshow(pic, interpolation="nearest")
+        axes[1, j].set_title(f"latent {tuple(z.shape[1:])}, PCA", fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
