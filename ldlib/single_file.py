@@ -157,17 +157,12 @@ def save_original_wan(
     """
     from safetensors.torch import save_file
 
+    from .files import atomic_write_file
+
     path = Path(path)
     sd = state_dict if state_dict is not None else original_wan_state_dict(vae)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write_file(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
     return path
 
 
