@@ -693,7 +693,7 @@ def load_codec(
 
 def _load_single_file_codec(family: str, path: str, vae_config, torch_dtype: torch.dtype) -> Codec:
     """A codec from one weights file: original-layout Wan / Qwen-Image files, or LDM-layout AutoencoderKL files."""
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan
+    from diffusers import AutoencoderKLWan
 
     from .single_file import load_single_file_vae, published_config
 
@@ -701,6 +701,8 @@ def _load_single_file_codec(family: str, path: str, vae_config, torch_dtype: tor
         vae = load_single_file_vae(AutoencoderKLWan, path, vae_config, published_config(AutoencoderKLWan), torch_dtype)
         return WanCodec(vae, source=path)
     if family == "qwenimage":
+        from diffusers import AutoencoderKLQwenImage
+
         # diffusers reads original-layout files only through AutoencoderKLWan's converter; the architecture is the
         # same, so the file loads into an AutoencoderKLWan with Qwen-Image's config (QwenImageCodec takes either).
         default = published_config(AutoencoderKLQwenImage)
@@ -716,6 +718,8 @@ def _load_single_file_codec(family: str, path: str, vae_config, torch_dtype: tor
         return QwenImageCodec(vae, source=path)
     if family == "kl":
         # SD 1.x, SDXL and FLUX.1 files share one layout but not one architecture / scaling: the config must be given.
+        from diffusers import AutoencoderKL
+
         vae = load_single_file_vae(AutoencoderKL, path, vae_config, None, torch_dtype)
         return KLCodec(vae, source=path)
     raise ValueError(

@@ -26,6 +26,8 @@ VAE are ignored (image mode always decodes the whole batch in one pass, like ``W
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,21 +146,30 @@ def _as_frame(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return module(x.unsqueeze(2), **kwargs).squeeze(2)
 
 
-def _qwen():
-    """diffusers' Qwen-Image VAE module (the Wan 2.1 architecture under other class names)."""
-    from diffusers.models.autoencoders import autoencoder_kl_qwenimage
-
-    return autoencoder_kl_qwenimage
+@functools.cache
+def _kinds() -> dict[str, tuple[type, ...]]:
+    """Block classes by role: diffusers' Wan ones and, where this diffusers has them, their Qwen-Image copies."""
+    wan = _wan()
+    kinds = {"residual": (wan.WanResidualBlock,), "attention": (wan.WanAttentionBlock,),
+             "resample": (wan.WanResample,), "up": (wan.WanUpBlock,)}
+    try:
+        from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qwen
+    except ImportError:  # older diffusers: no Qwen-Image VAE
+        return kinds
+    for role, cls in (("residual", qwen.QwenImageResidualBlock), ("attention", qwen.QwenImageAttentionBlock),
+                      ("resample", qwen.QwenImageResample), ("up", qwen.QwenImageUpBlock)):
+        kinds[role] += (cls,)
+    return kinds
 
 
 def _layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One entry of an encoder's down_blocks or a decoder's up_blocks."""
-    wan, qwen = _wan(), _qwen()
-    if isinstance(layer, (wan.WanResidualBlock, qwen.QwenImageResidualBlock)):
+    wan, kinds = _wan(), _kinds()
+    if isinstance(layer, kinds["residual"]):
         return residual_block(layer, x)
-    if isinstance(layer, (wan.WanAttentionBlock, qwen.QwenImageAttentionBlock)):
+    if isinstance(layer, kinds["attention"]):
         return attention_block(layer, x)
-    if isinstance(layer, (wan.WanResample, qwen.QwenImageResample)):
+    if isinstance(layer, kinds["resample"]):
         return resample(layer, x)
     if isinstance(layer, wan.WanResidualDownBlock):
         skip = _as_frame(layer.avg_shortcut, x)
@@ -167,7 +178,7 @@ def _layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer.downsampler is not None:
             x = resample(layer.downsampler, x)
         return x + skip
-    if isinstance(layer, (wan.WanUpBlock, qwen.QwenImageUpBlock)):
+    if isinstance(layer, kinds["up"]):
         for resnet in layer.resnets:
             x = residual_block(resnet, x)
         if layer.upsamplers is not None:
