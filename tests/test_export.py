@@ -4,33 +4,15 @@ like our decoder; the formats that apply; refusing to overwrite what is not an l
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_diff
+from conftest import rel_diff, train_short_run
 from ldlib.cli import main
 from ldlib.export import export_run
 from ldlib.presets import TINY_WAN21_VAE_CONFIG, get_preset
-
-
-def _train(tmp_path_factory, preset: str, vae: str | None):
-    from ldlib.losses import DecoderLoss, LossConfig
-    from ldlib.metrics import lpips_model
-    from ldlib.train import TrainConfig, sample_tensor_pairs, train_decoder
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lp = lpips_model("alex")
-    codec = get_preset(preset, **({"vae": vae} if vae else {})).load_codec()
-    data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
-    cfg = TrainConfig(preset=preset, vae=vae, steps=1, batch=2, warmup_steps=0, lr=1e-3, ema_decay=0.0,
-                      val_every=100, val_count=1, loss=LossConfig(lpips_net="alex", gan_start=100))
-    run = tmp_path_factory.mktemp("run")
-    train_decoder(cfg, run, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
-    return run, data
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +23,12 @@ def wan21_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
     torch.manual_seed(0)
     AutoencoderKLWan(**TINY_WAN21_VAE_CONFIG).save_pretrained(folder)
-    run, data = _train(tmp_path_factory, "wan2.1-1.3b", str(folder))
-    return run, data
+    return train_short_run(tmp_path_factory.mktemp("run"), "wan2.1-1.3b", str(folder))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    return _train(tmp_path_factory, "tiny", None)
+    return train_short_run(tmp_path_factory.mktemp("run"))
 
 
 def test_wan_file_round_trip(wan21_run, tmp_path):
@@ -56,7 +37,7 @@ def test_wan_file_round_trip(wan21_run, tmp_path):
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     from ldlib.single_file import read_state_dict
-    from ldlib.train import load_run_codec
+    from ldlib.decoder import load_run_codec
 
     run, data = wan21_run
     out = export_run(run, tmp_path / "export")

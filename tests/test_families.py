@@ -5,13 +5,12 @@ a training step; export and reload."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rel_diff
+from conftest import rel_diff, train_short_run
 from ldlib.presets import TINY_WAN21_VAE_CONFIG, get_preset
 
 KL_TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
@@ -106,31 +105,18 @@ def test_qwen_image_mode_is_exact_both_ways(tmp_path):
         assert rel_diff(fast.decode(z, clamp=False), slow.decode(z, clamp=False)) < 1e-5
 
 
-@pytest.fixture(scope="module")
-def lp():
-    from ldlib.metrics import lpips_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return lpips_model("alex")
-
-
 @pytest.mark.parametrize("kind", ["qwen-image", "flux2", "sdxl"])
-def test_train_export_reload(kind, tmp_path, lp):
+def test_train_export_reload(kind, tmp_path):
     """One training step through the preset, export (default formats), reload with diffusers alone: same decode."""
     from diffusers import AutoencoderKLWan
 
     from ldlib.export import export_run
-    from ldlib.losses import DecoderLoss, LossConfig
     from ldlib.single_file import read_state_dict
-    from ldlib.train import TrainConfig, load_run_codec, sample_tensor_pairs, train_decoder
+    from ldlib.decoder import load_run_codec
 
     _save_tiny(kind, tmp_path / "vae")
-    cfg = TrainConfig(preset=kind, vae=str(tmp_path / "vae"), steps=1, batch=1, warmup_steps=0, lr=1e-3,
-                      ema_decay=0.0, val_every=100, val_count=1, loss=LossConfig(lpips_net="alex", gan_start=100))
     codec = get_preset(kind, vae=str(tmp_path / "vae")).load_codec()
-    data = sample_tensor_pairs(codec, count=1, hq_size=32, seed=3)
-    train_decoder(cfg, tmp_path / "run", data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    _, data = train_short_run(tmp_path / "run", kind, str(tmp_path / "vae"), count=1, codec=codec)
     out = export_run(tmp_path / "run", tmp_path / "export")
     info = json.loads((out / "ldlib_export.json").read_text())
     ours, _ = load_run_codec(tmp_path / "run")
@@ -148,7 +134,7 @@ def test_train_export_reload(kind, tmp_path, lp):
                 assert rel_diff(F.pixel_shuffle(v.decode(raw).sample[:, :, 0], 2), expected) < 1e-4
             assert read_state_dict(out / info["files"][-1])["decoder.head.2.weight"].shape[0] == 12
             reloaded = get_preset(kind, vae=str(tmp_path / "vae")).load_codec()  # and ldlib reads the export back
-            from ldlib.evaluate import load_decoder
+            from ldlib.decoder import load_decoder
 
             back, _ = load_decoder(out, get_preset(kind, vae=str(tmp_path / "vae")))
             assert rel_diff(back.decode(z), expected) < 1e-5 and reloaded.upscale == 1
