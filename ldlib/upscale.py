@@ -60,25 +60,23 @@ class UpscaleConfig:
 
 
 def tile_spans(size: int, tile: int, overlap: int, align: int = 2) -> list[tuple[int, int]]:
-    """Overlapping [start, end) spans covering range(size); starts are multiples of ``align``.
+    """Overlapping [start, end) spans of equal length <= tile covering range(size); starts multiples of ``align``.
 
-    Starts are even so that position-dependent latent statistics (FLUX.2's 2x2-patch normalisation) keep their
-    phase in every tile. Neighbouring spans overlap by at least ``overlap``; the last span may be up to
-    ``align - 1`` longer than ``tile``.
+    The fewest tiles that fit, spread evenly so neighbours overlap by ``overlap`` (or slightly more), not by
+    whatever the last tile happens to leave. Starts are even so that position-dependent latent statistics (FLUX.2's
+    2x2-patch normalisation) keep their phase in every tile.
     """
     if tile <= 0 or size <= tile:
         return [(0, size)]
-    stride = max(align, (tile - overlap) // align * align)
-    spans, start = [], 0
-    while start + tile < size:
-        spans.append((start, start + tile))
-        start += stride
-    last = max(0, (size - tile) // align * align)
-    if last <= spans[-1][0]:  # alignment pulled the last start onto the previous one: widen that one instead
+    n = -(-(size - overlap) // (tile - overlap))
+    while True:
+        length = min(tile, -(-(size + (n - 1) * overlap) // n) + align)
+        starts = [(round(i * (size - length) / (n - 1)) // align) * align for i in range(n)]
+        spans = [(a, min(a + length, size)) for a in starts]
         spans[-1] = (spans[-1][0], size)
-    else:
-        spans.append((last, size))
-    return spans
+        if all(b0 - a1 >= overlap for (_, b0), (a1, _) in zip(spans, spans[1:])):
+            return spans
+        n += 1
 
 
 def _ramp(length: int, before: int, after: int) -> torch.Tensor:

@@ -3,8 +3,6 @@ and the command (images, latent files, --scale 1, --compare, a bad input skipped
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import rel_diff
+from conftest import rel_diff, train_short_run
 from ldlib.cli import main
 from ldlib.images import area_downsample, load_image, save_image
 from ldlib.presets import get_preset
@@ -88,20 +86,7 @@ def test_tiled_decode_is_close_to_whole_taef2(taef2_codec, shared_dir):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from ldlib.losses import DecoderLoss, LossConfig
-    from ldlib.metrics import lpips_model
-    from ldlib.train import TrainConfig, sample_tensor_pairs, train_decoder
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lp = lpips_model("alex")
-    codec = get_preset("tiny").load_codec()
-    data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
-    cfg = TrainConfig(steps=1, batch=2, warmup_steps=0, lr=1e-3, ema_decay=0.0, val_every=100, val_count=1,
-                      loss=LossConfig(lpips_net="alex", gan_start=100))
-    run = tmp_path_factory.mktemp("run")
-    train_decoder(cfg, run, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
-    return run
+    return train_short_run(tmp_path_factory.mktemp("run"))[0]
 
 
 def _photo(path, h=44, w=60, seed=0):
