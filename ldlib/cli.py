@@ -258,11 +258,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from .images import ImageLoadError
     from .upscale import UpscaleConfig, load_upscaler, upscale_file
 
+    from .files import writable_folder
+
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
                         compare=args.compare)
+    out = writable_folder(args.out)  # one clear line now, not one per input later
     codec, original, preset = load_upscaler(args.model, args.preset, taef2_dir=args.taef2_dir, vae=args.vae,
                                             vae_config=args.vae_config)
-    out = Path(args.out)
     failed = 0
     for item in args.inputs:
         t0 = time.perf_counter()

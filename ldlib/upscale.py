@@ -264,9 +264,11 @@ def _family_of_preset(name: str, taef2_dir: str | None) -> str:
 
 def describe_model(model: str | os.PathLike, taef2_dir: str | None = None) -> dict:
     """What a model path is without loading weights: kind (run / export / folder), preset and VAE family."""
+    from .decoder import _export_family, _is_run, read_run_config
+
     path = Path(model)
-    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
+    if _is_run(path):
+        cfg = read_run_config(path)
         name = cfg.get("preset", "tiny")
         return {"kind": "run", "preset": name, "family": _family_of_preset(name, taef2_dir),
                 "vae": cfg.get("vae"), "vae_config": cfg.get("vae_config")}
@@ -274,15 +276,8 @@ def describe_model(model: str | os.PathLike, taef2_dir: str | None = None) -> di
         info = json.loads((path / "ldlib_export.json").read_text())
         return {"kind": "export", "preset": info.get("preset"), "family": info.get("family"),
                 "vae": info.get("vae"), "vae_config": info.get("vae_config")}
-    if path.is_dir():
-        from .codecs import _local_class_name
-
-        cls = _local_class_name(str(path), None)
-        family = {"AutoencoderKLWan": "wan", "AutoencoderKLQwenImage": "qwenimage", "AutoencoderKL": "kl",
-                  "AutoencoderKLFlux2": "flux2"}.get(cls or "")
-        if family is None and (any(path.glob("*decoder.safetensors")) or any(path.glob("*decoder.pth"))):
-            family = "tae"
-        return {"kind": "folder", "preset": None, "family": family, "vae": None, "vae_config": None}
+    if path.is_dir() and (path / "config.json").is_file():
+        return {"kind": "folder", "preset": None, "family": _export_family(path), "vae": None, "vae_config": None}
     raise FileNotFoundError(f"{path}: neither a training run, an ldlib export nor a decoder folder")
 
 
@@ -316,11 +311,11 @@ def load_upscaler(
     preset = get_preset(name, taef2_path=taef2_dir, **overrides)
     original = preset.load_codec()
     if desc["kind"] == "run":
-        from .train import load_run_codec
+        from .decoder import load_run_codec
 
         codec, _ = load_run_codec(model)
     else:
-        from .evaluate import load_decoder
+        from .decoder import load_decoder
 
         codec, _ = load_decoder(model, preset)
     if codec.upscale != 2:

@@ -97,7 +97,7 @@ def _photo(path, h=44, w=60, seed=0):
 
 
 def test_upscale_image_scale_and_compare(tiny_run, tmp_path, capsys):
-    from ldlib.train import load_run_codec
+    from ldlib.decoder import load_run_codec
 
     img = _photo(tmp_path / "in.png")  # 44 x 60: not a multiple of 8, padded and cropped back
     out = tmp_path / "out"
