@@ -26,8 +26,6 @@ VAE are ignored (image mode always decodes the whole batch in one pass, like ``W
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,7 +144,6 @@ def _as_frame(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return module(x.unsqueeze(2), **kwargs).squeeze(2)
 
 
-@functools.cache
 def _kinds() -> dict[str, tuple[type, ...]]:
     """Block classes by role: diffusers' Wan ones and, where this diffusers has them, their Qwen-Image copies."""
     wan = _wan()
