@@ -9,13 +9,15 @@ ProxyTrainConfig, EvalConfig, SweepConfig, PairSpec, TeacherSpec) get their flag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 
 def _add_preset(p: argparse.ArgumentParser, default: str = "tiny") -> None:
-    p.add_argument("--preset", default=default, help="tiny | taef2 | wan2.1-1.3b | wan2.1-14b (default: %(default)s)")
+    p.add_argument("--preset", default=default, help="tiny | taef2 | wan2.1-1.3b | wan2.1-14b | qwen-image | flux2 | "
+                                                     "flux1 | sdxl (default: %(default)s)")
     p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: the packaged weights, or $LDLIB_TAEF2_DIR)")
 
 
@@ -28,10 +30,21 @@ def _add_batch_job(p: argparse.ArgumentParser, batch_size: int, shard_size: int,
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _preset(args: argparse.Namespace):
-    from .presets import get_preset
+def _add_vae(p: argparse.ArgumentParser) -> None:
+    """--vae / --vae-config: replace the preset's hub VAE by a local folder or one weights file."""
+    p.add_argument("--vae", default=None,
+                   help="local VAE replacing the preset's: a diffusers folder, or one .safetensors/.pth file "
+                        "(original Wan layout for wan2.1-* / qwen-image)")
+    p.add_argument("--vae-config", default=None,
+                   help="architecture of a single-file --vae: a diffusers VAE folder or config.json "
+                        "(default for wan2.1-* / qwen-image: the published config)")
 
-    return get_preset(args.preset, taef2_path=args.taef2_dir)
+
+def _preset(args: argparse.Namespace):
+    """The preset named on the command line, with its --taef2-dir / --vae / --vae-config overrides."""
+    from .presets import get_preset, vae_overrides
+
+    return get_preset(args.preset, taef2_path=args.taef2_dir, **vae_overrides(vars(args)))
 
 
 def cmd_codec_check(args: argparse.Namespace) -> int:
@@ -210,8 +223,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(EvalConfig, args)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
+    vae, vae_config = args.vae, args.vae_config
+    if vae is None:  # a run trained on a local VAE evaluates against that VAE
+        from .upscale import describe_model
+
+        desc = describe_model(args.model, args.taef2_dir)
+        if desc["preset"] == args.preset:
+            vae, vae_config = desc["vae"], vae_config or desc["vae_config"]
     doc = run_evaluation(args.model, args.pairs, out, preset_name=args.preset, cfg=cfg, baseline_model=args.no_degrade_model,
-                         latents=args.latents, taef2_dir=args.taef2_dir)
+                         latents=args.latents, taef2_dir=args.taef2_dir, vae=vae, vae_config=vae_config)
     print(markdown_table(doc["rows"]))
     print(f"verdict: {doc['verdict']['summary']}; wrote {out / 'eval.json'}, eval.md, eval.png")
     return 0
@@ -231,9 +251,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's EMA decoder as a 2x decoder folder (diffusers for wan, TAESD files for tae) + README."""
     from .export import export_run
 
-    out = export_run(args.run, args.out, ema=not args.live)
-    print(f"exported {args.run} -> {out} (see {out / 'README.md'})")
+    formats = [f.strip() for item in args.format or [] for f in item.split(",") if f.strip()] or None
+    out = export_run(args.run, args.out, ema=not args.live, formats=formats)
+    info = json.loads((out / "ldlib_export.json").read_text())
+    print(f"exported {args.run} -> {out}: {', '.join(info['formats'])} ({', '.join(info['files'])}; see README.md)")
+    for fmt, why in info.get("skipped_formats", {}).items():
+        print(f"note: format {fmt!r} skipped: {why}", file=sys.stderr)
     return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """Decode images / latent files at 2x (or a clean 1x) with a trained decoder; one line per failed input."""
+    import resource
+    import time
+
+    from .images import ImageLoadError
+    from .upscale import UpscaleConfig, load_upscaler, upscale_file
+
+    from .files import writable_folder
+
+    cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
+                        compare=args.compare)
+    out = writable_folder(args.out)  # one clear line now, not one per input later
+    codec, original, preset = load_upscaler(args.model, args.preset, taef2_dir=args.taef2_dir, vae=args.vae,
+                                            vae_config=args.vae_config)
+    failed = 0
+    for item in args.inputs:
+        t0 = time.perf_counter()
+        try:
+            written = upscale_file(item, codec, original, out, cfg)
+        except (ImageLoadError, ValueError, FileNotFoundError, OSError) as e:
+            # A bad input costs only itself: say why in one line, go on with the rest.
+            print(f"error: {e}" if str(item) in str(e) else f"error: {item}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{item} -> {', '.join(str(p) for p in written)} ({time.perf_counter() - t0:.1f} s)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"upscale: {len(args.inputs) - failed} of {len(args.inputs)} inputs done with {args.model} "
+          f"(preset {preset.name}, tile {cfg.tile}, overlap {cfg.overlap}); peak memory {peak:.0f} MiB")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codec-check", help="encode+decode an image with a preset's VAE and report PSNR")
     p.add_argument("image", help="an image file")
     _add_preset(p)
+    _add_vae(p)
     p.add_argument("--size", type=int, default=0, help="centre crop size in px (default: largest multiple of 8)")
     p.add_argument("--downsample", type=int, default=1, help="area-downsample the crop by this factor first")
     p.add_argument("--out", default=None, help="write input | reconstruction side by side here")
@@ -280,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="encode a pair set's LQ images into a latent cache (safetensors)")
     p.add_argument("pairs", help="pair set folder (from build-pairs)")
     _add_preset(p)
+    _add_vae(p)
     p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>)")
     _add_batch_job(p, batch_size=16, shard_size=512, unit="pairs")
     p.set_defaults(func=cmd_encode)
@@ -288,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="pair set folder (with latents from `encode`)")
     p.add_argument("out", help="teacher data folder")
     _add_preset(p)
+    _add_vae(p)
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
     add_config_arguments(p, TeacherSpec, title="teacher data")
     _add_batch_job(p, batch_size=8, shard_size=256, unit="records")
@@ -327,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a train-decoder run folder (EMA weights) or an exported decoder folder")
     p.add_argument("pairs", help="pair set folder (the held-out split by source image is evaluated)")
     _add_preset(p)
+    _add_vae(p)
     p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
@@ -339,11 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, ExperimentConfig, title="experiment (ExperimentConfig)")
     p.set_defaults(func=cmd_experiment)
 
-    p = sub.add_parser("export", help="export a run's EMA 2x decoder (diffusers folder / TAESD files) + README")
+    p = sub.add_parser("export", help="export a run's EMA 2x decoder (diffusers folder, original-layout Wan file, TAESD files)")
     p.add_argument("run", help="a train-decoder run folder")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (new, empty, or a previous export)")
     p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA")
+    p.add_argument("--format", action="append", default=None,
+                   help="diffusers | wan | tae, repeatable or comma-separated (default: all that apply to the run's VAE)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("upscale", help="decode images or latent files at 2x with a trained decoder (tiled), PNG out")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or latent files (.safetensors / .pt)")
+    p.add_argument("--model", required=True, help="a train-decoder run folder (EMA weights) or an exported decoder")
+    p.add_argument("--preset", default=None, help="the VAE the latents belong to (default: the model's preset)")
+    p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: $LDLIB_TAEF2_DIR, else the shipped weights)")
+    _add_vae(p)
+    p.add_argument("--out", default="runs/upscale", help="output folder (default: %(default)s)")
+    p.add_argument("--scale", type=int, default=2, choices=[2, 1],
+                   help="2: the 2x decode; 1: it area-downsampled (a cleaner 1x decode) (default: %(default)s)")
+    p.add_argument("--tile", type=int, default=64, help="tile side in latent pixels, 0: one piece (default: %(default)s)")
+    p.add_argument("--overlap", type=int, default=16, help="tile overlap in latent pixels (default: %(default)s)")
+    p.add_argument("--latents", default="normalised", choices=["normalised", "raw"],
+                   help="latent files hold the diffusion model's normalised latents or raw VAE latents")
+    p.add_argument("--compare", action="store_true", help="also write [decoder + bicubic | ours] side by side")
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")

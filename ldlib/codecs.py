@@ -3,7 +3,9 @@
 Families:
 - ``wan``: diffusers ``AutoencoderKLWan`` (an image is one frame; normalisation from ``latents_mean/std``);
 - ``kl``: diffusers ``AutoencoderKL`` (``scaling_factor`` / ``shift_factor``);
-- ``tae``: TAESD-format ``nn.Sequential`` encoder/decoder pairs (including the FLUX.2 ``taef2`` variant).
+- ``tae``: TAESD-format ``nn.Sequential`` encoder/decoder pairs (including the FLUX.2 ``taef2`` variant);
+- ``qwenimage``: diffusers ``AutoencoderKLQwenImage`` (the Wan 2.1 architecture; Wan's normalisation and image mode);
+- ``flux2``: diffusers ``AutoencoderKLFlux2`` (latents normalised by its BatchNorm statistics, as FLUX.2 pipelines do).
 
 Images are N x 3 x H x W in [-1, 1]; latents are N x C x H/8 x W/8 in the normalised space the diffusion model
 sees. A codec whose decoder's last conv has 12 output channels is a 2x decoder: its output goes through
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FAMILIES = ("wan", "kl", "tae")
+FAMILIES = ("wan", "kl", "tae", "qwenimage", "flux2")
 
 
 def widen_conv_out(conv: nn.Module, factor: int = 2) -> nn.Module:
@@ -188,7 +190,8 @@ class WanCodec(Codec):
         cfg = vae.config
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.spatial_factor = int(cfg.scale_factor_spatial or 8)
+        # AutoencoderKLQwenImage's config has no scale_factor_spatial; both architectures downsample 8x.
+        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", None) or 8)
 
     @property
     def latent_channels(self) -> int:
@@ -515,6 +518,113 @@ class TAECodec(Codec):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# qwenimage: diffusers AutoencoderKLQwenImage (the Wan 2.1 architecture)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class QwenImageCodec(WanCodec):
+    """AutoencoderKLQwenImage: the Wan 2.1 VAE architecture with a decoder fine-tuned for images.
+
+    Normalisation as Wan's: Qwen-Image pipelines encode the posterior mode and use ``(z - latents_mean) /
+    latents_std`` from the VAE config, decoding ``z * latents_std + latents_mean``. Its modules are diffusers'
+    QwenImage* copies of the Wan ones, which ``ldlib.wan_image`` runs in image mode too (exactness tested). The
+    config has no ``out_channels`` (``input_channels`` sizes both the encoder input and the decoder output), so a
+    2x decoder is saved as an ``AutoencoderKLWan`` folder: the same modules and state-dict keys, ``out_channels=12``.
+    ``vae`` may be either class (an exported 2x decoder loads as AutoencoderKLWan).
+    """
+
+    family = "qwenimage"
+
+    def _set_conv_out(self, conv: nn.Module) -> None:
+        self.vae.decoder.conv_out = conv
+        if "out_channels" in self.vae.config:  # an AutoencoderKLWan; AutoencoderKLQwenImage has no such key
+            self.vae.register_to_config(out_channels=conv.out_channels)
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        from diffusers import AutoencoderKLQwenImage
+
+        if self.image_mode or not isinstance(self.vae, AutoencoderKLQwenImage):
+            return super()._decode_raw(z)
+        # diffusers' _decode for T=1 without its final clamp (QwenImage's decoder takes no first_chunk flag).
+        vae = self.vae
+        vae.clear_cache()
+        x = vae.post_quant_conv(z.unsqueeze(2).to(vae.post_quant_conv.weight.dtype))
+        out = vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
+        vae.clear_cache()
+        return out.squeeze(2)
+
+    def as_wan_vae(self):
+        """This VAE as an ``AutoencoderKLWan`` with the same weights (what ``save_pretrained`` writes)."""
+        from accelerate import init_empty_weights
+        from diffusers import AutoencoderKLWan
+
+        if isinstance(self.vae, AutoencoderKLWan):
+            return self.vae
+        cfg = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
+        cfg["in_channels"] = cfg.pop("input_channels", 3)
+        cfg["out_channels"] = self.conv_out.out_channels
+        with init_empty_weights():
+            wan = AutoencoderKLWan(**cfg)
+        wan.load_state_dict(self.vae.state_dict(), strict=True, assign=True)
+        return wan.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write an ``AutoencoderKLWan`` folder (loads with ``AutoencoderKLWan.from_pretrained``; Qwen's config)."""
+        self.as_wan_vae().save_pretrained(folder, safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# flux2: diffusers AutoencoderKLFlux2
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Flux2Codec(KLCodec):
+    """AutoencoderKLFlux2 (FLUX.2's VAE, 32 latent channels); latents normalised with its BatchNorm statistics.
+
+    Flux2Pipeline encodes the posterior mode, patchifies 2x2 (32 channels -> 128 at 1/16 size) and normalises
+    ``(x - bn.running_mean) / sqrt(bn.running_var + batch_norm_eps)``; it decodes through the inverse. ldlib keeps
+    latents unpatchified (N x 32 x H/8 x W/8): the same element-wise affine map, each of the 128 statistics applied
+    at its (channel, row parity, column parity), so noise and sigma mean what they mean to the FLUX.2 transformer.
+    The pattern is anchored at the latent's top-left corner: crops and tiles of latents start at even offsets.
+    (preset ``taef2``, FLUX.2's tiny autoencoder, works in the raw latent space instead.)
+    """
+
+    family = "flux2"
+
+    def __init__(self, vae, source: str = "") -> None:
+        Codec.__init__(self, source)
+        self.vae = vae
+        self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _bn_maps(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-element mean and std maps (1 x C x h x w) of the BatchNorm statistics for latents shaped like ``like``."""
+        cfg = self.vae.config
+        ph, pw = cfg.patch_size
+        c, (h, w) = self.latent_channels, like.shape[-2:]
+        mean = self.vae.bn.running_mean.float().view(c, ph, pw)
+        std = torch.sqrt(self.vae.bn.running_var.float() + cfg.batch_norm_eps).view(c, ph, pw)
+        reps = (1, -(-h // ph), -(-w // pw))
+        tile = lambda t: t.repeat(*reps)[:, :h, :w].unsqueeze(0).to(like)  # noqa: E731
+        return tile(mean), tile(std)
+
+    def _normalisation_config(self) -> dict:
+        return {
+            "bn_running_mean": self.vae.bn.running_mean.tolist(),
+            "bn_running_var": self.vae.bn.running_var.tolist(),
+            "batch_norm_eps": float(self.vae.config.batch_norm_eps),
+            "patch_size": list(self.vae.config.patch_size),
+        }
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._bn_maps(z)
+        return (z - mean) / std
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._bn_maps(latents)
+        return latents * std + mean
+
+
+# ------------------------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------------------------
 
@@ -529,15 +639,30 @@ def _vae_subfolder(source: str, subfolder: str | None) -> str | None:
     return None
 
 
+def _local_class_name(source: str, subfolder: str | None) -> str | None:
+    """``_class_name`` of a local diffusers folder's config.json (None for hub ids and folders without one)."""
+    cfg = Path(source) / (subfolder or "") / "config.json"
+    return json.loads(cfg.read_text()).get("_class_name") if cfg.is_file() else None
+
+
 def load_codec(
     family: str,
     source: str | os.PathLike,
     subfolder: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
+    vae_config: str | os.PathLike | dict | None = None,
     **kwargs,
 ) -> Codec:
-    """Load a codec by family from a hub id or local folder (diffusers ``from_pretrained``; TAESD files for tae)."""
+    """Load a codec by family from a hub id, a local folder, or one weights file (wan / qwenimage / kl).
+
+    Folders and hub ids go through the family's diffusers ``from_pretrained`` (TAESD files for tae); a single file
+    through ``ldlib.single_file`` with ``vae_config`` (a diffusers folder / config.json / dict) as its architecture.
+    """
     source = str(source)
+    from .single_file import is_single_file
+
+    if family != "tae" and is_single_file(source):
+        return _load_single_file_codec(family, source, vae_config, torch_dtype)
     if family == "wan":
         from diffusers import AutoencoderKLWan
 
@@ -548,6 +673,56 @@ def load_codec(
 
         vae = AutoencoderKL.from_pretrained(source, subfolder=_vae_subfolder(source, subfolder), torch_dtype=torch_dtype)
         return KLCodec(vae.eval(), source=source)
+    if family == "qwenimage":
+        from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
+
+        sub = _vae_subfolder(source, subfolder)
+        # An exported Qwen-Image 2x decoder is an AutoencoderKLWan folder (see QwenImageCodec).
+        cls = AutoencoderKLWan if _local_class_name(source, sub) == "AutoencoderKLWan" else AutoencoderKLQwenImage
+        vae = cls.from_pretrained(source, subfolder=sub, torch_dtype=torch_dtype)
+        return QwenImageCodec(vae.eval(), source=source)
+    if family == "flux2":
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2.from_pretrained(source, subfolder=_vae_subfolder(source, subfolder), torch_dtype=torch_dtype)
+        return Flux2Codec(vae.eval(), source=source)
     if family == "tae":
         return TAECodec.from_folder(source, **kwargs).to(torch_dtype).eval()
     raise ValueError(f"unknown codec family {family!r}; expected one of {FAMILIES}")
+
+
+def _load_single_file_codec(family: str, path: str, vae_config, torch_dtype: torch.dtype) -> Codec:
+    """A codec from one weights file: original-layout Wan / Qwen-Image files, or LDM-layout AutoencoderKL files."""
+    from diffusers import AutoencoderKLWan
+
+    from .single_file import load_single_file_vae, published_config
+
+    if family == "wan":
+        vae = load_single_file_vae(AutoencoderKLWan, path, vae_config, published_config(AutoencoderKLWan), torch_dtype)
+        return WanCodec(vae, source=path)
+    if family == "qwenimage":
+        from diffusers import AutoencoderKLQwenImage
+
+        # diffusers reads original-layout files only through AutoencoderKLWan's converter; the architecture is the
+        # same, so the file loads into an AutoencoderKLWan with Qwen-Image's config (QwenImageCodec takes either).
+        default = published_config(AutoencoderKLQwenImage)
+        default["in_channels"] = default.pop("input_channels", 3)
+        cfg = vae_config
+        if cfg is not None:
+            from .single_file import config_dict
+
+            cfg = config_dict(cfg, AutoencoderKLQwenImage)
+            if "input_channels" in cfg:
+                cfg["in_channels"] = cfg.pop("input_channels")
+        vae = load_single_file_vae(AutoencoderKLWan, path, cfg, default, torch_dtype)
+        return QwenImageCodec(vae, source=path)
+    if family == "kl":
+        # SD 1.x, SDXL and FLUX.1 files share one layout but not one architecture / scaling: the config must be given.
+        from diffusers import AutoencoderKL
+
+        vae = load_single_file_vae(AutoencoderKL, path, vae_config, None, torch_dtype)
+        return KLCodec(vae, source=path)
+    raise ValueError(
+        f"{path}: single-file loading is supported for the wan, qwenimage and kl families, not {family!r}; "
+        "pass a diffusers folder (from_pretrained layout) instead"
+    )

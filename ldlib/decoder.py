@@ -79,13 +79,13 @@ def run_checkpoint(run: str | os.PathLike, ema: bool = True) -> Path:
 
 def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | os.PathLike | None = None):
     """The trained 2x codec of a run folder (EMA weights by default) and the run's config (a dict)."""
-    from .presets import get_preset
+    from .presets import get_preset, vae_overrides
     from .runs import load_safetensors
 
     run = Path(run)
     cfg = read_run_config(run)
     path = Path(checkpoint) if checkpoint else run_checkpoint(run, ema)
-    codec = get_preset(cfg["preset"], taef2_path=cfg.get("taef2_dir")).load_codec()
+    codec = get_preset(cfg["preset"], taef2_path=cfg.get("taef2_dir"), **vae_overrides(cfg)).load_codec()
     model = TwoXDecoder(codec.to_2x())
     model.load_trainable_state(load_safetensors(path / ("ema.safetensors" if ema else "decoder.safetensors")), str(path))
     return model.codec.requires_grad_(False).eval(), cfg
@@ -103,12 +103,22 @@ def _is_run(path: Path) -> bool:
 
 
 def _export_family(path: Path) -> str | None:
-    """The codec family of an exported decoder folder (from its config.json), None when it names none."""
+    """The codec family of an exported decoder folder (ldlib_export.json, else config.json), None when unknown.
+
+    ldlib's record comes first: a Qwen-Image 2x decoder is saved as an AutoencoderKLWan folder.
+    """
+    try:
+        family = json.loads((path / "ldlib_export.json").read_text()).get("family")
+        if family:
+            return family
+    except (OSError, ValueError, AttributeError):
+        pass
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    names = {"AutoencoderKLWan": "wan", "AutoencoderKL": "kl"}
+    names = {"AutoencoderKLWan": "wan", "AutoencoderKL": "kl", "AutoencoderKLQwenImage": "qwenimage",
+             "AutoencoderKLFlux2": "flux2"}
     return names.get(cfg.get("_class_name"), cfg.get("family")) if isinstance(cfg, dict) else None
 
 

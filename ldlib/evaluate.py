@@ -296,6 +296,8 @@ def run_evaluation(
     taef2_dir: str | None = None,
     val_fraction: float | None = None,
     split_seed: int | None = None,
+    vae: str | None = None,
+    vae_config: str | None = None,
 ) -> dict:
     """Evaluate a trained model (run or export) on a pair set's held-out split; write the report under out."""
     from .datasets import PairDataset
@@ -304,7 +306,8 @@ def run_evaluation(
     from .presets import get_preset
 
     cfg = cfg or EvalConfig()
-    preset = get_preset(preset_name, taef2_path=taef2_dir)
+    overrides = {k: v for k, v in (("vae", vae), ("vae_config", vae_config)) if v}  # a local VAE for the preset
+    preset = get_preset(preset_name, taef2_path=taef2_dir, **overrides)
     original = preset.load_codec()
     ours, info = load_decoder(model, preset)
     _check_latents_fit(model, ours, info, original, preset)

@@ -53,6 +53,67 @@ with torch.no_grad():
 """
 
 
+_README_QWEN = """# 2x decoder for Qwen-Image (exported by ldlib)
+
+The Qwen-Image VAE with its decoder's last conv widened to 12 output channels (apply `pixel_shuffle(2)`), fine-tuned
+by `ldlib` run `{run}` (step {step}, preset `{preset}`, EMA weights). `AutoencoderKLQwenImage`'s config cannot
+express a decoder with 12 output channels and an encoder with 3 input channels, so this folder is an
+`AutoencoderKLWan` (the same architecture and weight names) with Qwen-Image's config values:
+
+```python
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+
+vae = AutoencoderKLWan.from_pretrained("{folder}")
+mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+with torch.no_grad():
+    x = vae.decode(latents * std + mean).sample[:, :, 0]   # Qwen-Image latents N x 16 x 1 x h x w -> N x 12 x 8h x 8w
+image = F.pixel_shuffle(x, 2)                               # N x 3 x 16h x 16w in [-1, 1]
+```
+"""
+
+_README_KL = """# 2x decoder (exported by ldlib)
+
+A diffusers `{cls}` whose decoder's last conv has 12 output channels: apply `pixel_shuffle(2)` to its output.
+The encoder is the original, the decoder was fine-tuned by `ldlib` run `{run}` (step {step}, preset `{preset}`,
+EMA weights).
+
+```python
+import torch
+import torch.nn.functional as F
+from diffusers import {cls}
+
+vae = {cls}.from_pretrained("{folder}")
+with torch.no_grad():
+    image = F.pixel_shuffle(vae.decode(raw_latents).sample, 2)   # N x 3 x 16h x 16w, in [-1, 1] after clamp
+```
+`raw_latents` are the VAE's own latents: undo the pipeline's normalisation first ({normalisation}).
+"""
+
+_NORMALISATION = {
+    "AutoencoderKL": "`latents / scaling_factor + shift_factor` with the values in config.json",
+    "AutoencoderKLFlux2": "as Flux2Pipeline does: `latents * sqrt(bn.running_var + batch_norm_eps) + bn.running_mean` "
+    "on the 2x2-patchified latents, then unpatchify",
+}
+
+_README_WAN_FILE = """
+## One file in the original Wan 2.1 layout: `{file}`
+
+The same VAE as one safetensors file in the layout the Wan 2.1 VAE is distributed in (the original Wan code's
+names: `encoder.conv1`, `decoder.upsamples.N.residual.M`, `decoder.head.2`, `conv1` / `conv2`), encoder
+included. `decoder.head.2.weight` has 12 output channels: that is how loaders recognise a 2x decoder.
+
+- diffusers: `AutoencoderKLWan.from_single_file("{folder}/{file}", config="{folder}")` (the config is this
+  folder's `config.json`, so nothing is downloaded); decode and `pixel_shuffle(2)` as above.
+- ComfyUI: copy the file to `ComfyUI/models/vae/` and load it with the Load VAE node, which reads the decoder's
+  output channels from `decoder.head.2.weight` (on ComfyUI versions that do not, the "Load VAE (VAE Utils)" and
+  "VAE Decode (VAE Utils)" nodes of ComfyUI-VAE-Utils do, and apply the pixel shuffle).
+- The original Wan code: `WanVAE_` with the decoder head's last conv built with 12 output channels, then
+  `load_state_dict`.
+"""
+
 EXPORT_MARKER = "ldlib_export.json"
 
 
@@ -72,30 +133,99 @@ def export_folder(run: str | os.PathLike, out: str | os.PathLike):
     return replaced_folder(out, EXPORT_MARKER)
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
-    """Write the run's (EMA) 2x decoder into out: a diffusers folder (wan/kl) or TAESD files (tae), + README.md.
+FORMATS = ("diffusers", "wan", "tae")
 
+
+def formats_for(family: str) -> tuple[str, ...]:
+    """The export formats that apply to a codec family (the default of ``export_run``)."""
+    table = {"wan": ("diffusers", "wan"), "qwenimage": ("diffusers", "wan"), "kl": ("diffusers",),
+             "flux2": ("diffusers",), "tae": ("tae",)}
+    if family not in table:
+        raise ValueError(f"codec family {family!r} has no export format")
+    return table[family]
+
+
+def wan_file_name(preset: str) -> str:
+    """File name of the original-layout single file (what users see in ComfyUI's VAE list)."""
+    return f"{preset}_vae_upscale2x.safetensors"
+
+
+def export_run(
+    run: str | os.PathLike, out: str | os.PathLike, ema: bool = True, formats: tuple[str, ...] | list[str] | None = None
+) -> Path:
+    """Write the run's (EMA) 2x decoder into out in each format (default: all that apply) + README.md.
+
+    ``diffusers``: a ``from_pretrained`` folder (wan, qwenimage, kl, flux2); ``wan``: one safetensors file in the
+    original Wan 2.1 layout (wan, qwenimage; with the folder's ``config.json`` for ``from_single_file``);
+    ``tae``: TAESD files. A format that does not apply to the run's family is an error; by default ``wan`` is
+    skipped (and said so in ``ldlib_export.json``) for Wan VAEs of another architecture than Wan 2.1's.
     out must be new, empty or a previous export, which is replaced whole (see export_folder).
     """
     with export_folder(run, out) as folder:
-        _write_export(run, folder, ema, final=Path(out))
+        _write_export(run, folder, ema, final=Path(out), formats=formats)
     return Path(out)
 
 
-def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path) -> Path:
+def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path,
+                  formats: tuple[str, ...] | list[str] | None = None) -> Path:
     """The export's files, written into out (a staging folder that becomes final)."""
     from .decoder import load_run_codec, run_checkpoint
+    from .single_file import LayoutError, original_wan_state_dict, save_original_wan
 
     run, out = Path(run), Path(out)
     ckpt = run_checkpoint(run, ema)
     codec, cfg = load_run_codec(run, ema=ema, checkpoint=ckpt)
-    if not hasattr(codec, "save_pretrained"):
-        raise ValueError(f"{run}: codec family {codec.family!r} has no export format")
-    codec.save_pretrained(out)
+    applicable = formats_for(codec.family)
+    asked = tuple(dict.fromkeys(formats)) if formats else None
+    for f in asked or ():
+        if f not in FORMATS:
+            raise ValueError(f"unknown export format {f!r}; choose from {', '.join(FORMATS)}")
+        if f not in applicable:
+            raise ValueError(f"{run}: format {f!r} does not apply to a {codec.family} decoder (it has: {', '.join(applicable)})")
+    todo = [f for f in applicable if f in (asked or applicable)]
     step = json.loads((ckpt / "state.json").read_text())["step"]
-    template = _README_TAE if codec.family == "tae" else _README_WAN
-    atomic_write_bytes(out / "README.md", template.format(run=run, step=step, preset=cfg["preset"], folder=final).encode())
+    skipped: dict[str, str] = {}
+    vae = codec.as_wan_vae() if codec.family == "qwenimage" else getattr(codec, "vae", None)
+    original = None
+    if "wan" in todo:
+        try:
+            original = original_wan_state_dict(vae)  # checked against diffusers' converter before anything is written
+        except LayoutError as e:
+            if asked:
+                raise ValueError(f"{run}: cannot export format 'wan': {e}") from e
+            todo.remove("wan")
+            skipped["wan"] = str(e)
+    fmt = dict(run=run, step=step, preset=cfg["preset"], folder=final)
+    readme, files = [], []
+    if "diffusers" in todo:
+        codec.save_pretrained(out)
+        files += ["config.json", "diffusion_pytorch_model.safetensors"]
+        if codec.family == "wan":
+            readme.append(_README_WAN.format(**fmt))
+        elif codec.family == "qwenimage":
+            readme.append(_README_QWEN.format(**fmt))
+        else:
+            cls = type(codec.vae).__name__
+            readme.append(_README_KL.format(cls=cls, normalisation=_NORMALISATION.get(cls, "see the pipeline"), **fmt))
+    if "tae" in todo:
+        codec.save_pretrained(out)
+        files += ["encoder.safetensors", "decoder.safetensors", "config.json"]
+        readme.append(_README_TAE.format(**fmt))
+    if "wan" in todo:
+        name = wan_file_name(cfg["preset"])
+        if "diffusers" not in todo:  # from_single_file needs the config beside it
+            vae.save_config(out)
+            files.append("config.json")
+            readme.append(f"# 2x decoder (exported by ldlib)\n\nTrained by `ldlib` run `{run}` (step {step}, preset "
+                          f"`{cfg['preset']}`, EMA weights); decode with `pixel_shuffle(2)` of the 12-channel output.\n")
+        save_original_wan(vae, out / name, metadata={"ldlib_run": run, "step": step, "upscale": codec.upscale},
+                          state_dict=original)
+        files.append(name)
+        readme.append(_README_WAN_FILE.format(file=name, folder=final))
+    atomic_write_bytes(out / "README.md", "\n".join(readme).encode())
     info = {"run": str(run), "checkpoint": str(ckpt), "step": step, "preset": cfg["preset"], "family": codec.family,
-            "weights": "ema" if ema else "live", "upscale": codec.upscale}
+            "weights": "ema" if ema else "live", "upscale": codec.upscale, "formats": todo,
+            "files": sorted(set(files)), "skipped_formats": skipped,
+            "vae": cfg.get("vae"), "vae_config": cfg.get("vae_config")}
     atomic_write_bytes(out / EXPORT_MARKER, json.dumps(info, indent=2).encode())
     return out

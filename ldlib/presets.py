@@ -26,6 +26,18 @@ TINY_WAN_VAE_CONFIG = dict(
     temperal_downsample=[False, True, True],
 )
 
+# A tiny VAE of the Wan 2.1 *architecture* (4 stages, 2 residual blocks: what the original single-file layout,
+# diffusers' converter and ComfyUI assume; dim_mult [1, 2, 4, 4] fixes where the decoder's channel shortcut sits).
+# Used for Wan single-file round trips and as the tiny Qwen-Image VAE; the `tiny` preset's VAE is smaller still.
+TINY_WAN21_VAE_CONFIG = dict(
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+)
+
 # A tiny WanTransformer3DModel with the real block structure (patch 1x2x2, velocity output, text cross-attention).
 TINY_WAN_TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -68,6 +80,7 @@ class Preset:
     family: str
     vae: str  # hub id, local folder, or "tiny" (built in-process from TINY_WAN_VAE_CONFIG)
     vae_subfolder: str | None = None
+    vae_config: str | None = None  # architecture of a single-file vae: a diffusers VAE folder or config.json
     transformer: str | None = None  # hub id, local folder, "tiny", or None (no diffusion teacher)
     transformer_subfolder: str | None = None
     hq_size: int = 512  # HQ crop (px); LQ is hq_size // lq_factor
@@ -93,7 +106,7 @@ class Preset:
         if self.vae == "tiny":
             codec: Codec = WanCodec(tiny_wan_vae(self.seed), source="tiny")
         else:
-            codec = load_codec(self.family, self.vae, subfolder=self.vae_subfolder)
+            codec = load_codec(self.family, self.vae, subfolder=self.vae_subfolder, vae_config=self.vae_config)
         return codec.eval().to(device or "cpu")
 
     def load_transformer(self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
@@ -230,11 +243,22 @@ def taef2_dir(path: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-PRESETS = ("tiny", "taef2", "wan2.1-1.3b", "wan2.1-14b")
+PRESETS = ("tiny", "taef2", "wan2.1-1.3b", "wan2.1-14b", "qwen-image", "flux2", "flux1", "sdxl")
+
+
+def vae_overrides(cfg) -> dict:
+    """The ``vae`` / ``vae_config`` preset overrides a run config (dataclass or dict) carries, when set."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    return {k: get(k) for k in ("vae", "vae_config") if get(k)}
 
 
 def get_preset(name: str, taef2_path: str | os.PathLike | None = None, **overrides) -> Preset:
-    """Look up a preset by name; keyword overrides replace fields (e.g. ``hq_size=256``)."""
+    """Look up a preset by name; keyword overrides replace fields (e.g. ``hq_size=256``).
+
+    ``vae=`` a local folder or file replaces the hub VAE: a diffusers VAE folder, a pipeline folder (``vae/``
+    inside), or one weights file (original Wan layout for wan / qwen-image; its architecture from ``vae_config=``
+    or the family's published config).
+    """
     if name == "tiny":
         preset = Preset(
             "tiny", "wan", vae="tiny", transformer="tiny", hq_size=128,
@@ -257,6 +281,32 @@ def get_preset(name: str, taef2_path: str | os.PathLike | None = None, **overrid
             name, "wan", vae=repo, vae_subfolder="vae", transformer=repo, transformer_subfolder="transformer",
             hq_size=512, note="real Wan 2.1 VAE and 14B transformer from the hub (needs network once, a big GPU)",
         )
+    elif name == "qwen-image":
+        # Qwen-Image's VAE: the Wan 2.1 architecture, decoder fine-tuned for images; latents normalised like Wan's.
+        preset = Preset(
+            name, "qwenimage", vae="Qwen/Qwen-Image", vae_subfolder="vae", hq_size=512,
+            note="Qwen-Image VAE (AutoencoderKLQwenImage) from the hub; no teacher in ldlib (decoder training, export)",
+        )
+    elif name == "flux2":
+        preset = Preset(
+            name, "flux2", vae="black-forest-labs/FLUX.2-dev", vae_subfolder="vae", hq_size=512,
+            note="FLUX.2 VAE (AutoencoderKLFlux2, 32 channels, BatchNorm-normalised latents); gated repo on the hub",
+        )
+    elif name == "flux1":
+        # FLUX.1 [schnell] (Apache-2.0) ships the same VAE as FLUX.1 [dev]: latents (z - 0.1159) * 0.3611.
+        preset = Preset(
+            name, "kl", vae="black-forest-labs/FLUX.1-schnell", vae_subfolder="vae", hq_size=512,
+            note="FLUX.1 VAE (AutoencoderKL, 16 channels, shift_factor/scaling_factor from its config)",
+        )
+    elif name == "sdxl":
+        preset = Preset(
+            name, "kl", vae="stabilityai/stable-diffusion-xl-base-1.0", vae_subfolder="vae", hq_size=512,
+            note="SDXL VAE (AutoencoderKL, 4 channels, latents z * 0.13025); encodes in float32 (fp16 overflows)",
+        )
     else:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if overrides.get("vae") and "vae_subfolder" not in overrides and Path(str(overrides["vae"])).exists():
+        # A local VAE replaces the hub repo: its layout is detected (VAE folder, pipeline folder, single file),
+        # the hub repo's subfolder does not apply.
+        overrides["vae_subfolder"] = None
     return replace(preset, **overrides) if overrides else preset

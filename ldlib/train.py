@@ -45,6 +45,10 @@ class TrainConfig:
 
     preset: str = field(default="tiny", metadata={"help": "tiny | taef2 | wan2.1-1.3b | wan2.1-14b"})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
+    vae: str | None = field(default=None, metadata={"help": "local VAE replacing the preset's: a diffusers folder or "
+                                                            "one .safetensors/.pth (original Wan layout for wan2.1-*, qwen-image)"})
+    vae_config: str | None = field(default=None, metadata={"help": "architecture of a single-file --vae: a diffusers VAE "
+                                                                   "folder or config.json (default: the published one)"})
     steps: int = field(default=20000, metadata={"help": "optimiser steps"})
     batch: int = field(default=4, metadata={"help": "samples per process per micro-step (global batch = batch x processes x grad_accum)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimiser step"})
@@ -373,17 +377,18 @@ def train_decoder(
     """
     from .datasets import collate_pairs
     from .degrade import parse_degrader
-    from .presets import get_preset
+    from .presets import get_preset, vae_overrides
 
     t_start = time.time()
     out = Path(out)
     acc = accelerator or make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     device = acc.device
+    preset = get_preset(cfg.preset, taef2_path=cfg.taef2_dir, **vae_overrides(cfg))
     if codec is None:
-        codec = get_preset(cfg.preset, taef2_path=cfg.taef2_dir).load_codec()
+        codec = preset.load_codec()
     degrader_name = cfg.degrader
     if isinstance(degrader, str) and degrader == "config":
-        degrader = parse_degrader(cfg.degrader, get_preset(cfg.preset, taef2_path=cfg.taef2_dir), codec,
+        degrader = parse_degrader(cfg.degrader, preset, codec,
                                   sigma_max=cfg.sigma_max, device=device)
     elif degrader is not None:
         degrader_name = type(degrader).__name__

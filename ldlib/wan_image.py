@@ -17,6 +17,9 @@ What diffusers does for the first (only) chunk, reproduced exactly:
 So, as in diffusers for one frame, the resamplers' ``time_conv`` parameters get no gradient (DDP needs
 ``find_unused_parameters=True`` or those parameters frozen).
 
+diffusers' ``AutoencoderKLQwenImage`` (Qwen-Image's VAE) is built from QwenImage* copies of the same modules
+(the Wan 2.1 architecture, identical forward for the first chunk); they run here as their Wan counterparts.
+
 Not supported (clear error): ``patch_size`` (Wan 2.2's patchified VAE). Spatial tiling / slicing settings of the
 VAE are ignored (image mode always decodes the whole batch in one pass, like ``WanCodec``'s diffusers path).
 """
@@ -141,14 +144,29 @@ def _as_frame(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
     return module(x.unsqueeze(2), **kwargs).squeeze(2)
 
 
+def _kinds() -> dict[str, tuple[type, ...]]:
+    """Block classes by role: diffusers' Wan ones and, where this diffusers has them, their Qwen-Image copies."""
+    wan = _wan()
+    kinds = {"residual": (wan.WanResidualBlock,), "attention": (wan.WanAttentionBlock,),
+             "resample": (wan.WanResample,), "up": (wan.WanUpBlock,)}
+    try:
+        from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qwen
+    except ImportError:  # older diffusers: no Qwen-Image VAE
+        return kinds
+    for role, cls in (("residual", qwen.QwenImageResidualBlock), ("attention", qwen.QwenImageAttentionBlock),
+                      ("resample", qwen.QwenImageResample), ("up", qwen.QwenImageUpBlock)):
+        kinds[role] += (cls,)
+    return kinds
+
+
 def _layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One entry of an encoder's down_blocks or a decoder's up_blocks."""
-    wan = _wan()
-    if isinstance(layer, wan.WanResidualBlock):
+    wan, kinds = _wan(), _kinds()
+    if isinstance(layer, kinds["residual"]):
         return residual_block(layer, x)
-    if isinstance(layer, wan.WanAttentionBlock):
+    if isinstance(layer, kinds["attention"]):
         return attention_block(layer, x)
-    if isinstance(layer, wan.WanResample):
+    if isinstance(layer, kinds["resample"]):
         return resample(layer, x)
     if isinstance(layer, wan.WanResidualDownBlock):
         skip = _as_frame(layer.avg_shortcut, x)
@@ -157,7 +175,7 @@ def _layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer.downsampler is not None:
             x = resample(layer.downsampler, x)
         return x + skip
-    if isinstance(layer, wan.WanUpBlock):
+    if isinstance(layer, kinds["up"]):
         for resnet in layer.resnets:
             x = residual_block(resnet, x)
         if layer.upsamplers is not None:

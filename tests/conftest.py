@@ -73,3 +73,27 @@ def read_only_folder(path: Path) -> Iterator[Path]:
         if immutable:
             subprocess.run(["chattr", "-i", str(path)], check=True)
         path.chmod(mode)
+
+
+def train_short_run(out, preset: str = "tiny", vae: str | None = None, count: int = 2, codec=None):
+    """A real run folder: one decoder training step (lr 1e-3, no warm-up, EMA = live weights) on sampled pairs.
+
+    Returns ``(run folder, the TensorPairs it trained on)``; LPIPS on its seeded random backbone (offline-safe).
+    """
+    import warnings
+
+    from ldlib.losses import DecoderLoss, LossConfig
+    from ldlib.metrics import lpips_model
+    from ldlib.presets import get_preset
+    from ldlib.datasets import sample_tensor_pairs
+    from ldlib.train import TrainConfig, train_decoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lp = lpips_model("alex")
+    codec = codec or get_preset(preset, **({"vae": vae} if vae else {})).load_codec()
+    data = sample_tensor_pairs(codec, count=count, hq_size=32, seed=1)
+    cfg = TrainConfig(preset=preset, vae=vae, steps=1, batch=count, warmup_steps=0, lr=1e-3, ema_decay=0.0,
+                      val_every=100, val_count=1, loss=LossConfig(lpips_net="alex", gan_start=100))
+    train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    return out, data

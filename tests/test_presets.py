@@ -13,16 +13,21 @@ def test_every_named_preset_resolves(monkeypatch, tmp_path):
     monkeypatch.setenv(TAEF2_ENV, str(tmp_path))
     for name in PRESETS:
         p = get_preset(name)
-        assert p.name == name and p.family in ("wan", "kl", "tae")
+        assert p.name == name and p.family in ("wan", "kl", "tae", "qwenimage", "flux2")
         assert p.lq_size * p.lq_factor == p.hq_size
     assert get_preset("wan2.1-1.3b").vae == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert get_preset("wan2.1-14b").transformer_subfolder == "transformer"
     assert get_preset("tiny", hq_size=256).hq_size == 256
+    # the hub ids the README's presets table names
+    hub = {n: (get_preset(n).vae, get_preset(n).vae_subfolder) for n in ("qwen-image", "flux2", "flux1", "sdxl")}
+    assert hub == {"qwen-image": ("Qwen/Qwen-Image", "vae"), "flux2": ("black-forest-labs/FLUX.2-dev", "vae"),
+                   "flux1": ("black-forest-labs/FLUX.1-schnell", "vae"),
+                   "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "vae")}
 
 
 def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown preset 'sdxl'.*tiny"):
-        get_preset("sdxl")
+    with pytest.raises(ValueError, match="unknown preset 'sd15'.*tiny"):
+        get_preset("sd15")
 
 
 def test_taef2_dir_resolution(monkeypatch, tmp_path):
