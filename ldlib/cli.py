@@ -141,7 +141,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, shard=args.shard, device=device, progress=not args.quiet,
     )
     print(f"teacher {result['out']}: {result['computed']} computed now, {result['already_done']} already done "
-          f"(sigma ~ U[0, {spec.sigma_max}], {spec.steps} Euler steps, prompt {spec.prompt!r})")
+          f"(sigma ~ U[0, {spec.sigma_max}], {spec.steps} Euler steps, "
+          f"{'fixed prompt embedding' if preset.trained_teacher else f'prompt {spec.prompt!r}'})")
     return 0
 
 
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degrader", default="noise", help="noise | diffusion | proxy:DIR (default: %(default)s)")
     p.add_argument("--n", type=int, default=8, help="number of pairs (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only; default: %(default)s)")
-    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | TEXT (default: %(default)s)")
+    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | TEXT (default: %(default)s; "
+                   "not for a trained teacher such as taef2's, which has one fixed prompt embedding)")
     add_config_arguments(p, SweepConfig, title="sweep")
     p.add_argument("--out", default="runs/sweep")
     p.set_defaults(func=cmd_sweep)

@@ -1,5 +1,5 @@
 """The trained teacher (ldlib.teacher): degrader == hand-written Euler loop, exact resume, eval recomputed,
-save/load round trip, refusal of another latent space, and the CLI."""
+save/load round trip, refusal of another latent space, preset integration and the CLI."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rel_diff
-from ldlib.degrade import DiffusionDegrader, add_noise
-from ldlib.presets import get_preset
+from ldlib.degrade import DiffusionDegrader, add_noise, diffusion_degrader
+from ldlib.prompts import prompt_embedding
+from ldlib.presets import TAEF2_TEACHER_ENV, get_preset, taef2_teacher_dir
 from ldlib.teacher import (TeacherConfig, check_teacher_codec, eval_noise, evaluate_teacher, load_split_latents,
                            load_teacher, read_teacher_info, train_teacher)
 
@@ -135,6 +136,40 @@ def test_teacher_of_another_latent_space_is_refused(tiny_teacher, tiny_pairset):
     msg = str(e.value)
     assert str(folder) in msg and other["encoder_sha256"][:12] in msg and info["codec"]["encoder_sha256"][:12] in msg
     check_teacher_codec(info, tiny_pairset["codec"].identity(), folder)  # its own space is accepted
+    # The preset path refuses it too, before any transformer call.
+    with pytest.raises(ValueError, match="trained in the latent space"):
+        diffusion_degrader(get_preset("tiny", seed=1, transformer=str(folder)))
+
+
+def test_preset_uses_the_teacher_folder_and_its_fixed_prompt(tiny_teacher, tiny_pairset, tmp_path):
+    folder = tiny_teacher["folder"]
+    preset = get_preset("tiny", transformer=str(folder))
+    assert preset.trained_teacher
+    deg = diffusion_degrader(preset, steps=2, prompt="a text that does not apply")
+    transformer, emb, _ = load_teacher(folder)
+    assert torch.equal(deg.prompt_embeds, emb)
+    assert torch.equal(prompt_embedding(preset, "negative", cache_dir=tmp_path), emb)
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = DiffusionDegrader(transformer, emb, steps=2).degrade(z, 0.2, torch.Generator().manual_seed(1))
+    assert torch.equal(deg.degrade(z, 0.2, torch.Generator().manual_seed(1)), ref)
+
+
+def test_taef2_teacher_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(TAEF2_TEACHER_ENV, raising=False)
+    assert taef2_teacher_dir().parts[-3:] == ("ldlib", "assets", "teacher_taef2")
+    monkeypatch.setenv(TAEF2_TEACHER_ENV, str(tmp_path / "env"))
+    assert taef2_teacher_dir() == tmp_path / "env"
+    assert taef2_teacher_dir(tmp_path / "arg") == tmp_path / "arg"  # an explicit argument wins
+    preset = get_preset("taef2", taef2_teacher=tmp_path / "missing")
+    assert preset.transformer == str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="missing.*train-teacher"):
+        preset.load_transformer()
+
+
+def test_taef2_preset_refuses_a_teacher_of_another_space(tiny_teacher, taef2_codec):
+    preset = get_preset("taef2", taef2_teacher=tiny_teacher["folder"])
+    with pytest.raises(ValueError, match=f"{tiny_teacher['folder']}.*trained in the latent space of wan 16ch.*tae 32ch"):
+        diffusion_degrader(preset)
 
 
 def test_cli_train_teacher(tiny_pairset, tmp_path, capsys):
