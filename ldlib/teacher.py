@@ -30,7 +30,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_bytes, replaced_folder
+from .files import atomic_write_bytes, replaced_folder, save_figure
 
 TEACHER_JSON = "teacher.json"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
@@ -223,8 +223,6 @@ def evaluate_teacher(
 
 def plot_eval(result: dict, path: str | os.PathLike) -> None:
     """eval.png: held-out one-step denoise error and the "return x_sigma" error per sigma, and their ratio."""
-    import io
-
     from matplotlib.figure import Figure
 
     rows = result["rows"]
@@ -243,9 +241,7 @@ def plot_eval(result: dict, path: str | os.PathLike) -> None:
     b.set_ylabel("teacher / return x_sigma")
     fig.suptitle(f"held-out latents ({result['latents']} x {result['draws']} draws)", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    save_figure(fig, path)
 
 
 @torch.no_grad()
