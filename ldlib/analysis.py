@@ -346,7 +346,8 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
         raise ValueError("a sweep needs a degrader: noise | diffusion | proxy:DIR")
     result = sigma_sweep(codec, deg, lq.to(device), hq.to(device), config)
     result.notes.append(f"preset {preset.name}, {len(ids)} pairs: {', '.join(ids)}")
-    result.notes.append(f"degrader {degrader}" + (f": {steps} Euler step(s), prompt {prompt!r}" if degrader == "diffusion" else ""))
+    what = "the teacher's fixed prompt embedding" if getattr(preset, "trained_teacher", False) else f"prompt {prompt!r}"
+    result.notes.append(f"degrader {degrader}" + (f": {steps} Euler step(s), {what}" if degrader == "diffusion" else ""))
     atomic_write_bytes(out / "sweep.json", json.dumps(result.to_dict(), indent=2).encode())
     atomic_write_bytes(out / "sweep.md", (result.markdown() + "\n\n" + "\n".join(f"- {t}" for t in result.notes)
                                           + "\n").encode())

@@ -154,7 +154,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, shard=args.shard, device=device, progress=not args.quiet,
     )
     print(f"teacher {result['out']}: {result['computed']} computed now, {result['already_done']} already done "
-          f"(sigma ~ U[0, {spec.sigma_max}], {spec.steps} Euler steps, prompt {spec.prompt!r})")
+          f"(sigma ~ U[0, {spec.sigma_max}], {spec.steps} Euler steps, "
+          f"{'fixed prompt embedding' if preset.trained_teacher else f'prompt {spec.prompt!r}'})")
     return 0
 
 
@@ -191,6 +192,24 @@ def cmd_train_proxy(args: argparse.Namespace) -> int:
     if ev:
         print(f"held-out |P - T| / |T - x0|: proxy {ev['proxy']:.3f}, return-x_sigma {ev['x_sigma']:.3f}, "
               f"return-x0 {ev['x0']:.3f} -> {args.out}/eval.json, eval.png")
+    return 0
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    """Train the small flow-matching teacher in a preset's latent space; writes the run and OUT/teacher."""
+    from .config import config_from_args
+    from .teacher import TeacherConfig, train_teacher
+
+    cfg = config_from_args(TeacherConfig, args)
+    s = train_teacher(cfg, args.pairs, args.out, latents=args.latents, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # one report per run, not per DDP process
+        return 0
+    print(f"train-teacher {args.out}: {s['steps_done']}/{s['steps_target']} steps, {s['parameters'] / 1e6:.2f}M parameters, "
+          f"{s['steps_per_s_this_run'] or 0:.2f} steps/s this run; held out: {', '.join(s['held_out_sources'])}")
+    if s.get("eval"):
+        ratios = ", ".join(f"{k}: {v:.3f}" for k, v in s["eval"].items())
+        print(f"held-out one-step denoise error / return-x_sigma per sigma: {ratios}")
+        print(f"teacher folder: {s['teacher']} (eval.json, eval.png, samples.png)")
     return 0
 
 
@@ -300,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiment import ExperimentConfig
     from .pairs import PairSpec
     from .proxy import ProxyTrainConfig
+    from .teacher import TeacherConfig
     from .teacher_data import TeacherSpec
     from .train import TrainConfig
 
@@ -360,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degrader", default="noise", help="noise | diffusion | proxy:DIR (default: %(default)s)")
     p.add_argument("--n", type=int, default=8, help="number of pairs (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only; default: %(default)s)")
-    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | TEXT (default: %(default)s)")
+    p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | TEXT (default: %(default)s; "
+                   "not for a trained teacher such as taef2's, which has one fixed prompt embedding)")
     add_config_arguments(p, SweepConfig, title="sweep")
     p.add_argument("--out", default="runs/sweep")
     p.set_defaults(func=cmd_sweep)
@@ -373,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
     add_config_arguments(p, ProxyTrainConfig, title="training (ProxyTrainConfig)")
     p.set_defaults(func=cmd_train_proxy)
+
+    p = sub.add_parser("train-teacher", help="train a small flow-matching teacher in the preset's latent space (taef2)")
+    p.add_argument("pairs", help="pair set folder (latents from `encode`)")
+    p.add_argument("out", help="run folder; the trained teacher goes to OUT/teacher")
+    p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    add_config_arguments(p, TeacherConfig, title="teacher (TeacherConfig)")
+    p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("train-decoder", help="train the 2x decoder (accelerate: CPU, GPU bf16, `accelerate launch` DDP)")
     p.add_argument("pairs", help="pair set folder (from build-pairs; latents from `encode`)")

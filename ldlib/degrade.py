@@ -310,6 +310,10 @@ def diffusion_degrader(
     from .prompts import prompt_embedding
 
     dtype = torch.bfloat16 if str(device or "cpu").startswith("cuda") else torch.float32
+    if getattr(preset, "trained_teacher", False):  # refuse a teacher of another latent space than the preset's codec
+        from .teacher import check_teacher_codec, read_teacher_info
+
+        check_teacher_codec(read_teacher_info(preset.transformer), preset.load_codec().identity(), preset.transformer)
     transformer = preset.load_transformer(device=device, dtype=dtype)
     emb = prompt_embedding(preset, prompt, cache_dir=cache_dir, device=device)
     neg = prompt_embedding(preset, "empty", cache_dir=cache_dir, device=device) if guidance_scale else None

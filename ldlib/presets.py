@@ -14,6 +14,7 @@ from .samples import ASSETS_DIR
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 TAEF2_ENV = "LDLIB_TAEF2_DIR"
+TAEF2_TEACHER_ENV = "LDLIB_TAEF2_TEACHER"
 
 # A tiny AutoencoderKLWan: the real architecture (causal 3-D convs, RMS norms, 8x spatial factor, 16 latent
 # channels so real Wan latents fit), a few thousand times fewer weights.
@@ -115,7 +116,11 @@ class Preset:
             raise ValueError(f"preset {self.name!r} has no diffusion transformer (no teacher exists for it offline)")
         from diffusers import WanTransformer3DModel
 
-        if self.transformer == "tiny":
+        if self.trained_teacher:
+            from .teacher import load_teacher
+
+            model = load_teacher(self.transformer, device, dtype)[0]
+        elif self.transformer == "tiny":
             model = tiny_wan_transformer(self.seed)
             model = model.to(dtype=dtype) if dtype != torch.float32 else model
         else:  # torch_dtype here (not .to) keeps the modules diffusers wants in float32
@@ -123,6 +128,22 @@ class Preset:
                 self.transformer, subfolder=self.transformer_subfolder, torch_dtype=dtype
             )
         return model.eval().to(device or "cpu")
+
+    @property
+    def trained_teacher(self) -> bool:
+        """Whether the teacher is a folder made by train-teacher (taef2, or any such folder): fixed prompt embedding."""
+        from .teacher import is_teacher_folder
+
+        return self.transformer is not None and (self.family == "tae" or is_teacher_folder(self.transformer))
+
+    def fixed_prompt_embeds(self) -> torch.Tensor | None:
+        """The 1 x L x D prompt embedding a trained teacher runs with (None: the prompt is text-encoded)."""
+        if not self.trained_teacher:
+            return None
+        from .teacher import load_prompt_embeds, read_teacher_info
+
+        read_teacher_info(self.transformer)  # a clear error (how to train one) when the folder is not a teacher
+        return load_prompt_embeds(self.transformer)
 
     @property
     def text_encoder_id(self) -> str:
@@ -227,6 +248,18 @@ class ByteTokenizer:
         return BatchEncoding({"input_ids": ids, "attention_mask": mask})
 
 
+def taef2_teacher_dir(path: str | os.PathLike | None = None) -> Path:
+    """Folder of the taef2 teacher: the argument, else $LDLIB_TAEF2_TEACHER, else the packaged default.
+
+    Not checked here (building pairs and encoding need no teacher); loading it gives a clear error when absent.
+    """
+    if path is not None:
+        return Path(path)
+    if os.environ.get(TAEF2_TEACHER_ENV):
+        return Path(os.environ[TAEF2_TEACHER_ENV])
+    return ASSETS_DIR / "teacher_taef2"
+
+
 def taef2_dir(path: str | os.PathLike | None = None) -> Path:
     """Folder of the taef2 weights: the argument, else $LDLIB_TAEF2_DIR, else the weights shipped in ldlib/assets."""
     if path is not None:
@@ -252,9 +285,11 @@ def vae_overrides(cfg) -> dict:
     return {k: get(k) for k in ("vae", "vae_config") if get(k)}
 
 
-def get_preset(name: str, taef2_path: str | os.PathLike | None = None, **overrides) -> Preset:
+def get_preset(name: str, taef2_path: str | os.PathLike | None = None,
+               taef2_teacher: str | os.PathLike | None = None, **overrides) -> Preset:
     """Look up a preset by name; keyword overrides replace fields (e.g. ``hq_size=256``).
 
+    ``taef2_teacher``: the taef2 preset's trained teacher folder (default: see ``taef2_teacher_dir``).
     ``vae=`` a local folder or file replaces the hub VAE: a diffusers VAE folder, a pipeline folder (``vae/``
     inside), or one weights file (original Wan layout for wan / qwen-image; its architecture from ``vae_config=``
     or the family's published config).
@@ -266,8 +301,10 @@ def get_preset(name: str, taef2_path: str | os.PathLike | None = None, **overrid
         )
     elif name == "taef2":
         preset = Preset(
-            "taef2", "tae", vae=str(taef2_dir(taef2_path)), hq_size=512,
-            note="real pretrained tiny autoencoder for the FLUX.2 latent space (32 channels); no teacher offline",
+            "taef2", "tae", vae=str(taef2_dir(taef2_path)), transformer=str(taef2_teacher_dir(taef2_teacher)),
+            hq_size=512, flow_shift=1.0,
+            note="real pretrained tiny autoencoder for the FLUX.2 latent space (32 channels) and the small "
+                 "flow-matching teacher ldlib trains in it (train-teacher)",
         )
     elif name == "wan2.1-1.3b":
         repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"

@@ -110,7 +110,13 @@ def prompt_embedding(
     device: str | torch.device | None = None,
     max_sequence_length: int = 512,
 ) -> torch.Tensor:
-    """The preset's 1 x L x D embedding of a prompt ("empty", "negative" or text), from the cache when present."""
+    """The preset's 1 x L x D embedding of a prompt ("empty", "negative" or text), from the cache when present.
+
+    A trained teacher (the taef2 preset's) has one fixed embedding in its folder: prompt does not apply to it.
+    """
+    fixed = preset.fixed_prompt_embeds() if hasattr(preset, "fixed_prompt_embeds") else None
+    if fixed is not None:
+        return fixed
     text = resolve_prompt(prompt)
 
     def encode(p: str) -> torch.Tensor:

@@ -36,7 +36,8 @@ class TeacherSpec:
     sigma_max: float = field(default=0.3, metadata={"help": "sigma ~ U[0, sigma-max] (wider than the decoder's 0.12)"})
     per_latent: int = field(default=1, metadata={"help": "(sigma, noise) draws per latent"})
     steps: int = field(default=1, metadata={"help": "teacher Euler steps from sigma to 0"})
-    prompt: str = field(default="negative", metadata={"help": "negative (Wan's generic negative prompt) | empty | TEXT"})
+    prompt: str = field(default="negative", metadata={"help": "negative (Wan's generic negative prompt) | empty | TEXT; "
+                                                          "not for a trained teacher (taef2): it has one fixed embedding"})
     seed: int = field(default=0, metadata={"help": "seeds every record's sigma and noise"})
 
     def __post_init__(self) -> None:
