@@ -64,40 +64,51 @@ def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = 
 
 
 def bench_degrade(preset_name: str, quick: bool) -> dict:
-    """Proxy vs one teacher step per latent batch, at the real Wan 2.1 1.3B transformer size (random weights)."""
+    """The proxy vs one teacher step, for the shipped taef2 teacher and at the real Wan 2.1 1.3B size (random weights),
+    per latent (batch 1) and per batch of 8 (one call for the batch, as the training loop degrades)."""
     import torch
 
+    from .degrade import parse_degrader
+    from .presets import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG, get_preset
     from .proxy import ProxyNet
-    from .presets import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG
 
     from diffusers import WanTransformer3DModel
 
-    # Real size: a 256 px LQ -> 16 x 32 x 32 latent, 512 text tokens of width 4096 (UMT5-XXL).
-    cfg, text_len, hw = (TINY_WAN_TRANSFORMER_CONFIG, 16, 8) if quick else (WAN21_1_3B_TRANSFORMER_CONFIG, 512, 32)
-    batch = 1
     torch.manual_seed(0)
-    teacher = WanTransformer3DModel(**cfg).eval()
-    channels = cfg["in_channels"]
-    proxy = ProxyNet(channels=channels).eval()
-    x = torch.randn(batch, channels, hw, hw)
-    text = torch.randn(batch, text_len, cfg["text_dim"])
-    t = torch.full((batch,), 100.0)
-    sigma = torch.full((batch,), 0.1)
+    rows, ratios = [], {}
+    # The shipped taef2 teacher on 32 x 32 x 32 latents (a 256 px LQ), through the degrader the loop uses.
+    taef2 = get_preset("taef2")
+    teacher_t = parse_degrader("diffusion", taef2, taef2.load_codec(), steps=1)
+    proxy_t = ProxyNet(channels=32).eval()
+    # Real Wan size: a 256 px LQ -> 16 x 32 x 32 latent, 512 text tokens of width 4096 (UMT5-XXL).
+    cfg, text_len, hw = (TINY_WAN_TRANSFORMER_CONFIG, 16, 8) if quick else (WAN21_1_3B_TRANSFORMER_CONFIG, 512, 32)
+    wan = WanTransformer3DModel(**cfg).eval()
+    proxy_w = ProxyNet(channels=cfg["in_channels"]).eval()
     with torch.inference_mode():
-        t_teacher = timeit(lambda: teacher(hidden_states=x.unsqueeze(2), timestep=t, encoder_hidden_states=text, return_dict=False),
-                           repeats=1 if not quick else 3, warmup=1)
-        t_proxy = timeit(lambda: proxy(x, sigma), repeats=20, warmup=3)
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    n_proxy = sum(p.numel() for p in proxy.parameters())
-    del teacher
+        for batch in (1, 8):
+            x32, x16 = torch.randn(batch, 32, 32, 32), torch.randn(batch, cfg["in_channels"], hw, hw)
+            s = torch.full((batch,), 0.1)
+            text = torch.randn(batch, text_len, cfg["text_dim"])
+            calls = {
+                "taef2 teacher (shipped), 1 Euler step": lambda: teacher_t.denoise(x32, s),
+                "ProxyNet for taef2 (32 channels)": lambda: proxy_t(x32, s),
+                f"Wan 2.1 {'tiny' if quick else '1.3B'} transformer, 1 step": lambda: wan(
+                    hidden_states=x16.unsqueeze(2), timestep=s * 1000, encoder_hidden_states=text, return_dict=False),
+                "ProxyNet for Wan (16 channels)": lambda: proxy_w(x16, s),
+            }
+            t = {k: timeit(fn, repeats=1 if "1.3B" in k else 5, warmup=1) for k, fn in calls.items()}
+            rows += [{"model": k, "batch": batch, "seconds": v} for k, v in t.items()]
+            names = list(t)
+            ratios[f"proxy speed-up over the taef2 teacher step, batch {batch}"] = t[names[0]] / t[names[1]]
+            ratios[f"proxy speed-up over the Wan step, batch {batch}"] = t[names[2]] / t[names[3]]
+    params = {"taef2 teacher": sum(p.numel() for p in teacher_t.transformer.parameters()),
+              "Wan transformer": sum(p.numel() for p in wan.parameters()),
+              "ProxyNet (taef2)": sum(p.numel() for p in proxy_t.parameters())}
     return {
-        "title": f"proxy vs one teacher step, latent {channels}x{hw}x{hw}, batch {batch}, "
-                 f"{'tiny (quick)' if quick else 'Wan 2.1 1.3B size'} teacher, {torch.get_num_threads()} threads",
-        "rows": [
-            {"model": "teacher transformer, 1 step", "params": n_teacher, "seconds": t_teacher},
-            {"model": "ProxyNet (default size)", "params": n_proxy, "seconds": t_proxy},
-        ],
-        "ratios": {"proxy speed-up over one teacher step": t_teacher / t_proxy},
+        "title": f"proxy vs one teacher step per latent batch, latents 32x32 px, {torch.get_num_threads()} threads; "
+                 f"parameters {params}",
+        "rows": rows,
+        "ratios": ratios,
     }
 
 
