@@ -415,3 +415,27 @@ def test_step_timings_cover_the_step(setup, tmp_path):
     assert timings.median(skip=1).keys() == set(timings.steps[1])
     assert timings.peak_memory_mb() >= 0
 
+
+def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypatch):
+    # update_threads=1 (the CPU default) runs AdamW and the EMA on one thread: element-wise, so bit-identical to
+    # all threads; the gradient-norm clipping (a reduction) keeps all threads.
+    from diffusers.training_utils import EMAModel
+
+    seen = []
+    real_step = EMAModel.step
+    monkeypatch.setattr(EMAModel, "step", lambda self, p: seen.append(torch.get_num_threads()) or real_step(self, p))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = dict(steps=2, checkpoint_every=2, max_grad_norm=0.01)  # clipping active, GAN on at step 1
+        one = _run(setup, tmp_path / "one", _cfg(update_threads=1, **cfg))
+        seen_one, seen[:] = list(seen), []
+        both = _run(setup, tmp_path / "all", _cfg(update_threads=0, **cfg))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen_one == [1, 1] and seen == [2, 2]
+    assert one.history == both.history
+    for name in ("decoder", "ema", "discriminator"):
+        a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "all" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
