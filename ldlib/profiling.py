@@ -99,7 +99,7 @@ def _reset_peak_memory(device: torch.device) -> float:
         return torch.cuda.memory_allocated(device) / 2**20
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
-    return rss_mb("VmRSS")
+    return rss_mb("VmHWM")  # the reset mark itself: the peak read later can only be higher
 
 
 class _NoTimings:

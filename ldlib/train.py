@@ -296,8 +296,9 @@ class _PendingRecords:
 
     def add_micro(self, values: dict[str, torch.Tensor]) -> None:
         """One micro-step's scalars; those on the training device stay there until ``read``."""
-        on_device = [v.detach().reshape(()) for v in values.values() if v.device == self.device]
-        host = {k: float(v) for k, v in values.items() if v.device != self.device}  # already on the host: free
+        # By device type: accelerate's device may name no index (cuda) where tensors do (cuda:0).
+        on_device = [v.detach().reshape(()) for v in values.values() if v.device.type == self.device.type]
+        host = {k: float(v) for k, v in values.items() if v.device.type != self.device.type}  # on the host: free
         # float32 holds every float32 / bf16 / fp16 value exactly (float64 when a term is float64).
         dtype = torch.float64 if any(v.dtype == torch.float64 for v in on_device) else torch.float32
         stacked = torch.stack([v.to(dtype) for v in on_device]) if on_device else None
