@@ -439,3 +439,21 @@ def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypa
         a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "all" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_step_bench_smoke(tmp_path):
+    # The bench's plumbing at tiny size: real train_decoder runs, the breakdown adds up to the step.
+    from ldlib.bench import NON_MODEL, STEP_GROUPS, bench_train_step
+
+    result = bench_train_step("tiny", quick=True, variants={"default": {}, "channels_last": {"channels_last": True},
+                                                            "default, GAN on": {"gan_start": 0}})
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["default", "channels_last", "default, GAN on"]
+    for r in rows:
+        pieces = sum(r[g] for g in STEP_GROUPS)  # one round, one timed step: the pieces are that step
+        assert r["step_s"] > 0 and abs(pieces - r["step_s"]) <= 1e-9 * r["step_s"] + 1e-12
+        assert r["non_model_%"] == pytest.approx(100 * sum(r[g] for g in NON_MODEL) / r["step_s"])
+        assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+    assert rows[0]["discriminator"] == 0 < rows[2]["discriminator"]
+    assert set(result["ratios"]) == {f"batch 2: {v} vs default, step speed-up (median per-round ratio)"
+                                     for v in ("channels_last", "default, GAN on")}
