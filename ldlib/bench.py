@@ -634,6 +634,39 @@ def _skip_read_us(device) -> float:
     return 1e6 * timeit(read, repeats=200, warmup=5)
 
 
+def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
+    """The loop's optimiser step alone (clipping, AdamW for decoder and discriminator, EMA, schedules) at
+    update_threads=1 vs all threads, interleaved, on seeded stand-in gradients: median seconds and per-round ratio."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from .losses import LossConfig
+    from .presets import get_preset
+    from .runs import make_accelerator
+    from .train import TrainConfig, _build_models, _optimizer_step
+
+    cfg = TrainConfig(preset=preset_name, loss=LossConfig(lpips_net="alex", lpips_weight=0.0))
+    acc = make_accelerator("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = _build_models(cfg, get_preset(preset_name).load_codec(), acc, None)
+    params = list(m.params) + list(m.disc.parameters())
+    g = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(p.shape, generator=g) * 1e-3).to(p.device) for p in params]
+    configs = {"1 thread": cfg, "all threads": dataclasses.replace(cfg, update_threads=0)}
+
+    def step(c) -> None:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        _optimizer_step(m, acc, c, skip=False, d_active=True)
+
+    t = timed_interleaved({k: (lambda c=c: step(c)) for k, c in configs.items()}, repeats=rounds, warmup=1,
+                          sync=_sync(device))
+    return {"rows": {k: v["wall_s"] for k, v in t.items()}, "ratio": _round_ratio(t, "all threads", "1 thread")}
+
+
 def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | None = None,
                      rounds: int | None = None, steps: int | None = None, warmup: int = 1,
                      variants: dict[str, dict] | None = None) -> dict:
@@ -711,6 +744,10 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 if name != vs:
                     ratios[f"batch {batch}: {name} vs {vs}, step speed-up (median per-round ratio)"] = statistics.median(
                         a["step"] / b["step"] for a, b in zip(runs[vs], results))
+    if device.type == "cpu":
+        ab = _update_threads_ab(preset_name, device, rounds=3 if quick else 10)
+        ratios["optimiser + EMA step alone (GAN on): update_threads=1 vs all threads (median per-round ratio)"] = ab["ratio"]
+        notes.append("optimiser + EMA step alone, interleaved: " + ", ".join(f"{k} {v:.3g} s" for k, v in ab["rows"].items()))
     notes.append(f"the exact NaN skip's one read per optimiser step (runs.all_finite on the summed probe): "
                  f"{_skip_read_us(device):.1f} us per call on {device.type}, median of 200 (on CUDA it also "
                  f"waits for the step's queued work)")
