@@ -65,7 +65,8 @@ def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = 
 
 def bench_degrade(preset_name: str, quick: bool) -> dict:
     """The proxy vs one teacher step, for the shipped taef2 teacher and at the real Wan 2.1 1.3B size (random weights),
-    per latent (batch 1) and per batch of 8 (one call for the batch, as the training loop degrades)."""
+    per latent (batch 1) and per batch of 8 (one call for the batch); and training's batched degradation: the proxy
+    once on 8 latents vs 8 calls at batch 1."""
     import torch
 
     from .degrade import parse_degrader
@@ -84,6 +85,7 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
     cfg, text_len, hw = (TINY_WAN_TRANSFORMER_CONFIG, 16, 8) if quick else (WAN21_1_3B_TRANSFORMER_CONFIG, 512, 32)
     wan = WanTransformer3DModel(**cfg).eval()
     proxy_w = ProxyNet(channels=cfg["in_channels"]).eval()
+    batched = _batched_proxy(proxy_t, 32, 32, quick)
     with torch.inference_mode():
         for batch in (1, 8):
             x32, x16 = torch.randn(batch, 32, 32, 32), torch.randn(batch, cfg["in_channels"], hw, hw)
@@ -92,27 +94,83 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
             calls = {
                 "taef2 teacher (shipped), 1 Euler step": lambda: teacher_t.denoise(x32, s),
                 "ProxyNet for taef2 (32 channels)": lambda: proxy_t(x32, s),
-                f"Wan 2.1 {'tiny' if quick else '1.3B'} transformer, 1 step": lambda: wan(
-                    hidden_states=x16.unsqueeze(2), timestep=s * 1000, encoder_hidden_states=text, return_dict=False),
-                "ProxyNet for Wan (16 channels)": lambda: proxy_w(x16, s),
             }
-            t = {k: timeit(fn, repeats=1 if "1.3B" in k else 5, warmup=1) for k, fn in calls.items()}
+            if quick or batch == 1:  # the 1.3B step takes minutes on a CPU at batch 8, and scales linearly
+                calls[f"Wan 2.1 {'tiny' if quick else '1.3B'} transformer, 1 step"] = lambda: wan(
+                    hidden_states=x16.unsqueeze(2), timestep=s * 1000, encoder_hidden_states=text, return_dict=False)
+                calls["ProxyNet for Wan (16 channels)"] = lambda: proxy_w(x16, s)
+            t = {k: timeit(fn, repeats=1 if "1.3B" in k else 5, warmup=0 if "1.3B" in k else 1)
+                 for k, fn in calls.items()}
             rows += [{"model": k, "batch": batch, "seconds": v} for k, v in t.items()]
             names = list(t)
             ratios[f"proxy speed-up over the taef2 teacher step, batch {batch}"] = t[names[0]] / t[names[1]]
-            ratios[f"proxy speed-up over the Wan step, batch {batch}"] = t[names[2]] / t[names[3]]
+            if len(names) == 4:
+                ratios[f"proxy speed-up over the Wan step, batch {batch}"] = t[names[2]] / t[names[3]]
     params = {"taef2 teacher": sum(p.numel() for p in teacher_t.transformer.parameters()),
               "Wan transformer": sum(p.numel() for p in wan.parameters()),
               "ProxyNet (taef2)": sum(p.numel() for p in proxy_t.parameters())}
     return {
         "title": f"proxy vs one teacher step per latent batch, latents 32x32 px, {torch.get_num_threads()} threads; "
                  f"parameters {params}",
-        "rows": rows,
-        "ratios": ratios,
+        "rows": rows + batched["rows"],
+        "ratios": {**ratios, **batched["ratios"]},
+        "notes": batched["notes"],
+    }
+
+
+def _batched_proxy(proxy, channels: int, hw: int, quick: bool, batch: int = 8) -> dict:
+    """Training's degradation (per-sample sigma and noise generators) of ``batch`` latents: one proxy call on the
+    batch vs one call per sample, interleaved; rows, ratio and the largest difference between the two."""
+    import torch
+
+    from .degrade import ProxyDegrader
+
+    deg = ProxyDegrader(proxy)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, channels, hw, hw, generator=g)
+    sigma = torch.rand(batch, generator=g) * 0.12
+
+    def gens() -> list:
+        return [torch.Generator().manual_seed(100 + i) for i in range(batch)]
+
+    def one_call() -> torch.Tensor:
+        return deg.degrade_samples(x, sigma, gens())[0]
+
+    def per_sample() -> torch.Tensor:
+        gs = gens()
+        return torch.cat([deg.degrade_samples(x[i : i + 1], sigma[i : i + 1], gs[i : i + 1])[0] for i in range(batch)])
+
+    diff = (one_call() - per_sample()).abs().max().item() / max(per_sample().abs().max().item(), 1e-30)
+    t = timed_interleaved({"one": one_call, "each": per_sample}, repeats=3 if quick else 10, warmup=1)
+    return {
+        "rows": [
+            {"model": f"ProxyNet, degrade_samples: one call on the {batch}", "batch": batch,
+             "seconds": t["one"]["wall_s"]},
+            {"model": f"ProxyNet, degrade_samples: {batch} calls at batch 1", "batch": batch,
+             "seconds": t["each"]["wall_s"]},
+        ],
+        "ratios": {f"batched proxy degradation speed-up, batch {batch} vs {batch} x batch 1 (median per round)":
+                   _round_ratio(t, "each", "one")},
+        "notes": [f"batched vs per-sample degradation of the same {batch} latents, same generators: largest "
+                  f"difference {diff:.2g} of the largest value (float rounding)"],
     }
 
 
 BENCHES["degrade"] = bench_degrade
+
+
+def _generate_photos(folder: Path, count: int, size: tuple[int, int] = (3840, 2160)) -> None:
+    """Seeded photo-like JPEGs (upsampled noise plus grain) for benches when ../shared/data/photos is absent."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    for i in range(count):
+        small = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)  # upsampled noise: photo-like smoothness
+        img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+        noisy = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (h, w, 3))
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"gen{i}.jpg", quality=95)
 
 
 def bench_pairs(preset_name: str, quick: bool) -> dict:
@@ -146,12 +204,7 @@ def bench_pairs(preset_name: str, quick: bool) -> dict:
                 (src / p.name).symlink_to(p)
         else:
             origin = "generated 3840x2160 JPEGs (../shared/data/photos absent)"
-            rng = np.random.default_rng(0)
-            for i in range(2 if quick else 4):
-                small = rng.integers(0, 256, (135, 240, 3), dtype=np.uint8)  # upsampled noise: photo-like smoothness
-                img = Image.fromarray(small).resize((3840, 2160), Image.BICUBIC)
-                noisy = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (2160, 3840, 3))
-                Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(src / f"gen{i}.jpg", quality=95)
+            _generate_photos(src, 2 if quick else 4)
         files = list_images(src)
         n = len(files)
         for p in files:
@@ -374,19 +427,13 @@ def _zero_grads(codec) -> None:
         p.grad = None
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _train_memory_child() -> None:
     """Subprocess entry: peak resident memory (MB) of one CPU training step above the set-up baseline, as JSON."""
     import sys
 
     import torch
+
+    from .profiling import rss_mb
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
@@ -394,9 +441,9 @@ def _train_memory_child() -> None:
     # Reset the kernel's high-water mark (Linux >= 4.0) so set-up transients (model init, to_2x copy) don't count.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _rss_mb("VmRSS")
+    base = rss_mb("VmRSS")
     _train_step(codec, loss, z, target)
-    peak = _rss_mb("VmHWM")
+    peak = rss_mb("VmHWM")
     print(json.dumps({"base_mb": base, "peak_mb": peak, "step_mb": peak - base}))
 
 
@@ -495,4 +542,245 @@ def bench_train(preset_name: str, quick: bool, vae_config: dict | None = None, h
     }
 
 
-BENCHES["train"] = bench_train
+BENCHES["train-wan"] = bench_train
+
+
+# ------------------------------------------------------------------------------------------------------------
+# train: where a step of the real train_decoder loop goes, per option (compile, channels_last, bf16, LPIPS net)
+# ------------------------------------------------------------------------------------------------------------
+
+# The pieces StepTimings records in train_decoder, grouped as the breakdown table shows them.
+STEP_GROUPS = {
+    "data": ("data",),
+    "degradation": ("degradation",),
+    "decoder fwd": ("decoder forward",),
+    "decoder bwd": ("decoder backward",),
+    "LPIPS fwd": ("lpips forward",),
+    # The backward from the loss to the decoder's output: LPIPS (and the GAN term's discriminator, once on).
+    "loss bwd": ("loss backward",),
+    # L1, and once the GAN is on: the discriminator on the prediction and the adaptive weight's two gradients.
+    "L1 + GAN term": ("losses",),
+    "discriminator": ("discriminator",),
+    "optimiser + EMA": ("optimiser + EMA",),
+    "logging": ("logging",),
+}
+NON_MODEL = ("data", "degradation", "optimiser + EMA", "logging")
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 (oneDNN's check: AVX512-BF16 or AMX); without it bf16 is emulated."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _bench_pairset(root: Path, preset, codec, count: int) -> tuple[Path, Path, str]:
+    """A pair set of ``count`` pairs at the preset's sizes with its latent cache: (pairs, latents, origin)."""
+    import warnings
+
+    from .images import list_images
+    from .latents import default_cache_dir, encode_pairs
+    from .pairs import PairSpec, SkippedInputWarning, build_pairs
+    from .presets import SHARED_DIR
+
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    shared = SHARED_DIR / "data" / "photos"
+    if shared.is_dir():
+        origin = "../shared/data/photos"
+        for p in list_images(shared)[: max(1, count // 2)]:
+            (photos / p.name).symlink_to(p.resolve())
+    else:
+        origin = "generated 2048x2048 JPEGs (../shared/data/photos absent)"
+        _generate_photos(photos, max(1, count // 2), (2048, 2048))
+    pairs = root / "pairs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedInputWarning)
+        build_pairs(photos, pairs, PairSpec.from_preset(preset, crops_per_image=2), workers=1, progress=False)
+    latents = default_cache_dir(pairs, preset.name)
+    encode_pairs(pairs, codec, latents, progress=False)
+    return pairs, latents, origin
+
+
+# What "before" restores: today's loop as it was before the defaults changed (see TrainConfig.update_threads).
+BEFORE = {"update_threads": 0}
+
+
+def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]]:
+    """The options measured (name -> TrainConfig / LossConfig overrides, "vs": the row its ratio compares with),
+    and notes on the ones left out."""
+    notes = []
+    variants: dict[str, dict] = {"before (old defaults)": dict(BEFORE), "after (new defaults)": {}}
+    variants["after + channels_last"] = {"channels_last": True}
+    if not quick:
+        variants["after + torch.compile"] = {"compile": True}
+    if device.type == "cuda":
+        variants["after, fp32 (no autocast)"] = {"mixed_precision": "no"}
+    elif cpu_bf16_supported():
+        variants["after + bf16 autocast"] = {"mixed_precision": "bf16"}
+    else:
+        notes.append("bf16 autocast not measured: this CPU has no native bf16 (no AVX512-BF16 / AMX; oneDNN "
+                     "would emulate it)")
+    variants["after, LPIPS vgg"] = {"lpips_net": "vgg"}
+    variants["after, LPIPS squeeze"] = {"lpips_net": "squeeze"}
+    variants["before, GAN on"] = {**BEFORE, "gan_start": 0}
+    variants["after, GAN on"] = {"gan_start": 0, "vs": "before, GAN on"}
+    return variants, notes
+
+
+def _skip_read_us(device) -> float:
+    """Microseconds of the loop's one host read per optimiser step: all_finite on a device scalar."""
+    import torch
+
+    from .runs import all_finite, make_accelerator
+
+    acc = make_accelerator("no" if device.type == "cpu" else "bf16")
+    probe = torch.zeros((), device=device)
+
+    def read() -> bool:
+        return all_finite(acc, probe)
+
+    return 1e6 * timeit(read, repeats=200, warmup=5)
+
+
+def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
+    """The loop's optimiser step alone (clipping, AdamW for decoder and discriminator, EMA, schedules) at
+    update_threads=1 vs all threads, interleaved, on seeded stand-in gradients: median seconds and per-round ratio."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from .losses import LossConfig
+    from .presets import get_preset
+    from .runs import make_accelerator
+    from .train import TrainConfig, _build_models, _optimizer_step
+
+    cfg = TrainConfig(preset=preset_name, loss=LossConfig(lpips_net="alex", lpips_weight=0.0))
+    acc = make_accelerator("auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = _build_models(cfg, get_preset(preset_name).load_codec(), acc, None)
+    params = list(m.params) + list(m.disc.parameters())
+    g = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(p.shape, generator=g) * 1e-3).to(p.device) for p in params]
+    configs = {"1 thread": cfg, "all threads": dataclasses.replace(cfg, update_threads=0)}
+
+    def step(c) -> None:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        _optimizer_step(m, acc, c, skip=False, d_active=True)
+
+    t = timed_interleaved({k: (lambda c=c: step(c)) for k, c in configs.items()}, repeats=rounds, warmup=1,
+                          sync=_sync(device))
+    return {"rows": {k: v["wall_s"] for k, v in t.items()}, "ratio": _round_ratio(t, "all threads", "1 thread")}
+
+
+def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | None = None,
+                     rounds: int | None = None, steps: int | None = None, warmup: int = 1,
+                     variants: dict[str, dict] | None = None) -> dict:
+    """Where the time of one step of the real ``train_decoder`` loop goes, per option, at the preset's sizes.
+
+    Every measurement is a real training run (a pair set of real photos with its latent cache, TrainConfig at the
+    recipe's defaults with LPIPS alex and the noise degrader; the GAN off, as in the first gan_start steps, unless
+    the variant says "GAN on") timed by ``ldlib.profiling.StepTimings``. Variants run in turn in every round
+    (a noisy machine hits all alike); a row is the median over rounds of each run's median step after ``warmup``
+    steps, and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs").
+    ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``).
+    """
+    import shutil
+    import tempfile
+    import warnings
+
+    import torch
+
+    from .datasets import PairDataset
+    from .degrade import NoiseDegrader
+    from .losses import LossConfig
+    from .presets import get_preset
+    from .profiling import StepTimings
+    from .train import TrainConfig, train_decoder
+
+    device = _device()
+    preset = get_preset(preset_name)
+    batches = batches or ((2,) if quick else (2, 4))
+    rounds = rounds or (1 if quick else 3)
+    steps = steps or (1 if quick else 2)  # timed steps per run, after the warm-up
+    measured, notes = (variants, []) if variants is not None else train_step_variants(device, quick)
+    first = next(iter(measured))  # ratios compare with it unless a variant names its own "vs"
+    codec = preset.load_codec()
+    rows, ratios, per_round, raw = [], {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="ldlib-bench-train-") as tmp:
+        tmp = Path(tmp)
+        pairs, latents, origin = _bench_pairset(tmp / "data", preset, codec, count=max(batches) * 2)
+        train_set = PairDataset(pairs, latents=latents)
+        for batch in batches:
+            runs: dict[str, list[dict]] = {k: [] for k in measured}
+            for r in range(rounds):
+                for name, overrides in measured.items():
+                    overrides = {k: v for k, v in overrides.items() if k != "vs"}
+                    loss_kw = {k: overrides[k] for k in ("lpips_net", "gan_start") if k in overrides}
+                    cfg = TrainConfig(
+                        preset=preset_name, steps=warmup + steps, batch=batch, warmup_steps=0, val_every=10**9,
+                        checkpoint_every=10**9, log_every=10, seed=r,
+                        loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}),
+                        **{k: v for k, v in overrides.items() if k not in loss_kw},
+                    )
+                    if cfg.compile:
+                        torch._dynamo.reset()  # every compiled run pays its own compilation (in the warm-up)
+                    timings = StepTimings(device, memory=True)
+                    out = tmp / f"run{sum(map(len, runs.values()))}"
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
+                        train_decoder(cfg, out, train_set, None, codec=codec, degrader=NoiseDegrader(), timings=timings)
+                    runs[name].append({"pieces": timings.median(skip=warmup), "peak_mb": timings.peak_memory_mb(),
+                                       "step": statistics.median(timings.step_totals(skip=warmup)),
+                                       "steps": timings.steps})
+                    shutil.rmtree(out, ignore_errors=True)
+            per_round[f"batch {batch}"] = {k: [x["step"] for x in v] for k, v in runs.items()}
+            raw[f"batch {batch}"] = {k: [x["steps"] for x in v] for k, v in runs.items()}
+            for name, results in runs.items():
+                row = {"batch": batch, "variant": name}
+                step_s = statistics.median(x["step"] for x in results)
+                for group, pieces in STEP_GROUPS.items():
+                    row[group] = statistics.median(sum(x["pieces"].get(p, 0.0) for p in pieces) for x in results)
+                row["step_s"] = step_s
+                row["non_model_%"] = 100 * sum(row[g] for g in NON_MODEL) / step_s
+                row["samples_per_s"] = batch / step_s
+                row["peak_mb"] = statistics.median(x["peak_mb"] for x in results)
+                rows.append(row)
+                vs = measured[name].get("vs", first)
+                if name != vs:
+                    ratios[f"batch {batch}: {name} vs {vs}, step speed-up (median per-round ratio)"] = statistics.median(
+                        a["step"] / b["step"] for a, b in zip(runs[vs], results))
+    if device.type == "cpu":
+        ab = _update_threads_ab(preset_name, device, rounds=3 if quick else 10)
+        ratios["optimiser + EMA step alone (GAN on): update_threads=1 vs all threads (median per-round ratio)"] = ab["ratio"]
+        notes.append("optimiser + EMA step alone, interleaved: " + ", ".join(f"{k} {v:.3g} s" for k, v in ab["rows"].items()))
+    notes.append(f"the exact NaN skip's one read per optimiser step (runs.all_finite on the summed probe): "
+                 f"{_skip_read_us(device):.1f} us per call on {device.type}, median of 200 (on CUDA it also "
+                 f"waits for the step's queued work)")
+    memory = ("torch.cuda.max_memory_allocated above the loop's start" if device.type == "cuda" else
+              "RSS high-water mark above the loop's start (approximate: the allocator keeps some freed memory)")
+    notes += [
+        f"data: {origin}, {len(train_set)} pairs; each run: {warmup} warm-up step(s) (compilation included) then "
+        f"{steps} timed; {rounds} round(s), variants interleaved",
+        f"columns are seconds per optimiser step; non_model_% = data + degradation + optimiser/EMA + logging; "
+        f"peak_mb: {memory}",
+        "LPIPS backbone: torchvision's weights when cached, else a seeded random one (same cost)",
+    ]
+    return {
+        "title": f"decoder training step, breakdown (real train_decoder loop), preset {preset.name} (HQ "
+                 f"{preset.hq_size} px), LPIPS alex unless named, {device.type}, {torch.get_num_threads()} threads",
+        "rows": rows,
+        "ratios": ratios,
+        "notes": notes,
+        "rounds_step_s": per_round,
+        "steps_s": raw,  # every run's pieces per step, warm-up included
+    }
+
+
+BENCHES["train"] = bench_train_step

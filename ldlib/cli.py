@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
-    p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | all")
+    p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | train-wan | all")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
     _add_preset(p)

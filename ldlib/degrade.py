@@ -30,9 +30,10 @@ import torch.nn as nn
 VOCABULARY = "none | noise | diffusion | proxy:DIR | teacher:DIR"
 
 
-def sigma_tensor(sigma: float | torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """sigma as an (N, 1, 1, 1) tensor on latents' device and dtype (a float applies to every sample)."""
-    s = torch.as_tensor(sigma, dtype=latents.dtype, device=latents.device)
+def sigma_tensor(sigma: float | torch.Tensor, latents: torch.Tensor,
+                 device: str | torch.device | None = None) -> torch.Tensor:
+    """sigma as an (N, 1, 1, 1) tensor of latents' dtype on latents' device or ``device`` (a float: every sample)."""
+    s = torch.as_tensor(sigma, dtype=latents.dtype, device=device or latents.device)
     if s.dim() == 0:
         s = s.expand(latents.shape[0])
     if s.shape != (latents.shape[0],):
@@ -84,10 +85,14 @@ class Degrader:
         self, latents: torch.Tensor, sigma: torch.Tensor, generators: Sequence[torch.Generator],
         ids: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(degraded latents, sigma used): sample i noised with generators[i], one ``denoise`` for the batch."""
-        s = sigma_tensor(sigma, latents)
-        x_sigma = (1 - s) * latents + s * sample_noise(latents, s.flatten(), generators)
-        return self._finish(latents, x_sigma, s), s.flatten().float().cpu()
+        """(degraded latents, sigma used): sample i noised with generators[i], one ``denoise`` for the batch.
+
+        Which samples to noise is decided on a host copy of sigma: with latents on a GPU nothing is read back.
+        """
+        s_host = sigma_tensor(sigma, latents, device="cpu")
+        s = s_host.to(latents.device)
+        x_sigma = (1 - s) * latents + s * sample_noise(latents, s_host.flatten(), generators)
+        return self._finish(latents, x_sigma, s, s_host.flatten()), s_host.flatten().float()
 
     def coverage(self, ids: Sequence[str]) -> float:
         """Share of the given pair ids this degrader can degrade (cached data may cover some only)."""
@@ -97,8 +102,10 @@ class Degrader:
         """Move the degrader's model (if any) to device; returns self."""
         return self
 
-    def _finish(self, latents: torch.Tensor, x_sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        active = (s.flatten() > 0).nonzero().flatten()
+    def _finish(self, latents: torch.Tensor, x_sigma: torch.Tensor, s: torch.Tensor,
+                s_host: torch.Tensor | None = None) -> torch.Tensor:
+        # The active samples from sigma on the host when the caller has it there (no device read).
+        active = ((s_host if s_host is not None else s.flatten()) > 0).nonzero().flatten()
         if len(active) == 0:
             return latents.clone()
         out = self.denoise(x_sigma[active], s.flatten()[active])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
+from .profiling import NO_TIMINGS, StepTimings
 from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_optimizer,
                    check_optimiser_settings, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
                    write_config)
@@ -74,6 +75,11 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder activations in backward"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decoder"})
+    channels_last: bool = field(default=False, metadata={"help": "channels-last memory format for decoder, LPIPS and discriminator"})
+    # AdamW and the EMA are a few hundred element-wise ops on small tensors: with several threads each op waits for
+    # all of them, which costs seconds per step on a busy CPU (bench train); one thread does them in ~0.1 s.
+    update_threads: int = field(default=1, metadata={"help": "CPU threads of the AdamW and EMA updates (element-wise, same "
+                                                             "result on any count); 0: all (no effect on GPU)"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
     init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
@@ -215,6 +221,11 @@ def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> 
         torch.manual_seed(mix_seed(cfg.seed, 11))
         disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device)
     loss_fn = (loss_fn or DecoderLoss(cfg.loss)).to(device)
+    if cfg.channels_last:
+        for module in (model, disc, loss_fn):
+            for conv in module.modules():  # 2-D convolutions only (Wan's VAE also holds 3-D ones)
+                if isinstance(conv, nn.Conv2d):
+                    conv.to(memory_format=torch.channels_last)
     names = list(model.trainable_state())
     params = [model.trainable_state()[n] for n in names]
     ema = EMAModel(params, decay=cfg.ema_decay)
@@ -274,27 +285,99 @@ def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: l
     )
 
 
-def _micro_step(m: _Models, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, reduce) -> tuple[dict, bool, bool]:
-    """Forward, losses and backward of one micro-batch: (loss terms, finite, GAN on).
+def _nan_probe(value: torch.Tensor) -> torch.Tensor:
+    """0 where value is finite, NaN where it is not (inf * 0 is NaN): a device-side flag, nothing read back."""
+    return (value.detach().float() * 0).sum()
 
-    A non-finite loss on any process is not back-propagated (the whole window is then skipped).
+
+def _micro_step(m: _Models, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, reduce,
+                timer=NO_TIMINGS) -> tuple[dict, torch.Tensor, bool]:
+    """Forward, losses and backward of one micro-batch: (loss terms, finiteness probe, GAN on).
+
+    Nothing is read back to the host here: the probe is 0 when the losses are finite and NaN when not; the loop sums
+    it over the window and reads it once per optimiser step, which then drops the whole window on every process.
+    A non-finite loss is back-propagated like any other (its gradients are dropped with the window's).
     """
     with acc.autocast():
         pred = m.fwd(zd)
+    timer.split("decoder forward")
     loss, terms = m.loss_fn.generator(pred, hq, step, m.disc_raw, m.model.codec.conv_out.weight, reduce)
-    ok = all_finite(acc, loss)
-    if ok:
-        acc.backward(loss)
+    timer.split("losses")
+    probe = _nan_probe(loss)
+    if timer.active and pred.requires_grad:
+        # The gradient at pred is complete once the loss side (LPIPS, GAN term) is done: the decoder's part starts.
+        pred.register_hook(lambda grad: timer.split("loss backward"))
+    acc.backward(loss)
+    timer.split("decoder backward")
     d_active = m.loss_fn.gan_active(step)
     if d_active:
         with acc.autocast():
             d_loss, d_terms = m.loss_fn.discriminator_loss(m.disc, pred, hq)
-        d_ok = all_finite(acc, d_loss)
-        if d_ok and ok:
-            acc.backward(d_loss)
+        probe = probe + _nan_probe(d_loss)
+        acc.backward(d_loss)
         terms.update(d_terms)
-        ok = ok and d_ok
-    return terms, ok, d_active
+        timer.split("discriminator")
+    return terms, probe, d_active
+
+
+class _PendingRecords:
+    """The loss terms of the optimiser steps not read yet, left where they were computed (no host sync per step).
+
+    ``read`` fetches all of them in one transfer and builds the history records exactly as an immediate read
+    would: the same floats, the same per-window means, the same key order.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.steps: list[tuple[list[tuple[list[str], dict[str, float], torch.Tensor | None]], dict]] = []
+        self.window: list[tuple[list[str], dict[str, float], torch.Tensor | None]] = []
+
+    def add_micro(self, values: dict[str, torch.Tensor]) -> None:
+        """One micro-step's scalars; those on the training device stay there until ``read``."""
+        # By device type: accelerate's device may name no index (cuda) where tensors do (cuda:0).
+        on_device = [v.detach().reshape(()) for v in values.values() if v.device.type == self.device.type]
+        host = {k: float(v) for k, v in values.items() if v.device.type != self.device.type}  # on the host: free
+        # float32 holds every float32 / bf16 / fp16 value exactly (float64 when a term is float64).
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in on_device) else torch.float32
+        stacked = torch.stack([v.to(dtype) for v in on_device]) if on_device else None
+        self.window.append((list(values), host, stacked))
+
+    def end_step(self, **meta) -> None:
+        """Close the optimiser step (its micro-steps so far) with its step, lr and skipped flag."""
+        self.steps.append((self.window, meta))
+        self.window = []
+
+    def read(self) -> list[dict]:
+        """The records of the closed steps (one host transfer), oldest first; forgets them."""
+        stacks = [s for micros, _ in self.steps for _, _, s in micros if s is not None]
+        flat = torch.cat([s.to(torch.float64) for s in stacks]).tolist() if stacks else []
+        records, i = [], 0
+        for micros, meta in self.steps:
+            window = []
+            for names, host, stacked in micros:
+                n = 0 if stacked is None else len(stacked)
+                dev = iter(flat[i : i + n])
+                i += n
+                window.append({k: host[k] if k in host else next(dev) for k in names})
+            rec = {k: sum(t[k] for t in window if k in t) / max(1, sum(k in t for t in window)) for k in window[-1]}
+            rec.update(meta)
+            records.append(rec)
+        self.steps = []
+        return records
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int):
+    """Run the block with n intra-op CPU threads (0: leave the setting alone)."""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _optimizer_step(m: _Models, acc, cfg: TrainConfig, skip: bool, d_active: bool) -> None:
@@ -305,15 +388,17 @@ def _optimizer_step(m: _Models, acc, cfg: TrainConfig, skip: bool, d_active: boo
         m.opt_d.zero_grad(set_to_none=True)
     else:
         if cfg.max_grad_norm > 0:
+            # Norms are reductions (their rounding depends on the thread count): they keep all threads.
             acc.clip_grad_norm_(m.params, cfg.max_grad_norm)
-        m.opt_g.step()
-        m.opt_g.zero_grad(set_to_none=True)
-        if d_active:
-            if cfg.max_grad_norm > 0:
+            if d_active:
                 acc.clip_grad_norm_(m.disc.parameters(), cfg.max_grad_norm)
-            m.opt_d.step()
-        m.opt_d.zero_grad(set_to_none=True)
-        m.ema.step(m.params)
+        with _cpu_threads(cfg.update_threads if acc.device.type == "cpu" else 0):
+            m.opt_g.step()
+            m.opt_g.zero_grad(set_to_none=True)
+            if d_active:
+                m.opt_d.step()
+            m.opt_d.zero_grad(set_to_none=True)
+            m.ema.step(m.params)
     with warnings.catch_warnings():
         # Schedules follow the step count even on skipped steps / before the GAN starts (torch warns).
         warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
@@ -367,6 +452,7 @@ def train_decoder(
     loss_fn: DecoderLoss | None = None,
     stop_at: int | None = None,
     accelerator=None,
+    timings: StepTimings | None = None,
 ) -> TrainResult:
     """Train the 2x decoder on (latent, HQ) pairs; checkpoints, TensorBoard and summary.json under out.
 
@@ -374,6 +460,7 @@ def train_decoder(
     (+ ``latents``) for a pair set on disk, split by source photo. ``codec``: the preset's 1x codec unless given.
     ``degrader``: a ``ldlib.degrade`` degrader, None for none, or "config" to parse ``cfg.degrader``.
     ``stop_at`` ends the run early at that step (a simulated interruption; the schedule still targets ``cfg.steps``).
+    ``timings``: a ``ldlib.profiling.StepTimings`` to fill with each step's pieces (``python -m ldlib bench train``).
     """
     from .datasets import collate_pairs
     from .degrade import parse_degrader
@@ -414,8 +501,9 @@ def train_decoder(
     stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     sampler = GlobalBatchSampler(len(train_set), cfg.batch, acc.num_processes, acc.process_index, cfg.seed,
                                  start=step * cfg.grad_accum, stop=stop * cfg.grad_accum)
+    # Pinned batches make the host-to-GPU copies asynchronous (non_blocking below).
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=collate_pairs)
+                                         collate_fn=collate_pairs, pin_memory=device.type == "cuda")
     val_batch = None
     if val_set is not None and len(val_set) > 0 and acc.is_main_process:
         items = collate_pairs([val_set[i] for i in range(min(cfg.val_count, len(val_set)))])
@@ -424,8 +512,21 @@ def train_decoder(
     log = RunLogger(out, acc, total=stop, initial=step, desc="train-decoder")
     history: list[dict] = []
     val_metrics: dict[str, float] = {}
-    window: list[dict[str, float]] = []
-    window_ok = True
+    # Loss terms stay on the device and are read every log_every steps (and before checkpoints and at the end):
+    # no host sync per step but the one that decides whether the optimiser step is skipped.
+    pending = _PendingRecords(device)
+    probe = None
+    timer = timings if timings is not None else NO_TIMINGS
+
+    def flush() -> None:
+        for rec in pending.read():
+            history.append(rec)
+            log.history(rec)
+            if rec["step"] % cfg.log_every == 0:
+                log.scalars(rec["step"], {k: v for k, v in rec.items() if isinstance(v, float)})
+        if history:
+            log.advance(0, {"rec": history[-1].get("rec", float("nan"))})
+
     t_loop, samples = time.time(), 0
     with contextlib.ExitStack() as scope:
         if cfg.compile:
@@ -434,34 +535,50 @@ def train_decoder(
             # The adaptive GAN weight differentiates the same graph twice (retain_graph=True), which compiled
             # backward graphs with donated buffers refuse; switch donation off for this loop only.
             scope.enter_context(functorch_config.patch(donated_buffer=False))
+        if timer.active and m.loss_fn.lpips is not None:
+            lpips_hooks = (m.loss_fn.lpips.register_forward_pre_hook(lambda *_: timer.split("losses")),
+                           m.loss_fn.lpips.register_forward_hook(lambda *_: timer.split("lpips forward")))
+            scope.callback(lambda: [h.remove() for h in lpips_hooks])
+        # A run that stops with an error still writes the history of the steps it finished.
+        scope.push(lambda kind, *_: kind is not None and _flush_quietly(flush))
+        timer.start()
         for micro, batch in enumerate(loader, start=step * cfg.grad_accum):
             mine = sampler.global_batch(micro)[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
             z, hq = batch["latent"].to(device, non_blocking=True), batch["hq"].to(device, non_blocking=True)
+            timer.split("data")
             zd, sigma = degrade_batch(degrader, z, mine, step, cfg.seed, (cfg.sigma_min, cfg.sigma_max), batch.get("id"))
+            timer.split("degradation")
             with acc.accumulate(m.fwd, m.disc):
-                terms, ok, d_active = _micro_step(m, acc, zd, hq, step, reduce)
-                window_ok = window_ok and ok
-                window.append({k: float(v.detach()) for k, v in terms.items()} | {"sigma_mean": sigma.mean().item()})
+                terms, p, d_active = _micro_step(m, acc, zd, hq, step, reduce, timer)
+                probe = p if probe is None else probe + p
+                pending.add_micro(terms | {"sigma_mean": sigma.mean()})
+                timer.split("logging")
                 if not acc.sync_gradients:
                     continue
+                # The one host read per optimiser step: an exact skip must know before the optimiser and EMA move.
+                window_ok = all_finite(acc, probe)
                 _optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
+            timer.split("optimiser + EMA")
             if not window_ok:
                 skipped.append(step)
                 acc.print(f"step {step}: non-finite loss, step skipped")
-            rec = {k: sum(t[k] for t in window if k in t) / max(1, sum(k in t for t in window)) for k in window[-1]}
-            rec.update(step=step, lr=m.sched_g.get_last_lr()[0], skipped=not window_ok)
-            history.append(rec)
-            log.history(rec)
+            pending.end_step(step=step, lr=m.sched_g.get_last_lr()[0], skipped=not window_ok)
             if step % cfg.log_every == 0:
-                log.scalars(step, {k: v for k, v in rec.items() if isinstance(v, float)})
-            window, window_ok = [], True
+                flush()
+            probe = None
             step += 1
             samples += cfg.batch * cfg.grad_accum * acc.num_processes
-            log.advance(1, {"rec": rec.get("rec", float("nan"))})
+            log.advance(1)
+            timer.split("logging")
+            timer.end_step()
             if step % cfg.val_every == 0 and val_batch is not None:
                 val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
+                timer.split("validation", in_step=False)
             if step % cfg.checkpoint_every == 0 or step == stop:
+                flush()  # history.jsonl is complete up to every checkpoint
                 _save_checkpoint(m, ckpts, step, skipped, cfg.preset, codec.family)
+                timer.split("checkpoint", in_step=False)
+        flush()
     if val_batch is not None and (step % cfg.val_every != 0 or not val_metrics):
         val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
     acc.wait_for_everyone()
@@ -492,6 +609,13 @@ def train_decoder(
         atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     log.close()
     return TrainResult(out, step, skipped, history, summary, m.model.codec)
+
+
+def _flush_quietly(flush) -> bool:
+    """Write what can be written while an error propagates; never replaces that error (returns False)."""
+    with contextlib.suppress(Exception):
+        flush()
+    return False
 
 
 def _log_validation(m: _Models, log: RunLogger, step: int, val_batch: dict, cfg: TrainConfig, degrader) -> dict:

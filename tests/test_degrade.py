@@ -235,6 +235,55 @@ def test_degrade_samples_equals_each_sample_alone(latents):
         Double().degrade_samples(latents, s, [gen(0)])
 
 
+def _random_proxy():
+    from ldlib.proxy import ProxyNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        net = ProxyNet(channels=16, width=16, blocks=2).eval()
+        torch.nn.init.normal_(net.conv_out.weight, std=0.05)  # not the zero-initialised "return x_sigma"
+    return net
+
+
+@pytest.mark.parametrize("kind", ["proxy", "diffusion"])
+def test_batched_degradation_equals_per_sample_calls(latents, transformer, emb, kind):
+    # Training's path: per-sample sigma and noise generators, ONE model call on the batch. The reference: each
+    # sample alone (batch 1) with its own generator, computed from the model directly.
+    from conftest import rel_diff
+
+    s = torch.tensor([0.11, 0.0, 0.04])
+    if kind == "proxy":
+        net = _random_proxy()
+        deg = ProxyDegrader(net)
+
+        def alone(x, sig):
+            with torch.no_grad():
+                return net(x, sig)
+    else:
+        deg = DiffusionDegrader(transformer, emb, steps=2)
+
+        def alone(x, sig):
+            for k in range(2):
+                sk, sn = sig * (1 - k / 2), sig * (1 - (k + 1) / 2)
+                x = x + (sn - sk).view(-1, 1, 1, 1) * velocity(transformer, x, sk, emb)
+            return x
+
+    calls = []
+    model = deg.net if kind == "proxy" else deg.transformer
+    hook = model.register_forward_hook(lambda mod, args, kw_out=None: calls.append(1))
+    try:
+        batched, used = deg.degrade_samples(latents, s, [gen(20 + i) for i in range(3)])
+    finally:
+        hook.remove()
+    assert len(calls) == (1 if kind == "proxy" else 2), "one model call per (Euler) step for the whole batch"
+    assert torch.equal(used, s) and torch.equal(batched[1], latents[1])
+    for i in (0, 2):
+        x_s = (1 - s[i]) * latents[i : i + 1] + s[i] * torch.randn(latents[i : i + 1].shape, generator=gen(20 + i))
+        ref = alone(x_s, s[i : i + 1])
+        assert not torch.allclose(ref, x_s, atol=1e-3)  # the model changed the noised latent
+        assert rel_diff(batched[i : i + 1], ref) <= 1e-5, i
+
+
 def test_degrader_vocabulary_errors(tmp_path):
     assert parse_degrader("none") is None and parse_degrader(None) is None
     assert type(parse_degrader("noise")).__name__ == "NoiseDegrader"

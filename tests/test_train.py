@@ -272,3 +272,190 @@ def test_torch_compile_same_losses(setup, tmp_path):
     compiled = _run(setup, tmp_path / "compiled", _cfg(compile=True, **cfg))
     for a, b in zip(plain.history, compiled.history):
         assert b["total"] == pytest.approx(a["total"], rel=1e-4, abs=1e-6)
+
+
+# --- the hot loop: no host reads per step, batched history, timings ------------------------------------------------
+
+
+class DeviceReads(torch.overrides.TorchFunctionMode):
+    """Records every read back to the host of a tensor that would live on the GPU in a GPU run.
+
+    Such tensors are the batch's and everything computed from it or from a parameter (tracked op by op, and
+    through torch.autograd.grad), or created on such a tensor's ``.device``; sigmas and noise drawn on the CPU
+    are not. A read is what synchronises a GPU: item(), float(), bool(), tolist(), nonzero(), .cpu(), ... Each is
+    recorded with the ldlib functions on the stack.
+    """
+
+    READS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "cpu", "nonzero",
+             "argwhere", "masked_select", "unique"}
+
+    def __init__(self, seeds):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.on_device = WeakIdKeyDictionary()
+        for t in seeds:
+            self.on_device[t] = True
+        self.reads = []
+        self.devices = []  # the .device objects of device tensors: what is created "on the device" uses one
+
+    def mark(self, out):
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.on_device[t] = True
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+        device_input = any(isinstance(t, torch.nn.Parameter) or t in self.on_device for t in leaves
+                           if isinstance(t, torch.Tensor)) or any(any(t is d for d in self.devices) for t in leaves)
+        if getattr(func, "__self__", None) is torch.Tensor.device:  # the .device property
+            out = func(*args, **kwargs)
+            if device_input:
+                self.devices.append(out)
+            return out
+        name = getattr(func, "__name__", "")
+        if device_input and name in self.READS:
+            import traceback
+
+            self.reads.append(tuple(f.name for f in traceback.extract_stack() if "/ldlib/" in f.filename))
+        out = func(*args, **kwargs)
+        if name == "to" and out is args[0] and args[0] not in self.on_device:
+            return out  # a host tensor moved to the device: on the CPU the same object, on a GPU a copy
+        return self.mark(out) if device_input else out
+
+
+def test_hot_loop_reads_the_device_once_per_optimiser_step(setup, tmp_path, monkeypatch):
+    # On a GPU every read of a device tensor is a host sync. The loop may read one flag per optimiser step (the
+    # exact NaN skip) and the pending loss terms every log_every steps, nothing else (checkpoints aside).
+    codec, data, lp = setup
+    mode = DeviceReads([data.latents, data.hq])
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: mode.mark(real_grad(*a, **k)))
+    cfg = _cfg(steps=4, grad_accum=2, log_every=4, checkpoint_every=100)  # GAN on from step 1
+    with mode:
+        res = train_decoder(cfg, tmp_path / "run", data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    assert res.step == 4 and "adaptive_weight" in res.history[-1] and len(res.history) == 4
+    in_steps = [r for r in mode.reads if "_save_checkpoint" not in r]
+    assert all(r[-2:] in {("train_decoder", "all_finite"), ("flush", "read")} for r in in_steps), in_steps
+    # 4 optimiser steps (8 micro-steps): 4 skip flags; terms read at step 0 and before the final checkpoint.
+    assert sum(r[-1] == "all_finite" for r in in_steps) == 4
+    assert sum(r[-1] == "read" for r in in_steps) == 2
+    assert len(in_steps) == 6, in_steps
+
+
+def test_history_read_in_batches_is_the_same(setup, tmp_path):
+    # Terms read every step or every 3 steps: the same history.jsonl lines, one per step, and the same result.
+    every = _run(setup, tmp_path / "every", _cfg(steps=4, log_every=1))
+    batched = _run(setup, tmp_path / "batched", _cfg(steps=4, log_every=3))
+    lines = [(tmp_path / name / "history.jsonl").read_text().splitlines() for name in ("every", "batched")]
+    assert len(lines[0]) == 4 and lines[0] == lines[1]
+    assert every.history == batched.history
+
+
+class NaNOnce(DecoderLoss):
+    """A loss that is non-finite in the first micro-step of one optimiser step only."""
+
+    def __init__(self, cfg, lpips, bad_step):
+        super().__init__(cfg, lpips=lpips)
+        self.bad_step, self.calls = bad_step, 0
+
+    def generator(self, pred, target, step, *a, **kw):
+        loss, terms = super().generator(pred, target, step, *a, **kw)
+        if step == self.bad_step:
+            self.calls += 1
+            if self.calls == 1:
+                loss = loss * float("inf")
+        return loss, terms
+
+
+def test_nan_skip_between_reads_with_accumulation(setup, tmp_path):
+    # The bad micro-step is not at a read (log_every 4) and shares its window with a good one: still skipped exactly.
+    codec, data, lp = setup
+    cfg = _cfg(steps=3, grad_accum=2, batch=1, checkpoint_every=1, keep_checkpoints=5, log_every=4)
+    out = tmp_path / "nan"
+    train_decoder(cfg, out, data, data, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp), stop_at=1)
+    res = train_decoder(cfg, out, data, data, codec=codec, loss_fn=NaNOnce(cfg.loss, lp, 1), resume=True)
+    assert res.skipped == [1] and [h["skipped"] for h in res.history] == [True, False]
+    before, after = out / "checkpoints" / "step_000001", out / "checkpoints" / "step_000002"
+    for name in ("decoder", "ema", "discriminator"):
+        a, b = load_file(str(before / f"{name}.safetensors")), load_file(str(after / f"{name}.safetensors"))
+        weights = [k for k in a if not k.endswith(("._u", "._v"))]
+        assert weights and all(torch.equal(a[k], b[k]) for k in weights), f"{name} changed on a skipped step"
+    for opt in ("opt_g", "opt_d"):
+        sa = torch.load(before / "optim.pt", weights_only=True)[opt]["state"]
+        sb = torch.load(after / "optim.pt", weights_only=True)[opt]["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k][m], sb[k][m]) for k in sa for m in sa[k]), opt
+    ema_a = json.loads((before / "state.json").read_text())["ema"]
+    ema_b = json.loads((after / "state.json").read_text())["ema"]
+    assert ema_a["optimization_step"] == ema_b["optimization_step"]
+
+
+def test_step_timings_cover_the_step(setup, tmp_path):
+    import time
+
+    from ldlib.profiling import StepTimings
+
+    codec, data, lp = setup
+    cfg = _cfg(steps=3, checkpoint_every=100, log_every=2)  # GAN (and the discriminator) on from step 1
+    timings = StepTimings("cpu", memory=True)
+    t = time.perf_counter()
+    _run(setup, tmp_path / "run", cfg, timings=timings)
+    wall = time.perf_counter() - t
+    assert len(timings.steps) == 3
+    model = {"decoder forward", "losses", "lpips forward", "loss backward", "decoder backward"}
+    host = {"data", "degradation", "optimiser + EMA", "logging"}
+    assert set(timings.steps[0]) == model | host
+    assert set(timings.steps[1]) == set(timings.steps[2]) == model | host | {"discriminator"}
+    assert all(v >= 0 for s in timings.steps for v in s.values())
+    # The pieces are back to back: the steps and what ran outside them add up to less than the call's wall time.
+    assert 0 < sum(timings.step_totals()) + sum(timings.outside.values()) <= wall
+    assert set(timings.outside) == {"checkpoint"}
+    assert timings.median(skip=1).keys() == set(timings.steps[1])
+    assert timings.peak_memory_mb() >= 0
+
+
+def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypatch):
+    # update_threads=1 (the CPU default) runs AdamW and the EMA on one thread: element-wise, so bit-identical to
+    # all threads; the gradient-norm clipping (a reduction) keeps all threads.
+    from diffusers.training_utils import EMAModel
+
+    seen = []
+    real_step = EMAModel.step
+    monkeypatch.setattr(EMAModel, "step", lambda self, p: seen.append(torch.get_num_threads()) or real_step(self, p))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = dict(steps=2, checkpoint_every=2, max_grad_norm=0.01)  # clipping active, GAN on at step 1
+        one = _run(setup, tmp_path / "one", _cfg(update_threads=1, **cfg))
+        seen_one, seen[:] = list(seen), []
+        both = _run(setup, tmp_path / "all", _cfg(update_threads=0, **cfg))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen_one == [1, 1] and seen == [2, 2]
+    assert one.history == both.history
+    for name in ("decoder", "ema", "discriminator"):
+        a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "all" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_step_bench_smoke(tmp_path):
+    # The bench's plumbing at tiny size: real train_decoder runs, the breakdown adds up to the step.
+    from ldlib.bench import NON_MODEL, STEP_GROUPS, bench_train_step
+
+    result = bench_train_step("tiny", quick=True, variants={"default": {}, "channels_last": {"channels_last": True},
+                                                            "default, GAN on": {"gan_start": 0}})
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["default", "channels_last", "default, GAN on"]
+    for r in rows:
+        pieces = sum(r[g] for g in STEP_GROUPS)  # one round, one timed step: the pieces are that step
+        assert r["step_s"] > 0 and abs(pieces - r["step_s"]) <= 1e-9 * r["step_s"] + 1e-12
+        assert r["non_model_%"] == pytest.approx(100 * sum(r[g] for g in NON_MODEL) / r["step_s"])
+        assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+    assert rows[0]["discriminator"] == 0 < rows[2]["discriminator"]
+    threads = "optimiser + EMA step alone (GAN on): update_threads=1 vs all threads (median per-round ratio)"
+    assert set(result["ratios"]) == {f"batch 2: {v} vs default, step speed-up (median per-round ratio)"
+                                     for v in ("channels_last", "default, GAN on")} | {threads}  # on CPU
+    assert result["ratios"][threads] > 0

@@ -167,19 +167,19 @@ def test_codec_and_train_benches_smoke(tmp_path, monkeypatch):
 
     from ldlib import bench
 
-    for name, size in (("codec", {"size": 64}), ("train", {"hq": 64})):
+    for name, size in (("codec", {"size": 64}), ("train-wan", {"hq": 64})):
         small = functools.partial(bench.BENCHES[name], vae_config=TINY_WAN_VAE_CONFIG, **size)
         monkeypatch.setitem(bench.BENCHES, name, small)
     results = bench.run_benches("codec", tmp_path, quick=True)
-    results.update(bench.run_benches("train", tmp_path, quick=True))
-    for name in ("codec", "train"):
+    results.update(bench.run_benches("train-wan", tmp_path, quick=True))
+    for name in ("codec", "train-wan"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == results[name]["rows"]
         assert "speed-up" in (tmp_path / f"{name}.md").read_text()
     codec_rows = results["codec"]["rows"]
     assert [r["variant"] for r in codec_rows] == ["diffusers", "image mode"] * 2
     assert all(r["wall_s"] > 0 and r["max_rel_diff"] <= TOL for r in codec_rows)
     assert all(v > 0 for v in results["codec"]["ratios"].values())
-    train = results["train"]
+    train = results["train-wan"]
     assert [r["variant"] for r in train["rows"]] == ["diffusers", "image mode"]
     # float32 backward through the whole decoder and LPIPS, summed in another order: the two paths agree to a small
     # fraction of the largest gradient (0.1% seen on one CPU type); a wrong path differs by O(1). The exact check
