@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS/speckle per sigma vs decoder+bicubic/+Lanczos, held-out pairs")
     p.add_argument("model", help="a train-decoder run folder (EMA weights) or an exported decoder folder")
-    p.add_argument("pairs", help="pair set folder (the held-out split by source image is evaluated)")
+    p.add_argument("pairs", help="pair set folder (its held-out split by source photo, or all of it: --split)")
     _add_preset(p)
     _add_vae(p)
     p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")

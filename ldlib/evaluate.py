@@ -45,7 +45,7 @@ MIN_PAIRS = 8  # fewer held-out pairs than this never make a verdict
 
 @dataclass
 class EvalConfig:
-    """What to evaluate: sigmas, degrader, batch size, seed, LPIPS network, how many held-out pairs."""
+    """What to evaluate: sigmas, degrader, batch size, seed, LPIPS network, which and how many pairs."""
 
     sigmas: tuple[float, ...] = field(default=(0.0, 0.04, 0.08, 0.12), metadata={"help": "sigmas, comma-separated"})
     degrader: str = field(default="noise", metadata={"help": "how held-out latents are degraded: none | noise | diffusion | proxy:DIR"})
@@ -56,6 +56,9 @@ class EvalConfig:
     # very function the decoder was trained on; with real torchvision weights the seed changes nothing.
     lpips_seed: int = field(default=1, metadata={"help": "seed of LPIPS' backbone when its weights are not cached"})
     max_pairs: int | None = field(default=None, metadata={"help": "evaluate at most this many pairs"})
+    split: Literal["held-out", "all"] = field(default="held-out", metadata={
+        "help": "which pairs of the pair set: held-out (the photos the run did not train on: for its training pair "
+                "set) | all (a separate test set)"})
     extra: dict = field(default_factory=dict)  # recorded as-is (e.g. model paths); not a command-line setting
 
 
@@ -259,9 +262,11 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
     doc = {"config": asdict(cfg), "info": info, "rows": rows,
            "verdict": verdict(rows, random_models=bool(info.get("random_models")))}
     atomic_write_bytes(out / "eval.json", json.dumps(doc, indent=2).encode())
-    md = "# Evaluation against HQ (held-out pairs)\n\n"
+    whole = info.get("split") == "all"
+    md = f"# Evaluation against HQ ({'all pairs of the pair set' if whole else 'held-out pairs'})\n\n"
     if info.get("held_out_sources"):
-        md += f"{info.get('held_out_pairs')} pairs from {len(info['held_out_sources'])} held-out photos: " \
+        what = "photos (split all: every pair of the set)" if whole else "held-out photos"
+        md += f"{info.get('held_out_pairs')} pairs from {len(info['held_out_sources'])} {what}: " \
               f"{', '.join(info['held_out_sources'])}; latents degraded by `{cfg.degrader}`.\n\n"
     md += markdown_table(rows)
     md += f"\n**Verdict**: {doc['verdict']['summary']}\n"
@@ -299,7 +304,7 @@ def run_evaluation(
     vae: str | None = None,
     vae_config: str | None = None,
 ) -> dict:
-    """Evaluate a trained model (run or export) on a pair set's held-out split; write the report under out."""
+    """Evaluate a trained model (run or export) on a pair set's held-out split (or all of it); write the report."""
     from .datasets import PairDataset
     from .decoder import load_decoder
     from .latents import LatentCache, default_cache_dir
@@ -318,7 +323,8 @@ def run_evaluation(
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
     vf = val_fraction if val_fraction is not None else info.get("val_fraction", 0.1)
     seed = split_seed if split_seed is not None else info.get("seed", 0)
-    _, held_out = PairDataset(pairs, latents=cache).split(vf, seed)
+    dataset = PairDataset(pairs, latents=cache)
+    held_out = dataset.split(vf, seed)[1] if cfg.split == "held-out" else dataset
     from .metrics import lpips_model
 
     lp = lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
@@ -326,8 +332,9 @@ def run_evaluation(
 
     degrader = parse_degrader(cfg.degrader, preset, original, device="cpu")
     rows = evaluate_decoders(original, decoders, held_out, cfg, degrader=degrader, lpips=lp)
-    info.update(pairs=str(pairs), preset=preset.name, held_out_pairs=len(held_out), val_fraction=vf, split_seed=seed,
-                held_out_sources=held_out.sources, baseline_model=str(baseline_model) if baseline_model else None,
+    info.update(pairs=str(pairs), preset=preset.name, split=cfg.split, held_out_pairs=len(held_out),
+                val_fraction=vf if cfg.split == "held-out" else None,
+                split_seed=seed if cfg.split == "held-out" else None, held_out_sources=held_out.sources, baseline_model=str(baseline_model) if baseline_model else None,
                 lpips_backbone_pretrained=bool(getattr(lp, "backbone_pretrained", False)),
                 random_models=preset.random_weights)
     return write_report(rows, out, cfg, info)

@@ -241,3 +241,24 @@ def test_export_through_a_symlink_replaces_the_folder_it_points_to(tiny_run, tmp
     assert (tmp_path / "link").is_symlink() and not (real / "stale.bin").exists()
     assert json.loads((real / "ldlib_export.json").read_text())["weights"] == "live"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_evaluate_split_all_or_held_out_and_the_report_says_which(tiny_run, tiny_pairset, tmp_path, capsys):
+    from ldlib.datasets import PairDataset
+
+    run, _ = tiny_run
+    pairs = tiny_pairset["pairs"]
+    whole = PairDataset(pairs, latents=tiny_pairset["latents"])
+    held = whole.split(0.1, 0)[1]  # a run trained on in-memory pairs records no split: evaluate's defaults
+    assert 0 < len(held) < len(whole)
+    for split, expect in (("held-out", held), ("all", whole)):
+        out = tmp_path / split
+        code, err = _cli(["evaluate", str(run), str(pairs), "--sigmas", "0", "--split", split, "--out", str(out)], capsys)
+        assert code == 0, err
+        info = json.loads((out / "eval.json").read_text())["info"]
+        assert info["split"] == split and info["held_out_pairs"] == len(expect)
+        assert info["held_out_sources"] == expect.sources
+        assert {r["n"] for r in json.loads((out / "eval.json").read_text())["rows"]} == {len(expect)}
+        md = (out / "eval.md").read_text()
+        assert ("all pairs of the pair set" in md) == (split == "all")
+        assert f"{len(expect)} pairs from {len(expect.sources)}" in md
