@@ -149,7 +149,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     export = export_run(run, out / "export")
     say("export", f"export -> {export}")
     summary = {"config": asdict(cfg), "preset": preset.name, "pairs": report["pairs_total"],
-               "held_out_sources": held_out.sources, "decoder_steps": res.step, "proxy_eval": ev,
+               "train_sources": train_set.sources, "held_out_sources": held_out.sources, "decoder_steps": res.step, "proxy_eval": ev,
                "verdict": doc["verdict"]["summary"], "seconds": times, "export": str(export)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     write_page(out, summary, doc, sweeps, preset)
@@ -191,7 +191,7 @@ def write_page(out: Path, summary: dict, doc: dict, sweeps: dict, preset) -> Pat
     else:
         meaning = (
             f"Every model here is real but small, and the run is CPU-sized: the decoder trained "
-            f"{summary['decoder_steps']} steps at batch 2 on {summary['pairs'] - info['held_out_pairs']} crops of 3 photos, "
+            f"{summary['decoder_steps']} steps at batch 2 on {summary['pairs'] - info['held_out_pairs']} crops of {len(summary['train_sources'])} photos, "
             f"and is judged on {info['held_out_pairs']} crops of {len(info['held_out_sources'])} photos it never saw, "
             f"with latents degraded by the teacher itself (not the proxy it trained on). "
             f"The teacher changes a latent less than noise of the same sigma and puts its change at finer scales "

@@ -1,0 +1,38 @@
+"""`make demo`'s plumbing at the tiny preset: every stage runs, the page reports what the run did."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from ldlib.datasets import PairDataset
+from ldlib.demo import DemoConfig, run_demo, write_page
+from ldlib.images import list_images
+from ldlib.presets import get_preset
+from ldlib.samples import sample_photos
+
+
+def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
+    out = tmp_path / "demo"
+    summary = run_demo(out, DemoConfig.for_preset("tiny", decoder_steps=4, proxy_steps=10, teacher_draws=2))
+    photos = sorted(p.name for p in list_images(sample_photos()))
+    # The split the page reports is the pair set's own, by source photo.
+    train, held = PairDataset(out / "pairs").split(0.4, 0)
+    assert summary["train_sources"] == train.sources and summary["held_out_sources"] == held.sources
+    assert sorted(summary["train_sources"] + summary["held_out_sources"]) == photos
+    assert summary["pairs"] == len(train) + len(held) == 2 * len(photos)
+    assert summary["decoder_steps"] == 4
+    for name in ("index.html", "pairs.png", "degradation.png", "sweep.png", "crops.png", "proxy/eval.png",
+                 "eval/eval.json", "summary.json"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "eval" / "eval.json").read_text())
+    assert doc["info"]["held_out_sources"] == held.sources
+    page = (out / "index.html").read_text()
+    assert "used the <b>tiny</b> preset" in page
+    assert doc["verdict"]["ours_beats_baselines"] is None  # random models: no verdict
+    assert "never saw" not in page  # the paragraph about a real run is not shown for random models
+    # The same results rendered as a real preset's page: its sentence counts the run's own photos and pairs.
+    sweeps = {k: SimpleNamespace(rows=v["rows"]) for k, v in json.loads((out / "sweep.json").read_text()).items()}
+    real = write_page(out, summary, doc, sweeps, get_preset("taef2")).read_text()
+    assert f"on {len(train)} crops of {len(train.sources)} photos" in real
+    assert f"judged on {len(held)} crops of {len(held.sources)} photos it never saw" in real
