@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import ldlib
 from ldlib.losses import DecoderLoss, LossConfig
 from ldlib.metrics import lpips_model
 from ldlib.presets import get_preset
@@ -319,7 +321,8 @@ class DeviceReads(torch.overrides.TorchFunctionMode):
         if device_input and name in self.READS:
             import traceback
 
-            self.reads.append(tuple(f.name for f in traceback.extract_stack() if "/ldlib/" in f.filename))
+            package = os.path.dirname(ldlib.__file__) + os.sep  # not "/ldlib/": a clone may live in a folder of that name
+            self.reads.append(tuple(f.name for f in traceback.extract_stack() if f.filename.startswith(package)))
         out = func(*args, **kwargs)
         if name == "to" and out is args[0] and args[0] not in self.on_device:
             return out  # a host tensor moved to the device: on the CPU the same object, on a GPU a copy
