@@ -139,7 +139,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     ours, _ = load_run_codec(run)
     picks = [next(i for i in range(len(held_out)) if held_out.records[i]["source"] == s) for s in held_out.sources]
     images = comparison_images(codec, {"ours (2x decoder)": ours}, [held_out[i] for i in picks], cfg.picture_sigma,
-                               teacher, cfg.seed)
+                               teacher, cfg.seed, indices=picks)
     save_figure(crops_figure(images, crop=min(192, preset.hq_size // 2),
                              title=f"held-out photos, latents degraded by the teacher at sigma {cfg.picture_sigma:g}"),
                 out / "crops.png")

@@ -347,11 +347,16 @@ def run_evaluation(
 
 @torch.no_grad()
 def comparison_images(original, decoders: dict[str, object], items: Sequence[dict], sigma: float, degrader,
-                      seed: int = 0) -> dict[str, torch.Tensor]:
-    """Full-size outputs of every method for dataset items at one sigma (the evaluation's noise draws): ordered
-    ``LQ (bicubic 2x)``, ``decoder+bicubic``, the decoders, ``HQ``; each N x 3 x H x W in [-1, 1]."""
+                      seed: int = 0, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Full-size outputs of every method for dataset items at one sigma: ordered ``LQ (bicubic 2x)``,
+    ``decoder+bicubic``, the decoders, ``HQ``; each N x 3 x H x W in [-1, 1].
+
+    ``indices``: the items' indices in their dataset; with them the noise draws are the evaluation's own (it keys
+    them by dataset index), so the pictures show the very samples ``evaluate_decoders`` scored. Default 0..N-1.
+    """
     z = torch.stack([it["latent"] for it in items]).float()
-    zd = degrade_for_eval(degrader, z, list(range(len(items))), float(sigma), seed, [it.get("id") for it in items])
+    keys = list(indices) if indices is not None else list(range(len(items)))
+    zd = degrade_for_eval(degrader, z, keys, float(sigma), seed, [it.get("id") for it in items])
     out = {"LQ (bicubic 2x)": bicubic_2x(torch.stack([it["lq"] for it in items])),
            "decoder+bicubic": bicubic_2x(original.decode(zd).float())}
     for name, codec in decoders.items():

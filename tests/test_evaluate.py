@@ -203,3 +203,21 @@ def test_export_tae_roundtrip(taef2_codec, tmp_path, lp):
     with torch.no_grad():
         assert torch.equal(loaded.decode(data.latents), ours.decode(data.latents))
     assert loaded.upscale == 2 and loaded.conv_out.out_channels == 12
+
+
+def test_comparison_images_show_the_samples_the_evaluation_scored(tiny_run, lp):
+    # Crops titled with a PSNR must be the evaluation's own degraded samples: same noise, same number.
+    from ldlib.degrade import parse_degrader
+    from ldlib.evaluate import comparison_images
+    from ldlib.metrics import psnr
+
+    run, codec, data = tiny_run
+    ours, _ = load_run_codec(run)
+    rows = evaluate_decoders(codec, {"ours": ours}, data, EvalConfig(sigmas=(0.12,), batch=2), lpips=lp,
+                             progress=False)
+    per_pair = next(r for r in rows if r["method"] == "ours")["per_pair"]["psnr"]
+    noise = parse_degrader("noise")  # the EvalConfig default the evaluation above used
+    images = comparison_images(codec, {"ours": ours}, [data[1]], 0.12, noise, seed=0, indices=[1])
+    assert psnr(images["ours"], images["HQ"]).item() == pytest.approx(per_pair[1], rel=1e-5)
+    shifted = comparison_images(codec, {"ours": ours}, [data[1]], 0.12, noise, seed=0)  # keyed 0: another draw
+    assert not torch.equal(shifted["decoder+bicubic"], images["decoder+bicubic"])
