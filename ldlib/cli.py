@@ -291,6 +291,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
                         compare=args.compare)
+    by_stem: dict[str, list[str]] = {}
+    for item in args.inputs:  # outputs are named by stem: two inputs of one stem would overwrite each other
+        by_stem.setdefault(Path(item).stem, []).append(str(item))
+    clashes = [names for names in by_stem.values() if len(names) > 1]
+    if clashes:
+        raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
+                         + "; ".join(" and ".join(names) for names in clashes) + "; upscale them into separate --out folders")
     out = writable_folder(args.out)  # one clear line now, not one per input later
     codec, original, preset = load_upscaler(args.model, args.preset, taef2_dir=args.taef2_dir, vae=args.vae,
                                             vae_config=args.vae_config)

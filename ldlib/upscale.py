@@ -60,17 +60,19 @@ class UpscaleConfig:
 
 
 def tile_spans(size: int, tile: int, overlap: int, align: int = 2) -> list[tuple[int, int]]:
-    """Overlapping [start, end) spans of equal length <= tile covering range(size); starts multiples of ``align``.
+    """Overlapping [start, end) spans of length <= tile covering range(size); starts multiples of ``align``.
 
     The fewest tiles that fit, spread evenly so neighbours overlap by ``overlap`` (or slightly more), not by
-    whatever the last tile happens to leave. Starts are even so that position-dependent latent statistics (FLUX.2's
-    2x2-patch normalisation) keep their phase in every tile.
+    whatever the last tile happens to leave; all have one length but the last, which may be up to ``align - 1``
+    longer to reach an end that is not aligned. Starts are multiples of ``align`` so that position-dependent latent
+    statistics (FLUX.2's 2x2-patch normalisation) keep their phase in every tile.
     """
     if tile <= 0 or size <= tile:
         return [(0, size)]
     n = -(-(size - overlap) // (tile - overlap))
     while True:
-        length = min(tile, -(-(size + (n - 1) * overlap) // n) + align)
+        # tile - (align - 1): room for the last span's stretch to an unaligned end, so none exceeds tile.
+        length = min(tile - (align - 1), -(-(size + (n - 1) * overlap) // n) + align)
         starts = [(round(i * (size - length) / (n - 1)) // align) * align for i in range(n)]
         spans = [(a, min(a + length, size)) for a in starts]
         spans[-1] = (spans[-1][0], size)

@@ -20,13 +20,14 @@ from ldlib.presets import get_preset
 from ldlib.upscale import UpscaleConfig, decode_tiled, encode_tiled, group_norms, run_tiled, tile_spans
 
 
-@pytest.mark.parametrize("size", [1, 7, 32, 33, 47, 64, 65, 100, 257])
-@pytest.mark.parametrize("tile,overlap", [(32, 8), (16, 8), (24, 4)])
+@pytest.mark.parametrize("size", [1, 5, 7, 9, 32, 33, 47, 64, 65, 100, 107, 257])
+@pytest.mark.parametrize("tile,overlap", [(32, 8), (16, 8), (24, 4), (64, 16), (4, 0), (8, 3)])
 def test_tile_spans_cover_overlap_and_align(size, tile, overlap):
     spans = tile_spans(size, tile, overlap)
     assert spans[0][0] == 0 and spans[-1][1] == size
     assert all(a % 2 == 0 for a, _ in spans)  # even starts: FLUX.2's 2x2 normalisation keeps its phase
-    assert all(b - a <= tile + 1 for a, b in spans)
+    assert all(b - a <= tile for a, b in spans) or spans == [(0, size)]  # the memory bound holds
+    assert len({b - a for a, b in spans[:-1]}) <= 1 and spans[-1][1] - spans[-1][0] - (spans[0][1] - spans[0][0]) <= 1
     for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
         assert a0 < a1 and b1 - a1 > 0 and b0 - a1 >= overlap  # each neighbour pair overlaps by >= overlap
         assert b0 < b1
@@ -155,6 +156,16 @@ def test_upscale_batch_skips_bad_inputs_with_one_line_each(tiny_run, tmp_path, c
     assert errors[0].startswith("error: ") and "corrupt.jpg" in errors[0] and "not a decodable image" in errors[0]
     assert "wrong.safetensors" in errors[1] and "32 channels" in errors[1] and "takes 16" in errors[1]
     assert (out / "good_2x.png").is_file() and "2 of 3" not in captured.out and "1 of 3" in captured.out
+
+
+def test_upscale_refuses_inputs_whose_outputs_would_overwrite_each_other(tiny_run, tmp_path, capsys):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = _photo(tmp_path / "a" / "x.png"), _photo(tmp_path / "b" / "x.png", seed=1)
+    out = tmp_path / "out"
+    code = main(["upscale", str(a), str(b), "--model", str(tiny_run), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(a) in err[0] and str(b) in err[0] and "overwrite" in err[0]
+    assert not out.exists()  # refused before anything was written
 
 
 def test_upscale_refuses_a_model_of_another_family(tiny_run, tmp_path, capsys):
