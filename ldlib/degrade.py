@@ -320,6 +320,10 @@ def diffusion_degrader(
     if getattr(preset, "trained_teacher", False):  # refuse a teacher of another latent space than the preset's codec
         from .teacher import check_teacher_codec, read_teacher_info
 
+        if guidance_scale not in (None, 1.0):  # one fixed embedding: the "unconditional" one would be the same
+            raise ValueError(f"guidance_scale {guidance_scale}: the {preset.name} teacher was trained on one fixed "
+                             "prompt embedding, so classifier-free guidance has nothing to contrast; leave it unset")
+
         check_teacher_codec(read_teacher_info(preset.transformer), preset.load_codec().identity(), preset.transformer)
     transformer = preset.load_transformer(device=device, dtype=dtype)
     emb = prompt_embedding(preset, prompt, cache_dir=cache_dir, device=device)

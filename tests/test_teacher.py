@@ -152,6 +152,8 @@ def test_preset_uses_the_teacher_folder_and_its_fixed_prompt(tiny_teacher, tiny_
     z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     ref = DiffusionDegrader(transformer, emb, steps=2).degrade(z, 0.2, torch.Generator().manual_seed(1))
     assert torch.equal(deg.degrade(z, 0.2, torch.Generator().manual_seed(1)), ref)
+    with pytest.raises(ValueError, match="guidance_scale 4.0.*one fixed prompt embedding"):
+        diffusion_degrader(preset, guidance_scale=4.0)  # its "unconditional" embedding would be the same one
 
 
 def test_taef2_teacher_resolution(monkeypatch, tmp_path):
