@@ -433,18 +433,16 @@ def _train_memory_child() -> None:
 
     import torch
 
-    from .profiling import rss_mb
+    from .profiling import peak_memory_since, reset_peak_memory
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
-    codec, loss, z, target = _train_setup(spec["hq"], spec["image_mode"], torch.device("cpu"), spec["vae_config"])
-    # Reset the kernel's high-water mark (Linux >= 4.0) so set-up transients (model init, to_2x copy) don't count.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = rss_mb("VmRSS")
+    cpu = torch.device("cpu")
+    codec, loss, z, target = _train_setup(spec["hq"], spec["image_mode"], cpu, spec["vae_config"])
+    base = reset_peak_memory(cpu)  # set-up transients (model init, to_2x copy) don't count
     _train_step(codec, loss, z, target)
-    peak = rss_mb("VmHWM")
-    print(json.dumps({"base_mb": base, "peak_mb": peak, "step_mb": peak - base}))
+    step = peak_memory_since(cpu, base)
+    print(json.dumps({"base_mb": base, "peak_mb": base + step, "step_mb": step}))
 
 
 def _train_memory(hq: int, image_mode: bool, device, vae_config: dict | None) -> float:
@@ -456,13 +454,12 @@ def _train_memory(hq: int, image_mode: bool, device, vae_config: dict | None) ->
     import torch
 
     if device.type == "cuda":
+        from .profiling import peak_memory_since, reset_peak_memory
+
         codec, loss, z, target = _train_setup(hq, image_mode, device, vae_config)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base = reset_peak_memory(device)
         _train_step(codec, loss, z, target)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return peak_memory_since(device, base)
     spec = {"hq": hq, "image_mode": image_mode, "vae_config": vae_config, "threads": torch.get_num_threads()}
     # A fixed mmap threshold makes glibc return freed large blocks to the OS, so RSS tracks live tensors.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")

@@ -35,7 +35,7 @@ class StepTimings:
         """Start the clock (the first piece is measured from here), and the peak-memory count when asked for."""
         self._wait()
         if self.memory:
-            self._memory_base = _reset_peak_memory(self.device)
+            self._memory_base = reset_peak_memory(self.device)
         self._last = time.perf_counter()
 
     def peak_memory_mb(self) -> float:
@@ -46,11 +46,7 @@ class StepTimings:
         """
         if self._memory_base is None:
             raise ValueError("StepTimings(memory=True) and a started loop are needed for peak memory")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self._memory_base
-        # The kernel batches RSS counter updates per thread: the mark can read a page below the reset value.
-        return max(0.0, rss_mb("VmHWM") - self._memory_base)
+        return peak_memory_since(self.device, self._memory_base)
 
     def split(self, name: str, in_step: bool = True) -> None:
         """Charge the time since the previous boundary to ``name`` (to ``outside`` when not ``in_step``)."""
@@ -92,8 +88,8 @@ def rss_mb(field: str = "VmRSS") -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_memory(device: torch.device) -> float:
-    """Reset the peak-memory counter; returns what is in use now (MB)."""
+def reset_peak_memory(device: torch.device) -> float:
+    """Reset the peak-memory counter (CUDA allocator, or this process's RSS mark); returns the baseline (MB)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -101,6 +97,15 @@ def _reset_peak_memory(device: torch.device) -> float:
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
     return rss_mb("VmHWM")  # the reset mark itself: the peak read later can only be higher
+
+
+def peak_memory_since(device: torch.device, base: float) -> float:
+    """Peak memory (MB) above ``base`` from ``reset_peak_memory``: CUDA allocations, or RSS on CPU (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20 - base
+    # The kernel batches RSS counter updates per thread: the mark can read a page below the reset value.
+    return max(0.0, rss_mb("VmHWM") - base)
 
 
 class _NoTimings:
