@@ -64,16 +64,16 @@ def tile_spans(size: int, tile: int, overlap: int, align: int = 2) -> list[tuple
 
     The fewest tiles that fit, spread evenly so neighbours overlap by ``overlap`` (or slightly more), not by
     whatever the last tile happens to leave; all have one length but the last, which may be up to ``align - 1``
-    longer to reach an end that is not aligned. Starts are multiples of ``align`` so that position-dependent latent
+    shorter to end at an end that is not aligned. Starts are multiples of ``align`` so that position-dependent latent
     statistics (FLUX.2's 2x2-patch normalisation) keep their phase in every tile.
     """
     if tile <= 0 or size <= tile:
         return [(0, size)]
     n = -(-(size - overlap) // (tile - overlap))
     while True:
-        # tile - (align - 1): room for the last span's stretch to an unaligned end, so none exceeds tile.
-        length = min(tile - (align - 1), -(-(size + (n - 1) * overlap) // n) + align)
+        length = min(tile, -(-(size + (n - 1) * overlap) // n) + align)
         starts = [(round(i * (size - length) / (n - 1)) // align) * align for i in range(n)]
+        starts[-1] = -(-(size - length) // align) * align  # rounded up: the last tile never exceeds length
         spans = [(a, min(a + length, size)) for a in starts]
         spans[-1] = (spans[-1][0], size)
         if all(b0 - a1 >= overlap for (_, b0), (a1, _) in zip(spans, spans[1:])):
