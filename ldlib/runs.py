@@ -438,17 +438,21 @@ def plot_history(run: str | os.PathLike, panels: dict[str, Sequence[str]], marks
     fig = fig or Figure(figsize=(4.4 * len(panels), 3))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, keys) in zip(axes, panels.items()):
+        plotted = 0
         for key in keys:
             pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=key)
+                plotted += 1
+        if not plotted:  # e.g. the GAN's terms in a run without GAN
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         for label, step in (marks or {}).items():
             ax.axvline(step, color="grey", ls=":", lw=1, label=label)
         if title in log_y:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        if len(keys) > 1 or marks:
+        if plotted and (plotted > 1 or marks):
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -183,3 +183,21 @@ def test_init_from_continues_another_runs_checkpoint(setup, runs, tmp_path):
         assert all(torch.equal(sd[k], ref[k]) for k in ref), name
     with pytest.raises(FileNotFoundError, match="checkpoint folder"):
         _run(setup, tmp_path / "bad", _cfg(init_from=str(root / "full")))
+
+
+def test_plot_history_draws_each_logged_key_and_says_when_a_panel_has_none(tmp_path):
+    import warnings
+
+    from ldlib.runs import plot_history
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.jsonl").write_text("".join(json.dumps({"step": s, "l1": 1.0 / s, "lpips": 0.5}) + "\n"
+                                               for s in range(1, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend with nothing to label
+        fig = plot_history(run, {"losses": ("l1", "lpips"), "GAN": ("g_loss", "d_loss")})
+    losses, gan = fig.axes
+    assert [line.get_label() for line in losses.lines] == ["l1", "lpips"]
+    assert list(losses.lines[0].get_ydata()) == [1.0 / s for s in range(1, 6)]
+    assert not gan.lines and gan.get_legend() is None and gan.texts[0].get_text() == "not logged in this run"
