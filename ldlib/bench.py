@@ -44,8 +44,12 @@ def _markdown(name: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = False) -> dict:
-    """Run one bench or all; write out/<name>.json and out/<name>.md and print the Markdown."""
+def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = False,
+                train_options: dict | None = None) -> dict:
+    """Run one bench or all; write out/<name>.json and out/<name>.md and print the Markdown.
+
+    ``train_options``: keyword arguments of ``bench_train_step`` (batches, rounds, only, vae) for the train bench.
+    """
     from .files import atomic_write_bytes
 
     names = list(BENCHES) if which == "all" else [which]
@@ -54,7 +58,7 @@ def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = 
         raise ValueError(f"unknown bench {unknown[0]!r}; available: {', '.join(BENCHES) or 'none'} or all")
     results = {}
     for name in names:
-        result = BENCHES[name](preset_name, quick)
+        result = BENCHES[name](preset_name, quick, **((train_options or {}) if name == "train" else {}))
         results[name] = result
         md = _markdown(name, result)
         atomic_write_bytes(out / f"{name}.json", json.dumps(result, indent=2).encode())
@@ -66,7 +70,9 @@ def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = 
 def bench_degrade(preset_name: str, quick: bool) -> dict:
     """The proxy vs one teacher step, for the shipped taef2 teacher and at the real Wan 2.1 1.3B size (random weights),
     per latent (batch 1) and per batch of 8 (one call for the batch); and training's batched degradation: the proxy
-    once on 8 latents vs 8 calls at batch 1."""
+    once on 8 latents vs 8 calls at batch 1. On CUDA everything runs there under bf16 autocast, as in training."""
+    import contextlib
+
     import torch
 
     from .degrade import parse_degrader
@@ -76,30 +82,39 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
+    device, sync = _device(), _sync(_device())
+    cuda = device.type == "cuda"
     rows, ratios = [], {}
     # The shipped taef2 teacher on 32 x 32 x 32 latents (a 256 px LQ), through the degrader the loop uses.
     taef2 = get_preset("taef2")
-    teacher_t = parse_degrader("diffusion", taef2, taef2.load_codec(), steps=1)
-    proxy_t = ProxyNet(channels=32).eval()
+    teacher_t = parse_degrader("diffusion", taef2, taef2.load_codec(), steps=1).to(device)
+    proxy_t = ProxyNet(channels=32).eval().to(device)
     # Real Wan size: a 256 px LQ -> 16 x 32 x 32 latent, 512 text tokens of width 4096 (UMT5-XXL).
     cfg, text_len, hw = (TINY_WAN_TRANSFORMER_CONFIG, 16, 8) if quick else (WAN21_1_3B_TRANSFORMER_CONFIG, 512, 32)
-    wan = WanTransformer3DModel(**cfg).eval()
-    proxy_w = ProxyNet(channels=cfg["in_channels"]).eval()
-    batched = _batched_proxy(proxy_t, 32, 32, quick)
-    with torch.inference_mode():
+    wan = WanTransformer3DModel(**cfg).eval().to(device)
+    proxy_w = ProxyNet(channels=cfg["in_channels"]).eval().to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def once(name: str) -> bool:  # the 1.3B step on a CPU: one timed call, no warm-up
+        return not cuda and "1.3B" in name
+
+    with autocast:
+        batched = _batched_proxy(proxy_t, 32, 32, quick, device=device)
+    with torch.inference_mode(), autocast:
         for batch in (1, 8):
-            x32, x16 = torch.randn(batch, 32, 32, 32), torch.randn(batch, cfg["in_channels"], hw, hw)
-            s = torch.full((batch,), 0.1)
-            text = torch.randn(batch, text_len, cfg["text_dim"])
+            x32 = torch.randn(batch, 32, 32, 32, device=device)
+            x16 = torch.randn(batch, cfg["in_channels"], hw, hw, device=device)
+            s = torch.full((batch,), 0.1, device=device)
+            text = torch.randn(batch, text_len, cfg["text_dim"], device=device)
             calls = {
                 "taef2 teacher (shipped), 1 Euler step": lambda: teacher_t.denoise(x32, s),
                 "ProxyNet for taef2 (32 channels)": lambda: proxy_t(x32, s),
             }
-            if quick or batch == 1:  # the 1.3B step takes minutes on a CPU at batch 8, and scales linearly
+            if quick or cuda or batch == 1:  # the 1.3B step takes minutes on a CPU at batch 8, and scales linearly
                 calls[f"Wan 2.1 {'tiny' if quick else '1.3B'} transformer, 1 step"] = lambda: wan(
                     hidden_states=x16.unsqueeze(2), timestep=s * 1000, encoder_hidden_states=text, return_dict=False)
                 calls["ProxyNet for Wan (16 channels)"] = lambda: proxy_w(x16, s)
-            t = {k: timeit(fn, repeats=1 if "1.3B" in k else 5, warmup=0 if "1.3B" in k else 1)
+            t = {k: timeit(lambda fn=fn: (fn(), sync()), repeats=1 if once(k) else 5, warmup=0 if once(k) else 1)
                  for k, fn in calls.items()}
             rows += [{"model": k, "batch": batch, "seconds": v} for k, v in t.items()]
             names = list(t)
@@ -110,15 +125,15 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
               "Wan transformer": sum(p.numel() for p in wan.parameters()),
               "ProxyNet (taef2)": sum(p.numel() for p in proxy_t.parameters())}
     return {
-        "title": f"proxy vs one teacher step per latent batch, latents 32x32 px, {torch.get_num_threads()} threads; "
-                 f"parameters {params}",
+        "title": f"proxy vs one teacher step per latent batch, latents 32x32 px, "
+                 f"{'CUDA, bf16 autocast' if cuda else f'{torch.get_num_threads()} threads'}; parameters {params}",
         "rows": rows + batched["rows"],
         "ratios": {**ratios, **batched["ratios"]},
         "notes": batched["notes"],
     }
 
 
-def _batched_proxy(proxy, channels: int, hw: int, quick: bool, batch: int = 8) -> dict:
+def _batched_proxy(proxy, channels: int, hw: int, quick: bool, batch: int = 8, device=None) -> dict:
     """Training's degradation (per-sample sigma and noise generators) of ``batch`` latents: one proxy call on the
     batch vs one call per sample, interleaved; rows, ratio and the largest difference between the two."""
     import torch
@@ -126,9 +141,10 @@ def _batched_proxy(proxy, channels: int, hw: int, quick: bool, batch: int = 8) -
     from .degrade import ProxyDegrader
 
     deg = ProxyDegrader(proxy)
+    device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, channels, hw, hw, generator=g)
-    sigma = torch.rand(batch, generator=g) * 0.12
+    x = torch.randn(batch, channels, hw, hw, generator=g).to(device)
+    sigma = (torch.rand(batch, generator=g) * 0.12).to(device)
 
     def gens() -> list:
         return [torch.Generator().manual_seed(100 + i) for i in range(batch)]
@@ -141,7 +157,8 @@ def _batched_proxy(proxy, channels: int, hw: int, quick: bool, batch: int = 8) -
         return torch.cat([deg.degrade_samples(x[i : i + 1], sigma[i : i + 1], gs[i : i + 1])[0] for i in range(batch)])
 
     diff = (one_call() - per_sample()).abs().max().item() / max(per_sample().abs().max().item(), 1e-30)
-    t = timed_interleaved({"one": one_call, "each": per_sample}, repeats=3 if quick else 10, warmup=1)
+    t = timed_interleaved({"one": one_call, "each": per_sample}, repeats=3 if quick else 10, warmup=1,
+                          sync=_sync(device))
     return {
         "rows": [
             {"model": f"ProxyNet, degrade_samples: one call on the {batch}", "batch": batch,
@@ -602,8 +619,9 @@ def _bench_pairset(root: Path, preset, codec, count: int) -> tuple[Path, Path, s
     return pairs, latents, origin
 
 
-# What "before" restores: today's loop as it was before the defaults changed (see TrainConfig.update_threads).
-BEFORE = {"update_threads": 0}
+# What "before" restores: the loop's defaults before the measurements changed them (TrainConfig.update_threads,
+# which acts on CPU threads, and TrainConfig.num_workers, which is 0 on CPU either way).
+BEFORE = {"update_threads": 0, "num_workers": 0}
 
 
 def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]]:
@@ -615,17 +633,58 @@ def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]
     if not quick:
         variants["after + torch.compile"] = {"compile": True}
     if device.type == "cuda":
-        variants["after, fp32 (no autocast)"] = {"mixed_precision": "no"}
+        variants["after in fp32 (no autocast)"] = {"mixed_precision": "no"}
     elif cpu_bf16_supported():
         variants["after + bf16 autocast"] = {"mixed_precision": "bf16"}
     else:
         notes.append("bf16 autocast not measured: this CPU has no native bf16 (no AVX512-BF16 / AMX; oneDNN "
                      "would emulate it)")
-    variants["after, LPIPS vgg"] = {"lpips_net": "vgg"}
-    variants["after, LPIPS squeeze"] = {"lpips_net": "squeeze"}
-    variants["before, GAN on"] = {**BEFORE, "gan_start": 0}
-    variants["after, GAN on"] = {"gan_start": 0, "vs": "before, GAN on"}
+    variants["after with LPIPS vgg"] = {"lpips_net": "vgg"}
+    variants["after with LPIPS squeeze"] = {"lpips_net": "squeeze"}
+    variants["before with GAN on"] = {**BEFORE, "gan_start": 0}
+    variants["after with GAN on"] = {"gan_start": 0, "vs": "before with GAN on"}
     return variants, notes
+
+
+def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, steps: int) -> dict:
+    """Share of a CUDA step's wall time in which no kernel, copy or memset runs, from one run of the loop as it runs
+    in production (no synchronising boundaries): wall per step over ``steps`` unprofiled steps after ``warmup``,
+    then the device's busy time per step (union of its activity spans in a torch.profiler trace) over ``steps`` more."""
+    import dataclasses
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from .degrade import NoiseDegrader
+    from .profiling import StepTimings
+    from .train import train_decoder
+
+    cfg = dataclasses.replace(cfg, steps=warmup + 2 * steps + 1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=schedule(wait=warmup + steps, warmup=1, active=steps, repeat=1)) as prof:
+        timings = StepTimings(device, sync=False, on_step=prof.step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_decoder(cfg, out, train_set, None, codec=codec, degrader=NoiseDegrader(), timings=timings)
+    wall = statistics.median(timings.step_totals()[warmup : warmup + steps])
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        trace = json.loads(Path(f"{tmp}/trace.json").read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    busy = _union_seconds([(e["ts"], e["ts"] + e["dur"]) for e in events
+                           if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]) / steps
+    return {"step_s (no syncs)": wall, "device busy s": busy, "outside kernels %": 100 * max(0.0, 1 - busy / wall)}
+
+
+def _union_seconds(spans: list[tuple[float, float]]) -> float:
+    """Total length in seconds of the union of (start, end) spans given in microseconds (overlaps counted once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e6
 
 
 def _skip_read_us(device) -> float:
@@ -678,7 +737,8 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
 
 def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | None = None,
                      rounds: int | None = None, steps: int | None = None, warmup: int = 1,
-                     variants: dict[str, dict] | None = None) -> dict:
+                     variants: dict[str, dict] | None = None, only: tuple[str, ...] | None = None,
+                     vae: str | None = None) -> dict:
     """Where the time of one step of the real ``train_decoder`` loop goes, per option, at the preset's sizes.
 
     Every measurement is a real training run (a pair set of real photos with its latent cache, TrainConfig at the
@@ -686,7 +746,10 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     the variant says "GAN on") timed by ``ldlib.profiling.StepTimings``. Variants run in turn in every round
     (a noisy machine hits all alike); a row is the median over rounds of each run's median step after ``warmup``
     steps, and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs").
-    ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``).
+    ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``); ``only``: keep
+    the variants whose names are listed. ``vae``: a local VAE replacing the preset's (e.g. a folder of random
+    full-size weights: the step's cost does not depend on the values). On CUDA a last table row per batch is the
+    share of the default step outside CUDA kernels (``_outside_kernels``).
     """
     import shutil
     import tempfile
@@ -702,14 +765,21 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     from .train import TrainConfig, train_decoder
 
     device = _device()
-    preset = get_preset(preset_name)
-    batches = batches or ((2,) if quick else (2, 4))
+    preset = get_preset(preset_name, **({"vae": vae} if vae else {}))
+    batches = batches or ((2,) if quick else (1, 4, 8) if device.type == "cuda" else (2, 4))
     rounds = rounds or (1 if quick else 3)
     steps = steps or (1 if quick else 2)  # timed steps per run, after the warm-up
     measured, notes = (variants, []) if variants is not None else train_step_variants(device, quick)
+    if only:
+        only = tuple(n.strip() for n in only)
+        unknown = sorted(set(only) - set(measured))
+        if unknown:
+            raise ValueError(f"unknown bench train variant(s) {', '.join(map(repr, unknown))}; measured here: "
+                             f"{', '.join(map(repr, measured))}")
+        measured = {k: v for k, v in measured.items() if k in only}
     first = next(iter(measured))  # ratios compare with it unless a variant names its own "vs"
     codec = preset.load_codec()
-    rows, ratios, per_round, raw = [], {}, {}, {}
+    rows, ratios, per_round, raw, kernels = [], {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="ldlib-bench-train-") as tmp:
         tmp = Path(tmp)
         pairs, latents, origin = _bench_pairset(tmp / "data", preset, codec, count=max(batches) * 2)
@@ -721,7 +791,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                     overrides = {k: v for k, v in overrides.items() if k != "vs"}
                     loss_kw = {k: overrides[k] for k in ("lpips_net", "gan_start") if k in overrides}
                     cfg = TrainConfig(
-                        preset=preset_name, steps=warmup + steps, batch=batch, warmup_steps=0, val_every=10**9,
+                        preset=preset_name, vae=vae, steps=warmup + steps, batch=batch, warmup_steps=0, val_every=10**9,
                         checkpoint_every=10**9, log_every=10, seed=r,
                         loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}),
                         **{k: v for k, v in overrides.items() if k not in loss_kw},
@@ -753,6 +823,11 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 if name != vs:
                     ratios[f"batch {batch}: {name} vs {vs}, step speed-up (median per-round ratio)"] = statistics.median(
                         a["step"] / b["step"] for a, b in zip(runs[vs], results))
+            if device.type == "cuda":
+                cfg = TrainConfig(preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
+                                  checkpoint_every=10**9, log_every=10, loss=LossConfig(lpips_net="alex", gan_warmup=0))
+                kernels[f"batch {batch}"] = _outside_kernels(cfg, tmp / f"kernels{batch}", train_set, codec, device,
+                                                             warmup, steps)
     if device.type == "cpu":
         ab = _update_threads_ab(preset_name, device, rounds=3 if quick else 10)
         ratios["optimiser + EMA step alone (GAN on): update_threads=1 vs all threads (median per-round ratio)"] = ab["ratio"]
@@ -769,6 +844,12 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         f"peak_mb: {memory}",
         "LPIPS backbone: torchvision's weights when cached, else a seeded random one (same cost)",
     ]
+    for batch, k in kernels.items():
+        notes.append(f"{batch}, new defaults, no synchronising boundaries: {k['step_s (no syncs)']:.4g} s per step, "
+                     f"device busy (kernels, copies, memsets; torch.profiler) {k['device busy s']:.4g} s: "
+                     f"{k['outside kernels %']:.1f} % of the step outside CUDA kernels")
+    if vae:
+        notes.append(f"VAE: {vae} in place of the preset's")
     return {
         "title": f"decoder training step, breakdown (real train_decoder loop), preset {preset.name} (HQ "
                  f"{preset.hq_size} px), LPIPS alex unless named, {device.type}, {torch.get_num_threads()} threads",
@@ -777,6 +858,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         "notes": notes,
         "rounds_step_s": per_round,
         "steps_s": raw,  # every run's pieces per step, warm-up included
+        "outside_kernels": kernels,
     }
 
 

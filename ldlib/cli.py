@@ -217,7 +217,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run benchmarks; write Markdown and JSON under runs/bench/."""
     from .bench import run_benches
 
-    run_benches(args.which, out=Path(args.out), preset_name=args.preset, quick=args.quick)
+    train = {"batches": args.batches, "rounds": args.rounds, "only": args.variants, "vae": args.vae}
+    train = {k: v for k, v in train.items() if v is not None}
+    if train and args.which != "train":
+        raise ValueError(f"--{', --'.join(k if k != 'only' else 'variants' for k in train)} apply to `bench train` only")
+    run_benches(args.which, out=Path(args.out), preset_name=args.preset, quick=args.quick, train_options=train)
     return 0
 
 
@@ -321,7 +325,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
     from .analysis import SweepConfig
-    from .config import add_config_arguments
+    from .config import add_config_arguments, comma_tuple
     from .evaluate import EvalConfig
     from .experiment import ExperimentConfig
     from .pairs import PairSpec
@@ -464,6 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
     _add_preset(p)
+    train = p.add_argument_group("bench train")
+    train.add_argument("--batches", type=comma_tuple((int, ...), "--batches"), default=None,
+                       help="batch sizes, comma-separated (default: 2,4 on CPU, 1,4,8 on CUDA)")
+    train.add_argument("--rounds", type=int, default=None, help="rounds of interleaved variants (default: 3)")
+    train.add_argument("--variants", type=comma_tuple((str, ...), "--variants"), default=None,
+                       help="comma-separated names of the variants to keep (default: all; names as in the table)")
+    train.add_argument("--vae", default=None, help="local VAE folder replacing the preset's (random full-size weights "
+                                                   "time the same: see README, Benchmarks)")
     p.set_defaults(func=cmd_bench)
 
     return parser

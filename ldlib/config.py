@@ -77,7 +77,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
         elif typing.get_origin(base) is Literal:
             kwargs.update(choices=typing.get_args(base), type=type(typing.get_args(base)[0]))
         elif typing.get_origin(base) is tuple:
-            kwargs.update(type=_comma_tuple(typing.get_args(base), f"--{name.replace('_', '-')}"), metavar="A,B,...")
+            kwargs.update(type=comma_tuple(typing.get_args(base), f"--{name.replace('_', '-')}"), metavar="A,B,...")
         elif base in (int, float, str):
             kwargs["type"] = base
         else:
@@ -85,7 +85,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
         target.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
-def _comma_tuple(items: tuple, flag: str):
+def comma_tuple(items: tuple, flag: str):
     """An argparse type: comma-separated values of the tuple's item type (and its length, unless ``...``)."""
     kind = items[0]
 

@@ -4,6 +4,8 @@ The loop calls ``split(name)`` at the boundaries of its pieces (data, degradatio
 piece is the time since the previous boundary, so the pieces of a step add up to the whole step and nothing goes
 unaccounted. On CUDA every boundary synchronises the device first, so a piece is what it costs on the device, not
 when the host queued it (timing therefore slows a GPU run: use it in benchmarks, not in production runs).
+``sync=False`` leaves the device alone: the pieces are then the host's time to queue them, and a step's total is
+still its real wall time once the loop's own per-step read of the device keeps host and device in step.
 Without a collector the loop calls ``NO_TIMINGS``, which does nothing.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -20,11 +23,13 @@ class StepTimings:
 
     active = True
 
-    def __init__(self, device: str | torch.device | None = None, memory: bool = False) -> None:
+    def __init__(self, device: str | torch.device | None = None, memory: bool = False, sync: bool = True,
+                 on_step: Callable[[], object] | None = None) -> None:
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.device = device
-        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" and sync else None
         self.memory = memory
+        self.on_step = on_step  # called after each step closes (e.g. a torch.profiler schedule's step)
         self._memory_base: float | None = None
         self.steps: list[dict[str, float]] = []
         self.outside: dict[str, float] = {}  # pieces that are not part of a step (checkpoints, validation)
@@ -61,6 +66,8 @@ class StepTimings:
         """Close the current optimiser step's record."""
         self.steps.append(self._current)
         self._current = {}
+        if self.on_step is not None:
+            self.on_step()
 
     def median(self, skip: int = 0) -> dict[str, float]:
         """Median seconds per piece over the steps after the first ``skip`` (a piece absent in a step counts 0)."""

@@ -31,3 +31,11 @@ def test_codec_check_bad_file_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ldlib", "codec-check", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "broken.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_train_options_are_refused_elsewhere_and_unknown_variants_named(capsys):
+    assert main(["bench", "degrade", "--batches", "1,8"]) == 2
+    assert "--batches apply to `bench train` only" in capsys.readouterr().err
+    assert main(["bench", "train", "--quick", "--variants", "after (new defaults), no such"]) == 2
+    err = capsys.readouterr().err
+    assert "'no such'" in err and "'after (new defaults)'" in err  # names the unknown one and the choices
