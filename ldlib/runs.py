@@ -34,6 +34,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def loader_workers(requested: int | None, device: torch.device, processes: int = 1) -> int:
+    """DataLoader workers: ``requested``, or by default 0 on CPU and min(8, CPUs per process - 1) on CUDA."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, processes) - 1))
+
+
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1):
     """An Accelerator for this process: bf16 autocast on CUDA by default, fp32 on CPU; DDP when launched so."""
     from accelerate import Accelerator

@@ -32,8 +32,10 @@ def setup():
 
 
 def _cfg(**kw) -> TrainConfig:
+    # float32 on any device ("auto" is bf16 autocast on CUDA): these tests compare numerical paths.
     base = dict(
-        steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1, val_count=2,
+        mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
+        val_count=2,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2),
     )
     base.update(kw)
@@ -442,6 +444,65 @@ def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypa
         a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "all" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_loader_workers_give_the_same_run(setup, tmp_path):
+    # Workers only move where a batch is read: same batches in the same order, so the same run, bit for bit.
+    cfg = dict(steps=2, checkpoint_every=2)
+    main = _run(setup, tmp_path / "main", _cfg(num_workers=0, **cfg))
+    workers = _run(setup, tmp_path / "workers", _cfg(num_workers=2, **cfg))
+    assert main.history == workers.history
+    for name in ("decoder", "ema", "discriminator"):
+        a = load_file(str(tmp_path / "main" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "workers" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_loader_workers_by_device(monkeypatch):
+    from ldlib.runs import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert loader_workers(3, torch.device("cuda")) == 3 and loader_workers(0, torch.device("cuda")) == 0
+    assert loader_workers(None, torch.device("cpu")) == 0  # the CPU step is model-bound: no workers by default
+    assert loader_workers(None, torch.device("cuda")) == 8  # min(8, 16 - 1)
+    assert loader_workers(None, torch.device("cuda"), processes=4) == 3  # 16 CPUs / 4 processes - 1
+    assert loader_workers(None, torch.device("cuda"), processes=32) == 1
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainConfig(num_workers=-1)
+
+
+def test_ema_is_the_decayed_average_of_the_live_weights(setup, tmp_path):
+    # diffusers' EMA (foreach update) against its closed form: at the 2nd update the decay is min(d, 2/11), and
+    # ema_2 = ema_1 - (1 - decay) * (ema_1 - w_2), computed here in float64 numpy from the checkpoints.
+    import numpy as np
+
+    _run(setup, tmp_path / "run", _cfg(steps=2, checkpoint_every=1, keep_checkpoints=2, warmup_steps=0))
+    ck = tmp_path / "run" / "checkpoints"
+    ema1, ema2 = (load_file(str(ck / f"step_00000{i}" / "ema.safetensors")) for i in (1, 2))
+    w2 = load_file(str(ck / "step_000002" / "decoder.safetensors"))
+    decay = min(0.999, 2 / 11)
+    for k in ema2:
+        e1, w = ema1[k].double().numpy(), w2[k].double().numpy()
+        expected = e1 - (1 - decay) * (e1 - w)
+        scale = max(np.abs(expected).max(), 1e-12)
+        assert np.abs(ema2[k].double().numpy() - expected).max() <= 4 * np.finfo(np.float32).eps * scale, k
+    assert any(not torch.equal(ema1[k], ema2[k]) for k in ema2)
+
+
+def test_device_busy_time_is_the_union_of_spans():
+    # Against a 1-microsecond grid in numpy: overlapping, nested, touching and disjoint spans.
+    import numpy as np
+
+    from ldlib.bench import _union_seconds
+
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, 900, 40)
+    spans = [(int(a), int(a + d)) for a, d in zip(starts, rng.integers(0, 60, 40))] + [(5, 5), (100, 200), (150, 160)]
+    grid = np.zeros(1000, bool)
+    for a, b in spans:
+        grid[a:b] = True
+    assert _union_seconds(spans) == pytest.approx(grid.sum() / 1e6, rel=1e-12)
+    assert _union_seconds([]) == 0
 
 
 def test_train_step_bench_smoke(tmp_path):
