@@ -420,7 +420,11 @@ def build_optimizer(params, lr: float, betas: tuple[float, float], weight_decay:
     """AdamW and a diffusers learning-rate schedule (any ``get_scheduler`` name) stepped once per optimiser step."""
     from diffusers.optimization import get_scheduler
 
-    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    params = list(params)
+    # On CUDA the fused kernel: one launch instead of a few per tensor (the update was ~5 ms of launches per Wan
+    # decoder step, bench train); the same update to float rounding. CPU keeps the default (foreach) kernels.
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
     sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     return opt, sched
 

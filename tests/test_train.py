@@ -447,15 +447,23 @@ def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypa
 
 
 def test_loader_workers_give_the_same_run(setup, tmp_path):
-    # Workers only move where a batch is read: same batches in the same order, so the same run, bit for bit.
+    # Workers only move where a batch is read: same batches in the same order, so the same run, bit for bit on CPU
+    # (cuDNN's backward kernels are not deterministic: on CUDA, equal to float rounding).
+    from ldlib.runs import default_device
+
+    exact = default_device().type == "cpu"
     cfg = dict(steps=2, checkpoint_every=2)
     main = _run(setup, tmp_path / "main", _cfg(num_workers=0, **cfg))
     workers = _run(setup, tmp_path / "workers", _cfg(num_workers=2, **cfg))
-    assert main.history == workers.history
+    if exact:
+        assert main.history == workers.history
+    for ha, hb in zip(main.history, workers.history, strict=True):
+        assert ha["sigma_mean"] == hb["sigma_mean"] and ha["total"] == pytest.approx(hb["total"], rel=1e-4)
     for name in ("decoder", "ema", "discriminator"):
         a = load_file(str(tmp_path / "main" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "workers" / "checkpoints" / "step_000002" / f"{name}.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        same = all(torch.equal(a[k], b[k]) for k in a) if exact else all(rel_diff(a[k], b[k]) <= 1e-3 for k in a)
+        assert same, name
 
 
 def test_loader_workers_by_device(monkeypatch):
