@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -175,6 +176,13 @@ class CheckpointManager:
         if self.acc is not None:
             self.acc.wait_for_everyone()
 
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process (a collective under DDP: every rank must call it)."""
+        if self.acc is None or self.acc.num_processes == 1:
+            return ok
+        flags = self.acc.reduce(torch.tensor([int(ok)], device=self.acc.device), reduction="sum")
+        return int(flags.item()) == self.acc.num_processes
+
     def latest(self) -> Path | None:
         """The checkpoint folder latest.json names, or None when there is none yet."""
         pointer = self.folder / "latest.json"
@@ -211,14 +219,18 @@ class CheckpointManager:
         problems = []
         for path in self.candidates():
             try:
-                tensors, objects, state = self.load(path, tensor_names, restore_rng, with_objects)
+                found, error = (path, *self.load(path, tensor_names, restore_rng, with_objects)), None
             except CheckpointError as e:
-                problems.append(str(e))
-                warn(f"warning: {e}; trying the previous checkpoint")
-                if self._main and restore_rng:
-                    os.replace(path, path.with_name(f"unreadable_{path.name}"))
-                continue
-            return path, tensors, objects, state
+                found, error = None, e
+            # Under DDP every rank must resume from the same checkpoint: one rank's unreadable file (its own
+            # rng_<rank>.pt) sends all of them to the previous one.
+            if self._everywhere(error is None):
+                return found
+            why = str(error) if error is not None else f"{path}: a file of another process does not read back"
+            problems.append(why)
+            warn(f"warning: {why}; trying the previous checkpoint")
+            if self._main and restore_rng:
+                os.replace(path, path.with_name(f"unreadable_{path.name}"))
         if problems:
             raise CheckpointError(f"{self.folder}: no checkpoint reads back whole ({'; '.join(problems)})")
         return None
@@ -269,7 +281,8 @@ class CheckpointManager:
         def read(file: Path, how):
             try:
                 return how(file)
-            except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError) as e:
+            # UnpicklingError: torch.load of bytes that are not a checkpoint at all (not a zip, not a pickle).
+            except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
                 raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
 
         torch_load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731

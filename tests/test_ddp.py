@@ -1,5 +1,6 @@
 """DDP on CPU: 2 processes (torchrun, gloo) train the decoder a few steps; both ranks end with identical weights,
-and their averaged gradient equals one process's at the same global batch (within float32 rounding).
+and their averaged gradient equals one process's at the same global batch (within float32 rounding); a resume where
+one rank's file of the latest checkpoint is damaged takes every rank back to the previous checkpoint.
 
 Run as a script (``python -m torch.distributed.run --nproc_per_node 2 tests/test_ddp.py OUT``) it is the worker;
 under pytest it launches that worker and trains the single-process reference itself.
@@ -7,7 +8,9 @@ under pytest it launches that worker and trains the single-process reference its
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -19,8 +22,8 @@ STEPS = 3
 PER_RANK_BATCH = 1
 
 
-def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
-    """Train STEPS steps at `batch` per process; return this process's live decoder weights."""
+def _train(out: Path, batch: int, accelerator=None, steps: int = STEPS, resume: bool = False):
+    """Train to `steps` at `batch` per process (or resume to it); the TrainResult."""
     from ldlib.losses import DecoderLoss, LossConfig
     from ldlib.metrics import lpips_model
     from ldlib.presets import get_preset
@@ -30,14 +33,19 @@ def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
     warnings.simplefilter("ignore")
     # GAN on from step 1: exercises the discriminator under DDP and the cross-rank averaged adaptive weight.
     cfg = TrainConfig(
-        steps=STEPS, batch=batch, warmup_steps=1, checkpoint_every=1, keep_checkpoints=STEPS, val_every=1000,
+        steps=steps, batch=batch, warmup_steps=1, checkpoint_every=1, keep_checkpoints=STEPS, val_every=1000,
         log_every=1, lr=1e-3,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=0, disc_channels=8, disc_layers=2),
     )
     codec = get_preset("tiny").load_codec()
     data = sample_tensor_pairs(codec, count=4, hq_size=32, seed=0)
-    res = train_decoder(cfg, out, data, None, codec=codec, accelerator=accelerator,
-                        loss_fn=DecoderLoss(cfg.loss, lpips=lpips_model("alex")))
+    return train_decoder(cfg, out, data, None, codec=codec, accelerator=accelerator, resume=resume,
+                         loss_fn=DecoderLoss(cfg.loss, lpips=lpips_model("alex")))
+
+
+def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
+    """Train STEPS steps at `batch` per process; return this process's live decoder weights."""
+    res = _train(out, batch, accelerator)
     return {n: p.detach().clone() for n, p in res.codec2x.named_parameters() if p.requires_grad}
 
 
@@ -52,6 +60,18 @@ def _worker(out: Path) -> None:
         raise SystemExit(f"expected 2 processes, got {acc.num_processes}")
     weights = _run(out, PER_RANK_BATCH, acc)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"rank{acc.process_index}.safetensors"))
+    acc.wait_for_everyone()
+    # In a copy of the run, rank 1's RNG file of the latest checkpoint is damaged: every rank must resume from the
+    # previous checkpoint (one rank on another step would leave DDP's collectives mismatched).
+    copy = out.parent / "ddp_resume"
+    if acc.is_main_process:
+        shutil.copytree(out, copy)
+    acc.wait_for_everyone()
+    if acc.process_index == 1:
+        (copy / "checkpoints" / f"step_{STEPS:06d}" / "rng_1.pt").write_bytes(b"damaged")
+    acc.wait_for_everyone()
+    res = _train(copy, PER_RANK_BATCH, acc, steps=STEPS + 1, resume=True)
+    (out / f"resumed{acc.process_index}.json").write_text(json.dumps([r["step"] for r in res.history]))
     acc.wait_for_everyone()
     acc.end_training()
 
@@ -68,6 +88,10 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     r1 = load_file(str(tmp_path / "ddp" / "rank1.safetensors"))
     assert r0.keys() == r1.keys() and len(r0) > 0
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
+    # The resume after rank 1's damaged RNG file: both ranks from the previous checkpoint, the damaged one set aside.
+    resumed = [json.loads((tmp_path / "ddp" / f"resumed{r}.json").read_text()) for r in (0, 1)]
+    assert resumed == [[STEPS - 1, STEPS]] * 2, resumed
+    assert (tmp_path / "ddp_resume" / "checkpoints" / f"unreadable_step_{STEPS:06d}").is_dir()
 
     single = _run(tmp_path / "single", 2 * PER_RANK_BATCH)
     init = {n: p for n, p in __import__("ldlib.presets", fromlist=["get_preset"]).get_preset("tiny")

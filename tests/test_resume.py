@@ -84,8 +84,9 @@ def test_no_intact_checkpoint_is_one_clear_error(setup, runs, tmp_path):
     root, _ = runs
     run = tmp_path / "run"
     shutil.copytree(root / "cut", run)
-    for step in (2, 4):
-        (run / "checkpoints" / f"step_{step:06d}" / "optim.pt").write_bytes(b"")
+    # An empty file, and bytes that are no checkpoint at all (torch.load raises UnpicklingError there).
+    for step, junk in ((2, b"not a checkpoint"), (4, b"")):
+        (run / "checkpoints" / f"step_{step:06d}" / "optim.pt").write_bytes(junk)
     with pytest.raises(ValueError, match="no checkpoint reads back whole.*optim.pt"):
         _run(setup, run, _cfg(), resume=True)
 
