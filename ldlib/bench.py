@@ -677,6 +677,14 @@ def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, step
     return {"step_s (no syncs)": wall, "device busy s": busy, "outside kernels %": 100 * max(0.0, 1 - busy / wall)}
 
 
+def _prefetched(cfg, device) -> int:
+    """Batches the loop's DataLoader queues ahead (workers x prefetch_factor 2): steps to run before timing, so that a
+    timed step waits on data as it would in a long run instead of taking a batch read during the warm-up."""
+    from .runs import loader_workers
+
+    return 2 * loader_workers(cfg.num_workers, device)
+
+
 def _union_seconds(spans: list[tuple[float, float]]) -> float:
     """Total length in seconds of the union of (start, end) spans given in microseconds (overlaps counted once)."""
     total, end = 0.0, float("-inf")
@@ -748,9 +756,11 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     steps, and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs").
     ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``); ``only``: keep
     the variants whose names are listed. ``vae``: a local VAE replacing the preset's (e.g. a folder of random
-    full-size weights: the step's cost does not depend on the values). On CUDA a last table row per batch is the
-    share of the default step outside CUDA kernels (``_outside_kernels``).
+    full-size weights: the step's cost does not depend on the values). On CUDA the notes add, per batch, the
+    share of the default step outside CUDA kernels (``_outside_kernels``). With DataLoader workers the warm-up also
+    drains the batches they queued ahead (``_prefetched``).
     """
+    import dataclasses
     import shutil
     import tempfile
     import warnings
@@ -777,6 +787,9 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
             raise ValueError(f"unknown bench train variant(s) {', '.join(map(repr, unknown))}; measured here: "
                              f"{', '.join(map(repr, measured))}")
         measured = {k: v for k, v in measured.items() if k in only}
+        missing = {k: v["vs"] for k, v in measured.items() if v.get("vs", k) not in measured}
+        if missing:
+            raise ValueError("; ".join(f"variant {k!r} is compared with {v!r}: keep that one too" for k, v in missing.items()))
     first = next(iter(measured))  # ratios compare with it unless a variant names its own "vs"
     codec = preset.load_codec()
     rows, ratios, per_round, raw, kernels = [], {}, {}, {}, {}
@@ -791,11 +804,13 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                     overrides = {k: v for k, v in overrides.items() if k != "vs"}
                     loss_kw = {k: overrides[k] for k in ("lpips_net", "gan_start") if k in overrides}
                     cfg = TrainConfig(
-                        preset=preset_name, vae=vae, steps=warmup + steps, batch=batch, warmup_steps=0, val_every=10**9,
+                        preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
                         checkpoint_every=10**9, log_every=10, seed=r,
                         loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}),
                         **{k: v for k, v in overrides.items() if k not in loss_kw},
                     )
+                    skip = warmup + _prefetched(cfg, device)
+                    cfg = dataclasses.replace(cfg, steps=skip + steps)
                     if cfg.compile:
                         torch._dynamo.reset()  # every compiled run pays its own compilation (in the warm-up)
                     timings = StepTimings(device, memory=True)
@@ -803,8 +818,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
                         train_decoder(cfg, out, train_set, None, codec=codec, degrader=NoiseDegrader(), timings=timings)
-                    runs[name].append({"pieces": timings.median(skip=warmup), "peak_mb": timings.peak_memory_mb(),
-                                       "step": statistics.median(timings.step_totals(skip=warmup)),
+                    runs[name].append({"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
+                                       "step": statistics.median(timings.step_totals(skip=skip)),
                                        "steps": timings.steps})
                     shutil.rmtree(out, ignore_errors=True)
             per_round[f"batch {batch}"] = {k: [x["step"] for x in v] for k, v in runs.items()}
@@ -827,7 +842,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 cfg = TrainConfig(preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
                                   checkpoint_every=10**9, log_every=10, loss=LossConfig(lpips_net="alex", gan_warmup=0))
                 kernels[f"batch {batch}"] = _outside_kernels(cfg, tmp / f"kernels{batch}", train_set, codec, device,
-                                                             warmup, steps)
+                                                             warmup + _prefetched(cfg, device), steps)
     if device.type == "cpu":
         ab = _update_threads_ab(preset_name, device, rounds=3 if quick else 10)
         ratios["optimiser + EMA step alone (GAN on): update_threads=1 vs all threads (median per-round ratio)"] = ab["ratio"]
@@ -838,7 +853,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     memory = ("torch.cuda.max_memory_allocated above the loop's start" if device.type == "cuda" else
               "RSS high-water mark above the loop's start (approximate: the allocator keeps some freed memory)")
     notes += [
-        f"data: {origin}, {len(train_set)} pairs; each run: {warmup} warm-up step(s) (compilation included) then "
+        f"data: {origin}, {len(train_set)} pairs; each run: {warmup} warm-up step(s) (compilation included; plus "
+        f"2 per DataLoader worker, the batches queued ahead) then "
         f"{steps} timed; {rounds} round(s), variants interleaved",
         f"columns are seconds per optimiser step; non_model_% = data + degradation + optimiser/EMA + logging; "
         f"peak_mb: {memory}",
