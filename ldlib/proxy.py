@@ -22,7 +22,7 @@ import torch.nn as nn
 from .files import atomic_write_bytes, save_figure
 from .pairs import split_by_source
 from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings,
-                   make_accelerator, mix_seed, open_run, write_config)
+                   load_optimizer_state, make_accelerator, mix_seed, open_run, write_config)
 from .teacher_data import TeacherDataset, TeacherSet
 
 
@@ -187,7 +187,7 @@ def train_proxy(
     if found is not None:
         latest, tensors, objects, state = found
         net.load_state_dict(tensors["proxy"])
-        opt.load_state_dict(objects["opt"])
+        load_optimizer_state(opt, objects["opt"])
         sched.load_state_dict(objects["sched"])
         step, skipped = int(state["step"]), list(state.get("skipped", []))
         acc.print(f"resumed from {latest} at step {step}")

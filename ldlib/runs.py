@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,13 +37,18 @@ def default_device() -> torch.device:
 
 
 def loader_workers(requested: int | None, device: torch.device, processes: int = 1) -> int:
-    """DataLoader workers: ``requested``, or by default 0 on CPU and min(8, CPUs per process - 1) on CUDA."""
+    """DataLoader workers: ``requested``, or by default 0 on CPU and min(8, CPUs per process - 1), at least 1, on CUDA.
+
+    ``processes``: the run's process count; the processes on this machine come from ``LOCAL_WORLD_SIZE`` when the
+    launcher sets it (torchrun, accelerate launch).
+    """
     if requested is not None:
         return requested
     if device.type == "cpu":
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus // max(1, processes) - 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or processes
+    return max(1, min(8, cpus // max(1, local) - 1))
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1):
@@ -218,14 +224,25 @@ class CheckpointManager:
         """
         problems = []
         for path in self.candidates():
+            found, rng, error, unexpected = None, None, None, None
             try:
-                found, error = (path, *self.load(path, tensor_names, restore_rng, with_objects)), None
+                found = (path, *self.load(path, tensor_names, restore_rng=False, with_objects=with_objects))
+                rng = self._read_rng(path) if restore_rng else None
             except CheckpointError as e:
-                found, error = None, e
+                error = e
+            except Exception as e:  # noqa: BLE001 - re-raised below, once every rank has answered
+                error = unexpected = e
             # Under DDP every rank must resume from the same checkpoint: one rank's unreadable file (its own
-            # rng_<rank>.pt) sends all of them to the previous one.
-            if self._everywhere(error is None):
+            # rng_<rank>.pt) sends all of them to the previous one. Every rank answers before any acts.
+            agreed = self._everywhere(error is None)
+            if unexpected is not None:
+                raise unexpected
+            if agreed:
+                if rng is not None:
+                    set_rng_states(rng)
                 return found
+            if error is not None and not self._main:
+                print(f"warning (process {self.acc.process_index}): {error}", flush=True)
             why = str(error) if error is not None else f"{path}: a file of another process does not read back"
             problems.append(why)
             warn(f"warning: {why}; trying the previous checkpoint")
@@ -276,29 +293,37 @@ class CheckpointManager:
         Any unreadable file raises CheckpointError naming it (nothing is restored then). ``with_objects=False``
         skips the optimiser states (loading weights only).
         """
-        from safetensors import SafetensorError
-
-        def read(file: Path, how):
-            try:
-                return how(file)
-            # UnpicklingError: torch.load of bytes that are not a checkpoint at all (not a zip, not a pickle).
-            except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
-                raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
-
-        torch_load = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
-        tensors = {name: read(path / f"{name}.safetensors", load_safetensors) for name in tensor_names}
-        objects = read(path / "optim.pt", torch_load) if with_objects else {}
-        state = read(path / "state.json", lambda f: json.loads(f.read_text()))
-        rank = 0 if self.acc is None else self.acc.process_index
-        rng = path / f"rng_{rank}.pt"
-        states = read(rng, torch_load) if restore_rng and rng.is_file() else None
-        if restore_rng and states is not None:
+        tensors = {name: _read(path / f"{name}.safetensors", load_safetensors) for name in tensor_names}
+        objects = _read(path / "optim.pt", _torch_load) if with_objects else {}
+        state = _read(path / "state.json", lambda f: json.loads(f.read_text()))
+        states = self._read_rng(path) if restore_rng else None
+        if states is not None:
             set_rng_states(states)
         return tensors, objects, state
+
+    def _read_rng(self, path: Path) -> dict | None:
+        """This rank's RNG states saved in a checkpoint (None when it has none); CheckpointError when unreadable."""
+        rng = path / f"rng_{0 if self.acc is None else self.acc.process_index}.pt"
+        return _read(rng, _torch_load) if rng.is_file() else None
 
 
 class CheckpointError(ValueError):
     """A checkpoint file could not be read back; the message names it."""
+
+
+def _torch_load(file: Path):
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read(file: Path, how):
+    """``how(file)``, with any way a damaged file fails turned into a CheckpointError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return how(file)
+    # UnpicklingError: torch.load of bytes that are not a checkpoint at all (not a zip, not a pickle).
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
 
 
 # Settings a resumed run may change: they do not alter what is computed, only how often it is saved or shown.
@@ -371,6 +396,20 @@ def _step_of(line: str) -> int | None:
         return None  # a torn or foreign line: dropped
 
 
+def _after_existing_events(tb: Path) -> None:
+    """Wait, if needed, until the clock's second is past every event file's in ``tb``.
+
+    TensorBoard reads a folder's event files in name order, whose first field is the second the file was made, and a
+    resumed writer's purge_step hides only the events of files read before its own: a writer made in the same second
+    as the previous one (a quick restart, a test) would sort by process id and writer count instead.
+    """
+    stamps = [int(f.name.split(".")[3]) for f in tb.glob("events.out.tfevents.*")
+              if len(f.name.split(".")) > 3 and f.name.split(".")[3].isdigit()]
+    wait = max(stamps, default=0) + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+
+
 class RunLogger:
     """tqdm progress bar + TensorBoard writer + history.jsonl, active on the main process only."""
 
@@ -387,6 +426,7 @@ class RunLogger:
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
             # A run resumed at step S (or restarted from scratch, S = 0) logged steps >= S before it was killed:
             # TensorBoard hides those events (purge_step) and history.jsonl keeps only the lines before S.
+            _after_existing_events(out / "tb")
             self.tb = SummaryWriter(str(out / "tb"), purge_step=initial)
             hist = out / "history.jsonl"
             if hist.is_file():
@@ -440,6 +480,13 @@ def build_optimizer(params, lr: float, betas: tuple[float, float], weight_decay:
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
     sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     return opt, sched
+
+
+def load_optimizer_state(opt, state: dict) -> None:
+    """Load a saved optimiser state, keeping this optimiser's kernel choice: ``fused`` / ``foreach`` follow the
+    device the run is on (build_optimizer), not the one the checkpoint was written on."""
+    own = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    opt.load_state_dict({**state, "param_groups": [{**saved, **mine} for saved, mine in zip(state["param_groups"], own)]})
 
 
 def mean_terms(records: list[dict]) -> dict[str, float]:

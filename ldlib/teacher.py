@@ -399,8 +399,8 @@ def train_teacher(
     from .degrade import DiffusionDegrader
     from .latents import LatentCache, default_cache_dir
     from .presets import get_preset
-    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, make_accelerator, mix_seed,
-                       open_run, sample_generator, write_config)
+    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, load_optimizer_state,
+                       make_accelerator, mix_seed, open_run, sample_generator, write_config)
 
     t_start = time.time()
     out = Path(out)
@@ -432,7 +432,7 @@ def train_teacher(
         ema_state = dict(state["ema"])
         ema_state["shadow_params"] = [tensors["ema"][n].to(device) for n in names]
         ema.load_state_dict(ema_state)
-        opt.load_state_dict(objects["opt"])
+        load_optimizer_state(opt, objects["opt"])
         sched.load_state_dict(objects["sched"])
         step, skipped = int(state["step"]), list(state.get("skipped", []))
         acc.print(f"resumed from {latest} at step {step}")

@@ -36,8 +36,8 @@ from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
 from .profiling import NO_TIMINGS, StepTimings
 from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_optimizer,
-                   check_optimiser_settings, loader_workers, make_accelerator, mean_terms, mix_seed, open_run,
-                   sample_generator, write_config)
+                   check_optimiser_settings, load_optimizer_state, loader_workers, make_accelerator, mean_terms,
+                   mix_seed, open_run, sample_generator, write_config)
 
 
 @dataclass
@@ -82,8 +82,8 @@ class TrainConfig:
                                                              "result on any count); 0: all (no effect on GPU)"})
     # On a GPU, reading and converting the 512 px pairs in the main process was half of a Wan decoder step (bench
     # train, H200); on a CPU it is a few % of the step and workers would compete with the model for the cores.
-    num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers; none: 0 on CPU, on CUDA "
-                                                                     "min(8, CPUs per process - 1) (same batches either way)"})
+    num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, on CUDA "
+                                                                     "min(8, CPUs per process - 1); same batches either way)"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
     init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
                                                           "(RUN/checkpoints/step_N): weights, EMA, optimisers, step"})
@@ -273,8 +273,10 @@ def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
     ema_state["shadow_params"] = [tensors["ema"][n] for n in m.names]
     m.ema.load_state_dict(ema_state)
     m.ema.to(device)
-    for key in ("opt_g", "opt_d", "sched_g", "sched_d"):
-        getattr(m, key).load_state_dict(objects[key])
+    load_optimizer_state(m.opt_g, objects["opt_g"])
+    load_optimizer_state(m.opt_d, objects["opt_d"])
+    m.sched_g.load_state_dict(objects["sched_g"])
+    m.sched_d.load_state_dict(objects["sched_d"])
     acc.print(f"resumed from {path} at step {state['step']}")
     return int(state["step"]), list(state.get("skipped", []))
 

@@ -202,3 +202,30 @@ def test_plot_history_draws_each_logged_key_and_says_when_a_panel_has_none(tmp_p
     assert [line.get_label() for line in losses.lines] == ["l1", "lpips"]
     assert list(losses.lines[0].get_ydata()) == [1.0 / s for s in range(1, 6)]
     assert not gan.lines and gan.get_legend() is None and gan.texts[0].get_text() == "not logged in this run"
+
+
+def test_optimizer_state_keeps_the_kernel_choice_of_the_device_it_resumes_on():
+    # A checkpoint's param_groups carry fused / foreach; resuming on another device must not inherit them (a CPU
+    # state in a CUDA run would lose the fused kernel, a CUDA state on CPU would gain it). Same update either way.
+    from ldlib.runs import load_optimizer_state
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, generator=g)
+    grads = [torch.randn(64, generator=g) for _ in range(3)]
+
+    def run(fused: bool, state=None, start=w0, steps=grads):
+        p = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.5, 0.9), fused=fused or None)
+        if state is not None:
+            load_optimizer_state(opt, state)
+        for gr in steps:
+            p.grad = gr.clone()
+            opt.step()
+        return p.detach(), opt
+
+    for saved_fused, resumed_fused in ((False, True), (True, False)):
+        w1, opt = run(saved_fused, steps=grads[:2])
+        w_resumed, opt2 = run(resumed_fused, opt.state_dict(), start=w1, steps=grads[2:])
+        assert bool(opt2.param_groups[0]["fused"]) is resumed_fused
+        w_ref, _ = run(saved_fused)
+        assert (w_resumed - w_ref).abs().max() <= 8 * torch.finfo(torch.float32).eps * w_ref.abs().max()

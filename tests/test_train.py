@@ -470,11 +470,14 @@ def test_loader_workers_by_device(monkeypatch):
     from ldlib.runs import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert loader_workers(3, torch.device("cuda")) == 3 and loader_workers(0, torch.device("cuda")) == 0
     assert loader_workers(None, torch.device("cpu")) == 0  # the CPU step is model-bound: no workers by default
     assert loader_workers(None, torch.device("cuda")) == 8  # min(8, 16 - 1)
     assert loader_workers(None, torch.device("cuda"), processes=4) == 3  # 16 CPUs / 4 processes - 1
     assert loader_workers(None, torch.device("cuda"), processes=32) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 16 processes on 8 machines: 2 here
+    assert loader_workers(None, torch.device("cuda"), processes=16) == 7
     with pytest.raises(ValueError, match="num_workers"):
         TrainConfig(num_workers=-1)
 
