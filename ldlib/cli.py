@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole recipe on the shipped photos (CPU, minutes); opens with OUT/index.html")
     p.add_argument("--out", default="runs/demo")
     _add_preset(p, default="taef2")
-    p.add_argument("--steps", type=int, default=None, help="decoder training steps (default: 300 at taef2, 12 at tiny)")
+    p.add_argument("--steps", type=int, default=None, help="decoder training steps (default: 200 at taef2, 12 at tiny)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build-pairs", help="cut (HQ, LQ) pairs from a folder of photos (the recipe), resumable")
