@@ -226,7 +226,7 @@ class CheckpointManager:
         for path in self.candidates():
             found, rng, error, unexpected = None, None, None, None
             try:
-                found = (path, *self.load(path, tensor_names, restore_rng=False, with_objects=with_objects))
+                found = (path, *self.load(path, tensor_names, with_objects=with_objects))
                 rng = self._read_rng(path) if restore_rng else None
             except CheckpointError as e:
                 error = e
@@ -286,19 +286,15 @@ class CheckpointManager:
         self._barrier()
         return final
 
-    def load(self, path: Path, tensor_names: Sequence[str], restore_rng: bool = True,
-             with_objects: bool = True) -> tuple[dict, dict, dict]:
-        """(tensors by name, objects, state) of a checkpoint; restores this rank's RNG states when saved.
+    def load(self, path: Path, tensor_names: Sequence[str], with_objects: bool = True) -> tuple[dict, dict, dict]:
+        """(tensors by name, objects, state) of a checkpoint; the RNG states are ``load_intact``'s to restore.
 
-        Any unreadable file raises CheckpointError naming it (nothing is restored then). ``with_objects=False``
-        skips the optimiser states (loading weights only).
+        Any unreadable file raises CheckpointError naming it. ``with_objects=False`` skips the optimiser states
+        (loading weights only).
         """
         tensors = {name: _read(path / f"{name}.safetensors", load_safetensors) for name in tensor_names}
         objects = _read(path / "optim.pt", _torch_load) if with_objects else {}
         state = _read(path / "state.json", lambda f: json.loads(f.read_text()))
-        states = self._read_rng(path) if restore_rng else None
-        if states is not None:
-            set_rng_states(states)
         return tensors, objects, state
 
     def _read_rng(self, path: Path) -> dict | None:

@@ -260,7 +260,7 @@ def _start_from(m: _Models, checkpoint: str | os.PathLike, acc) -> tuple[int, li
     path = Path(checkpoint)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path}: init_from must be a checkpoint folder (RUN/checkpoints/step_N)")
-    tensors, objects, state = CheckpointManager(path.parent, acc).load(path, CHECKPOINT_TENSORS, restore_rng=False)
+    tensors, objects, state = CheckpointManager(path.parent, acc).load(path, CHECKPOINT_TENSORS)
     return _restore(m, (path, tensors, objects, state), acc)
 
 
