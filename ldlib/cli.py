@@ -289,16 +289,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     import time
 
     from .images import ImageLoadError
-    from .upscale import UpscaleConfig, load_upscaler, upscale_file
+    from .upscale import UpscaleConfig, clashing_inputs, load_upscaler, upscale_file
 
     from .files import writable_folder
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
                         compare=args.compare)
-    by_stem: dict[str, list[str]] = {}
-    for item in args.inputs:  # outputs are named by stem: two inputs of one stem would overwrite each other
-        by_stem.setdefault(Path(item).stem, []).append(str(item))
-    clashes = [names for names in by_stem.values() if len(names) > 1]
+    clashes = clashing_inputs(args.inputs)
     if clashes:
         raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
                          + "; ".join(" and ".join(names) for names in clashes) + "; upscale them into separate --out folders")

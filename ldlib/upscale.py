@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -386,8 +386,16 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def clashing_inputs(inputs: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """Groups of inputs whose outputs would overwrite each other in one folder (``upscale_file`` names them by stem)."""
+    by_stem: dict[str, list[str]] = {}
+    for item in inputs:
+        by_stem.setdefault(Path(item).stem, []).append(str(item))
+    return [names for names in by_stem.values() if len(names) > 1]
+
+
 def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.PathLike, cfg: UpscaleConfig) -> list[Path]:
-    """Upscale one image or latent file; write PNG(s) under out_dir; return the files written."""
+    """Upscale one image or latent file; write PNG(s) named by its stem under out_dir; return the files written."""
     path, out_dir = Path(path), Path(out_dir)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
