@@ -619,9 +619,9 @@ def _bench_pairset(root: Path, preset, codec, count: int) -> tuple[Path, Path, s
     return pairs, latents, origin
 
 
-# What "before" restores: the loop's defaults before the measurements changed them (TrainConfig.update_threads,
-# which acts on CPU threads, and TrainConfig.num_workers, which is 0 on CPU either way).
-BEFORE = {"update_threads": 0, "num_workers": 0}
+# What "before" restores: the loop's defaults before the measurements changed them (TrainConfig.update_threads and
+# TrainConfig.reuse_cpu_memory, which act on the CPU only, and TrainConfig.num_workers, which is 0 on CPU either way).
+BEFORE = {"update_threads": 0, "num_workers": 0, "reuse_cpu_memory": False}
 
 
 def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]]:
@@ -743,6 +743,30 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
     return {"rows": {k: v["wall_s"] for k, v in t.items()}, "ratio": _round_ratio(t, "all threads", "1 thread")}
 
 
+def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, threads: int) -> dict:
+    """One timed ``train_decoder`` run on the noise degrader (in a fresh process: see bench_train_step): the median
+    step's pieces and seconds after ``skip`` steps, every step's pieces, and the peak memory."""
+    import warnings
+
+    import torch
+
+    from .datasets import PairDataset
+    from .degrade import NoiseDegrader
+    from .presets import get_preset
+    from .profiling import StepTimings
+    from .train import train_decoder
+
+    torch.set_num_threads(threads)
+    codec = get_preset(cfg.preset, **({"vae": cfg.vae} if cfg.vae else {})).load_codec()
+    timings = StepTimings(_device(), memory=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
+        train_decoder(cfg, out, PairDataset(pairs, latents=latents), None, codec=codec, degrader=NoiseDegrader(),
+                      timings=timings)
+    return {"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
+            "step": statistics.median(timings.step_totals(skip=skip)), "steps": timings.steps}
+
+
 def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | None = None,
                      rounds: int | None = None, steps: int | None = None, warmup: int = 1,
                      variants: dict[str, dict] | None = None, only: tuple[str, ...] | None = None,
@@ -761,18 +785,17 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     drains the batches they queued ahead (``_prefetched``).
     """
     import dataclasses
+    import multiprocessing
     import shutil
     import tempfile
-    import warnings
+    from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
     from .datasets import PairDataset
-    from .degrade import NoiseDegrader
     from .losses import LossConfig
     from .presets import get_preset
-    from .profiling import StepTimings
-    from .train import TrainConfig, train_decoder
+    from .train import TrainConfig
 
     device = _device()
     preset = get_preset(preset_name, **({"vae": vae} if vae else {}))
@@ -811,16 +834,12 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                     )
                     skip = warmup + _prefetched(cfg, device)
                     cfg = dataclasses.replace(cfg, steps=skip + steps)
-                    if cfg.compile:
-                        torch._dynamo.reset()  # every compiled run pays its own compilation (in the warm-up)
-                    timings = StepTimings(device, memory=True)
                     out = tmp / f"run{sum(map(len, runs.values()))}"
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
-                        train_decoder(cfg, out, train_set, None, codec=codec, degrader=NoiseDegrader(), timings=timings)
-                    runs[name].append({"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
-                                       "step": statistics.median(timings.step_totals(skip=skip)),
-                                       "steps": timings.steps})
+                    # A fresh process per run: none inherits another's allocator state (reuse_cpu_memory), compiled
+                    # graphs or caches, as a user's own run does not.
+                    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                        runs[name].append(pool.submit(_timed_train_run, cfg, out, pairs, latents, skip,
+                                                      torch.get_num_threads()).result())
                     shutil.rmtree(out, ignore_errors=True)
             per_round[f"batch {batch}"] = {k: [x["step"] for x in v] for k, v in runs.items()}
             raw[f"batch {batch}"] = {k: [x["steps"] for x in v] for k, v in runs.items()}
@@ -853,7 +872,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     memory = ("torch.cuda.max_memory_allocated above the loop's start" if device.type == "cuda" else
               "RSS high-water mark above the loop's start (approximate: the allocator keeps some freed memory)")
     notes += [
-        f"data: {origin}, {len(train_set)} pairs; each run: {warmup} warm-up step(s) (compilation included; plus "
+        f"data: {origin}, {len(train_set)} pairs; each run in a fresh process: {warmup} warm-up step(s) (compilation included; plus "
         f"2 per DataLoader worker, the batches queued ahead) then "
         f"{steps} timed; {rounds} round(s), variants interleaved",
         f"columns are seconds per optimiser step; non_model_% = data + degradation + optimiser/EMA + logging; "
