@@ -24,7 +24,7 @@ from .files import atomic_write_bytes, save_figure
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: about 14 minutes on 2 CPU cores at taef2, over half of it the decoder)."""
+    """Sizes of the demo (defaults: about 12 minutes on 2 CPU cores at taef2, over half of it the decoder)."""
 
     preset: str = field(default="taef2", metadata={"help": "taef2 (real models) | tiny (plumbing, random models)"})
     crops_per_image: int = field(default=8, metadata={"help": "crops per shipped photo"})
