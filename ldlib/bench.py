@@ -752,17 +752,14 @@ def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, thre
 
     from .datasets import PairDataset
     from .degrade import NoiseDegrader
-    from .presets import get_preset
     from .profiling import StepTimings
     from .train import train_decoder
 
     torch.set_num_threads(threads)
-    codec = get_preset(cfg.preset, **({"vae": cfg.vae} if cfg.vae else {})).load_codec()
     timings = StepTimings(_device(), memory=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
-        train_decoder(cfg, out, PairDataset(pairs, latents=latents), None, codec=codec, degrader=NoiseDegrader(),
-                      timings=timings)
+        train_decoder(cfg, out, PairDataset(pairs, latents=latents), None, degrader=NoiseDegrader(), timings=timings)
     return {"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
             "step": statistics.median(timings.step_totals(skip=skip)), "steps": timings.steps}
 
@@ -872,8 +869,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     memory = ("torch.cuda.max_memory_allocated above the loop's start" if device.type == "cuda" else
               "RSS high-water mark above the loop's start (approximate: the allocator keeps some freed memory)")
     notes += [
-        f"data: {origin}, {len(train_set)} pairs; each run in a fresh process: {warmup} warm-up step(s) (compilation included; plus "
-        f"2 per DataLoader worker, the batches queued ahead) then "
+        f"data: {origin}, {len(train_set)} pairs; each run in a fresh process: {warmup} warm-up step(s) (compilation "
+        f"included; plus 2 per DataLoader worker, the batches queued ahead) then "
         f"{steps} timed; {rounds} round(s), variants interleaved",
         f"columns are seconds per optimiser step; non_model_% = data + degradation + optimiser/EMA + logging; "
         f"peak_mb: {memory}",

@@ -9,7 +9,7 @@
 - ``CheckpointManager``: checkpoints written into a temporary folder and renamed into place (atomic), a
   ``latest.json`` pointer, per-rank RNG states, old checkpoints pruned.
 - ``all_finite``: a NaN/inf loss on any rank makes every rank skip the step (a one-sided skip would hang DDP).
-- ``reused_cpu_memory``: freed CPU memory stays in the process for the loop's next step (no page faults per step).
+- ``reused_cpu_memory``: freed CPU memory stays in the process for the loop's next step (far fewer page faults).
 - ``RunLogger``: tqdm bar, TensorBoard scalars/images and ``history.jsonl`` on the main process only;
   ``read_history`` / ``plot_history`` read them back.
 
@@ -59,40 +59,43 @@ def loader_workers(requested: int | None, device: torch.device, processes: int =
 # Setting any of them ends the dynamic adjustment, so leaving the block restores that end state.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _MALLOC_AFTER = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_MMAP_MAX: 65536}
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
 
 
 def _glibc():
-    """The C library when it is glibc (the one whose allocator ``reused_cpu_memory`` tunes), else None."""
+    """glibc when it is the allocator in use and the user set none of its malloc settings, else None."""
     import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
+    if any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None  # the user's own allocator settings win
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        in_use = ctypes.CDLL(None).malloc  # what the process calls: differs under an LD_PRELOADed jemalloc / tcmalloc
+    except (OSError, AttributeError):
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    return libc if address(in_use) == address(libc.malloc) else None
 
 
 @contextlib.contextmanager
 def reused_cpu_memory(enabled: bool = True) -> Iterator[bool]:
-    """Within the block, CPU memory the process frees is kept for its next allocations (glibc); yields whether it is.
-
-    Why: a 512 px decoder step allocates and frees 1-3 GB of activations in blocks of 30-70 MB. glibc serves a block
-    above its mmap threshold (32 MB at most) with a fresh mapping and unmaps it when freed, so the kernel faults in and
-    zeroes every page again on the next step: 340k page faults and a quarter of a taef2 step at batch 2 on 2 cores
-    (``python -m ldlib bench train``). Inside, glibc maps nothing new and trims nothing, so the blocks are reused;
-    the arithmetic is untouched (the same results bit for bit). On leaving, glibc's settings become those its
-    defaults reach in a process that freed large blocks (``_MALLOC_AFTER``), and ``malloc_trim`` returns the kept
-    memory to the system. Not re-entrant: an inner block's exit ends an outer one's reuse (only slower). Elsewhere
-    than glibc, and with ``enabled`` false, it does nothing.
-    """
+    """Within the block, CPU memory the process frees is kept for its next allocations (glibc); yields whether it is."""
+    # Why: a 512 px decoder step allocates and frees 1-3 GB of activations in blocks of up to 70 MB. glibc serves a
+    # block above its mmap threshold (32 MB at most) with a fresh mapping and unmaps it when freed, so the kernel
+    # faults in and zeroes every page again on the next step: 340k page faults and a fifth to a quarter of a taef2
+    # step on 2 cores (python -m ldlib bench train). With mapping and trimming off, freed blocks are reused; the
+    # arithmetic is untouched (bit-identical results). On the main thread (where the loops run) that holds for any
+    # size; a thread's own arena still maps blocks over 64 MB. On leaving, glibc gets _MALLOC_AFTER and malloc_trim
+    # returns the kept memory. Not re-entrant: an inner block's exit ends an outer one's reuse (only slower).
     libc = _glibc() if enabled else None
-    if libc is None:
+    if libc is None or libc.mallopt(_M_MMAP_MAX, 0) != 1:
         yield False
         return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (any positive value still trims past it)
     try:
         yield True
     finally:
@@ -372,9 +375,10 @@ def _read(file: Path, how):
         raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
 
 
-# Settings a resumed run may change: they do not alter what is computed, only how often it is saved or shown.
+# Settings a resumed run may change: they do not alter what is computed, only how often it is saved or shown, or
+# how fast it runs.
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_count", "log_every", "num_workers",
-                  "compile", "grad_checkpointing", "eval_bins", "reuse_cpu_memory")
+                  "compile", "grad_checkpointing", "eval_bins", "reuse_cpu_memory", "update_threads")
 
 
 def check_optimiser_settings(name: str, lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int,

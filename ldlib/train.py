@@ -85,7 +85,8 @@ class TrainConfig:
     # bit either way.
     reuse_cpu_memory: bool = field(default=True, metadata={"help": "CPU: keep the memory a step frees for the next "
                                                                    "step (glibc; same results, 1.25-1.3x faster taef2 "
-                                                                   "step on 2 cores); false: the allocator's defaults"})
+                                                                   "step on 2 cores); --no-reuse-cpu-memory: the "
+                                                                   "allocator's defaults"})
     # On a GPU, reading and converting the 512 px pairs in the main process was half of a Wan decoder step (bench
     # train, H200); on a CPU it is a few % of the step and workers would compete with the model for the cores.
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, on CUDA "
@@ -555,6 +556,7 @@ def train_decoder(
             lpips_hooks = (m.loss_fn.lpips.register_forward_pre_hook(lambda *_: timer.split("losses")),
                            m.loss_fn.lpips.register_forward_hook(lambda *_: timer.split("lpips forward")))
             scope.callback(lambda: [h.remove() for h in lpips_hooks])
+        # (DataLoader workers, when asked for on CPU, are forked inside: they keep reusing their memory too.)
         scope.enter_context(reused_cpu_memory(cfg.reuse_cpu_memory and device.type == "cpu"))
         # A run that stops with an error still writes the history of the steps it finished.
         scope.push(lambda kind, *_: kind is not None and _flush_quietly(flush))
