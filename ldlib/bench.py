@@ -743,6 +743,18 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
     return {"rows": {k: v["wall_s"] for k, v in t.items()}, "ratio": _round_ratio(t, "all threads", "1 thread")}
 
 
+def _bench_train_config(preset_name: str, vae: str | None, batch: int, **overrides):
+    """The TrainConfig every bench train run starts from (LPIPS alex, no warm-up, no validation or checkpoints),
+    with a variant's TrainConfig / LossConfig overrides."""
+    from .losses import LossConfig
+    from .train import TrainConfig
+
+    loss_kw = {k: overrides.pop(k) for k in ("lpips_net", "gan_start") if k in overrides}
+    return TrainConfig(preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
+                       checkpoint_every=10**9, log_every=10,
+                       loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}), **overrides)
+
+
 def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, threads: int) -> dict:
     """One timed ``train_decoder`` run on the noise degrader (in a fresh process: see bench_train_step): the median
     step's pieces and seconds after ``skip`` steps, every step's pieces, and the peak memory."""
@@ -790,9 +802,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     import torch
 
     from .datasets import PairDataset
-    from .losses import LossConfig
     from .presets import get_preset
-    from .train import TrainConfig
 
     device = _device()
     preset = get_preset(preset_name, **({"vae": vae} if vae else {}))
@@ -821,14 +831,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
             runs: dict[str, list[dict]] = {k: [] for k in measured}
             for r in range(rounds):
                 for name, overrides in measured.items():
-                    overrides = {k: v for k, v in overrides.items() if k != "vs"}
-                    loss_kw = {k: overrides[k] for k in ("lpips_net", "gan_start") if k in overrides}
-                    cfg = TrainConfig(
-                        preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
-                        checkpoint_every=10**9, log_every=10, seed=r,
-                        loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}),
-                        **{k: v for k, v in overrides.items() if k not in loss_kw},
-                    )
+                    cfg = _bench_train_config(preset_name, vae, batch, seed=r,
+                                              **{k: v for k, v in overrides.items() if k != "vs"})
                     skip = warmup + _prefetched(cfg, device)
                     cfg = dataclasses.replace(cfg, steps=skip + steps)
                     out = tmp / f"run{sum(map(len, runs.values()))}"
@@ -855,8 +859,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                     ratios[f"batch {batch}: {name} vs {vs}, step speed-up (median per-round ratio)"] = statistics.median(
                         a["step"] / b["step"] for a, b in zip(runs[vs], results))
             if device.type == "cuda":
-                cfg = TrainConfig(preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
-                                  checkpoint_every=10**9, log_every=10, loss=LossConfig(lpips_net="alex", gan_warmup=0))
+                cfg = _bench_train_config(preset_name, vae, batch)
                 kernels[f"batch {batch}"] = _outside_kernels(cfg, tmp / f"kernels{batch}", train_set, codec, device,
                                                              warmup + _prefetched(cfg, device), steps)
     if device.type == "cpu":
