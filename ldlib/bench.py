@@ -570,9 +570,10 @@ STEP_GROUPS = {
     "decoder fwd": ("decoder forward",),
     "decoder bwd": ("decoder backward",),
     "LPIPS fwd": ("lpips forward",),
-    # The backward from the loss to the decoder's output: LPIPS (and the GAN term's discriminator, once on).
+    # The backward from the loss to the decoder's output (LPIPS) while the GAN is off.
     "loss bwd": ("loss backward",),
-    # L1, and once the GAN is on: the discriminator on the prediction and the adaptive weight's two gradients.
+    # L1, and once the GAN is on: the discriminator on the prediction, the backward of both terms to the prediction
+    # (LPIPS and discriminator) and the adaptive weight.
     "L1 + GAN term": ("losses",),
     "discriminator": ("discriminator",),
     "optimiser + EMA": ("optimiser + EMA",),
@@ -620,8 +621,9 @@ def _bench_pairset(root: Path, preset, codec, count: int) -> tuple[Path, Path, s
 
 
 # What "before" restores: the loop's defaults before the measurements changed them (TrainConfig.update_threads and
-# TrainConfig.reuse_cpu_memory, which act on the CPU only, and TrainConfig.num_workers, which is 0 on CPU either way).
-BEFORE = {"update_threads": 0, "num_workers": 0, "reuse_cpu_memory": False}
+# TrainConfig.reuse_cpu_memory, which act on the CPU only, and TrainConfig.num_workers, which is 0 on CPU either way),
+# and its GAN steps' gradients as it took them (two_pass_gan: _two_pass_loss).
+BEFORE = {"update_threads": 0, "num_workers": 0, "reuse_cpu_memory": False, "two_pass_gan": True}
 
 
 def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]]:
@@ -643,6 +645,9 @@ def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]
     variants["after with LPIPS squeeze"] = {"lpips_net": "squeeze"}
     variants["before with GAN on"] = {**BEFORE, "gan_start": 0}
     variants["after with GAN on"] = {"gan_start": 0, "vs": "before with GAN on"}
+    # What the GAN step's one-pass gradients (DecoderLoss.generator) buy on their own; the two-pass row's second
+    # LPIPS and discriminator backwards show in its "decoder bwd".
+    variants["after with GAN on (two-pass gradients)"] = {"gan_start": 0, "two_pass_gan": True, "vs": "after with GAN on"}
     return variants, notes
 
 
@@ -755,9 +760,38 @@ def _bench_train_config(preset_name: str, vae: str | None, batch: int, **overrid
                        loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}), **overrides)
 
 
-def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, threads: int) -> dict:
+def _two_pass_loss(cfg, lpips=None):
+    """A ``DecoderLoss`` whose GAN steps take their gradients the textbook way, as the loop did before (the "before"
+    rows): ``autograd.grad`` of each loss at the last layer for the adaptive weight, then the total's backward, so
+    the LPIPS and discriminator backwards run twice."""
+    import torch
+
+    from .losses import DecoderLoss, adaptive_gan_weight, hinge_g_loss
+
+    class TwoPassLoss(DecoderLoss):
+        def generator(self, pred, target, step, discriminator=None, last_layer=None, reduce_grads=None):
+            factor = self.gan_factor(step)
+            if factor == 0:
+                return super().generator(pred, target, step, discriminator, last_layer, reduce_grads)
+            rec, terms = self.reconstruction(pred, target)
+            discriminator.requires_grad_(False)
+            g = hinge_g_loss(discriminator(pred.float()))
+            discriminator.requires_grad_(True)
+            rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+            gan_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+            w = adaptive_gan_weight(rec_grad, gan_grad, self.cfg.adaptive_max, reduce_grads)
+            loss = rec + self.cfg.gan_weight * factor * w * g
+            terms.update(g_loss=g.detach(), adaptive_weight=w, gan_factor=torch.tensor(factor), total=loss)
+            return loss, terms
+
+    return TwoPassLoss(cfg, lpips)
+
+
+def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, threads: int,
+                     two_pass_gan: bool = False) -> dict:
     """One timed ``train_decoder`` run on the noise degrader (in a fresh process: see bench_train_step): the median
-    step's pieces and seconds after ``skip`` steps, every step's pieces, and the peak memory."""
+    step's pieces and seconds after ``skip`` steps, every step's pieces, and the peak memory. ``two_pass_gan``: the
+    loss of ``_two_pass_loss``."""
     import warnings
 
     import torch
@@ -771,7 +805,8 @@ def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, thre
     timings = StepTimings(_device(), memory=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
-        train_decoder(cfg, out, PairDataset(pairs, latents=latents), None, degrader=NoiseDegrader(), timings=timings)
+        train_decoder(cfg, out, PairDataset(pairs, latents=latents), None, degrader=NoiseDegrader(), timings=timings,
+                      loss_fn=_two_pass_loss(cfg.loss) if two_pass_gan else None)
     return {"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
             "step": statistics.median(timings.step_totals(skip=skip)), "steps": timings.steps}
 
@@ -831,8 +866,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
             runs: dict[str, list[dict]] = {k: [] for k in measured}
             for r in range(rounds):
                 for name, overrides in measured.items():
-                    cfg = _bench_train_config(preset_name, vae, batch, seed=r,
-                                              **{k: v for k, v in overrides.items() if k != "vs"})
+                    cfg = _bench_train_config(preset_name, vae, batch, seed=r, **{
+                        k: v for k, v in overrides.items() if k not in ("vs", "two_pass_gan")})
                     skip = warmup + _prefetched(cfg, device)
                     cfg = dataclasses.replace(cfg, steps=skip + steps)
                     out = tmp / f"run{sum(map(len, runs.values()))}"
@@ -840,7 +875,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                     # graphs or caches, as a user's own run does not.
                     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                         runs[name].append(pool.submit(_timed_train_run, cfg, out, pairs, latents, skip,
-                                                      torch.get_num_threads()).result())
+                                                      torch.get_num_threads(),
+                                                      overrides.get("two_pass_gan", False)).result())
                     shutil.rmtree(out, ignore_errors=True)
             per_round[f"batch {batch}"] = {k: [x["step"] for x in v] for k, v in runs.items()}
             raw[f"batch {batch}"] = {k: [x["steps"] for x in v] for k, v in runs.items()}

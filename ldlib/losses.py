@@ -76,23 +76,35 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(
-    rec_loss: torch.Tensor,
-    gan_loss: torch.Tensor,
-    last_layer: torch.Tensor,
+    rec_grad: torch.Tensor,
+    gan_grad: torch.Tensor,
     max_weight: float = 1e4,
     reduce_grads: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``|grad L_rec| / (|grad L_gan| + 1e-4)`` at last_layer, clamped to [0, max_weight], detached.
+    """``|grad L_rec| / (|grad L_gan| + 1e-4)`` from the two losses' gradients at the last layer, clamped to
+    [0, max_weight], detached.
 
     ``reduce_grads`` averages the two gradients across processes first (DDP), so every rank uses the weight a
     single process would compute on the global batch.
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     if reduce_grads is not None:
         rec_grad, gan_grad = reduce_grads(rec_grad), reduce_grads(gan_grad)
     w = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
     return w.clamp(0.0, max_weight).detach()
+
+
+class _KnownGradient(torch.autograd.Function):
+    """A scalar equal to ``value`` whose gradient at ``x`` is ``grad`` (the loss side, differentiated already)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return upstream * grad, None, None
 
 
 class DecoderLoss(nn.Module):
@@ -146,23 +158,36 @@ class DecoderLoss(nn.Module):
 
         The discriminator's parameters get no gradient from this loss (they are frozen for the call).
         """
-        loss, terms = self.reconstruction(pred, target)
         factor = self.gan_factor(step)
-        if factor > 0:
-            if discriminator is None or last_layer is None:
-                raise ValueError("the GAN term is on at this step: pass discriminator and last_layer")
-            flags = [p.requires_grad for p in discriminator.parameters()]
-            discriminator.requires_grad_(False)
-            try:
-                g = hinge_g_loss(discriminator(pred.float()))
-            finally:
-                for p, f in zip(discriminator.parameters(), flags):
-                    p.requires_grad_(f)
-            w = adaptive_gan_weight(loss, g, last_layer, self.cfg.adaptive_max, reduce_grads)
-            terms.update(g_loss=g.detach(), adaptive_weight=w, gan_factor=torch.tensor(factor))
-            loss = loss + self.cfg.gan_weight * factor * w * g
-        terms["total"] = loss
-        return loss, terms
+        if factor == 0:
+            loss, terms = self.reconstruction(pred, target)
+            terms["total"] = loss
+            return loss, terms
+        if discriminator is None or last_layer is None:
+            raise ValueError("the GAN term is on at this step: pass discriminator and last_layer")
+        pred = pred.float()
+        rec, terms = self.reconstruction(pred, target)
+        flags = [p.requires_grad for p in discriminator.parameters()]
+        discriminator.requires_grad_(False)
+        try:
+            g = hinge_g_loss(discriminator(pred))
+        finally:
+            for p, f in zip(discriminator.parameters(), flags):
+                p.requires_grad_(f)
+        # Both terms are differentiated once, down to the prediction. The adaptive weight needs their gradients at
+        # the last layer, which only that layer's backward gives from there; the backward of the returned loss
+        # then starts from the prediction. The textbook way (autograd.grad of each loss at the last layer, then
+        # the total's backward) runs the LPIPS and discriminator backwards twice: a taef2 GAN step took 1.11-1.12x
+        # as long with up to 14 % more peak memory (bench train, 2 CPU cores). The same gradients to float rounding.
+        # (The two graphs share nothing past pred: each is freed by its own grad call.)
+        rec_out, gan_out = torch.autograd.grad(rec, pred)[0], torch.autograd.grad(g, pred)[0]
+        rec_grad = torch.autograd.grad(pred, last_layer, rec_out, retain_graph=True)[0]
+        gan_grad = torch.autograd.grad(pred, last_layer, gan_out, retain_graph=True)[0]
+        w = adaptive_gan_weight(rec_grad, gan_grad, self.cfg.adaptive_max, reduce_grads)
+        coef = self.cfg.gan_weight * factor * w
+        total = rec.detach() + coef * g.detach()
+        terms.update(g_loss=g.detach(), adaptive_weight=w, gan_factor=torch.tensor(factor), total=total)
+        return _KnownGradient.apply(pred, total, rec_out + coef * gan_out), terms
 
     def discriminator_loss(
         self, discriminator: nn.Module, pred: torch.Tensor, target: torch.Tensor

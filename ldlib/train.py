@@ -320,8 +320,9 @@ def _micro_step(m: _Models, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, 
     loss, terms = m.loss_fn.generator(pred, hq, step, m.disc_raw, m.model.codec.conv_out.weight, reduce)
     timer.split("losses")
     probe = _nan_probe(loss)
-    if timer.active and pred.requires_grad:
-        # The gradient at pred is complete once the loss side (LPIPS, GAN term) is done: the decoder's part starts.
+    if timer.active and pred.requires_grad and not m.loss_fn.gan_active(step):
+        # The gradient at pred is complete once the loss side (LPIPS) is done: the decoder's part starts. (With the
+        # GAN on, the loss side is differentiated inside generator, and that time is in "losses".)
         pred.register_hook(lambda grad: timer.split("loss backward"))
     acc.backward(loss)
     timer.split("decoder backward")

@@ -77,19 +77,65 @@ def test_hinge_losses_closed_form():
 
 
 def test_adaptive_weight_ratio_and_clamp():
-    w = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
-    a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])
-    rec, gan = (a * w).sum(), (b * w).sum()  # gradients at w: a (norm 5) and b (norm 1)
-    got = adaptive_gan_weight(rec, gan, w)
+    a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])  # the two gradients: norms 5 and 1
+    got = adaptive_gan_weight(a.clone().requires_grad_(), b)
     assert got.item() == pytest.approx(5.0 / (1.0 + 1e-4), rel=1e-6)
     assert not got.requires_grad
     # A GAN loss with no gradient at the layer: 5 / 1e-4 = 5e4, clamped to the maximum.
-    assert adaptive_gan_weight(rec, (0 * w).sum(), w).item() == pytest.approx(1e4)
-    assert adaptive_gan_weight(rec, (0 * w).sum(), w, max_weight=7.0).item() == pytest.approx(7.0)
+    assert adaptive_gan_weight(a, 0 * b).item() == pytest.approx(1e4)
+    assert adaptive_gan_weight(a, 0 * b, max_weight=7.0).item() == pytest.approx(7.0)
     # reduce_grads sees both gradients (DDP averaging hook).
     seen = []
-    adaptive_gan_weight(rec, gan, w, reduce_grads=lambda g: seen.append(g.clone()) or g)
+    adaptive_gan_weight(a, b, reduce_grads=lambda g: seen.append(g.clone()) or g)
     assert torch.equal(seen[0], a) and torch.equal(seen[1], b)
+
+
+def _textbook_gan_step(loss, decoder, last_layer, disc, z, y, step):
+    """LDM/taming's GAN step, written out: autograd.grad of each loss at the last layer, then the total's backward."""
+    pred = decoder(z)
+    rec, _ = loss.reconstruction(pred, y)
+    disc.requires_grad_(False)
+    g = -disc(pred).mean()
+    disc.requires_grad_(True)
+    rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+    w = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, loss.cfg.adaptive_max).detach()
+    total = rec + loss.cfg.gan_weight * loss.gan_factor(step) * w * g
+    total.backward()
+    return total.detach(), w
+
+
+def test_gan_step_gradients_equal_the_textbook_two_pass_ones(lp):
+    # generator differentiates LPIPS and the discriminator once; the gradients are those of the written-out recipe.
+    from ldlib.bench import _two_pass_loss
+
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 12, 3, padding=1),
+                            nn.PixelShuffle(2))
+    disc = PatchDiscriminator(3, channels=8, layers=2).eval()  # eval: no power-iteration update between runs
+    cfg = LossConfig(lpips_net="alex", gan_start=0, gan_warmup=4, gan_weight=0.7)
+    loss = DecoderLoss(cfg, lpips=lp)
+    z, y = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1)), _imgs(2, size=64)
+    last = decoder[2].weight
+
+    def grads():
+        out = [p.grad.clone() for p in decoder.parameters()]
+        decoder.zero_grad(set_to_none=True)
+        return out
+
+    want, want_w = _textbook_gan_step(loss, decoder, last, disc, z, y, step=1)
+    want_grads = grads()
+    total, terms = loss.generator(decoder(z), y, 1, disc, last)
+    assert total.item() == pytest.approx(want.item(), rel=1e-6) and terms["total"].item() == total.item()
+    assert terms["adaptive_weight"].item() == pytest.approx(want_w.item(), rel=1e-5)
+    (0.25 * total).backward()  # a scaled loss (grad accumulation, a GradScaler) scales every gradient
+    assert all(p.grad is None for p in disc.parameters()), "the generator loss must not train the discriminator"
+    for got, ref in zip(grads(), want_grads):
+        assert (got - 0.25 * ref).norm() <= 1e-5 * ref.norm()
+    # The bench's "before" rows take their gradients the textbook way too.
+    _two_pass_loss(cfg, lpips=lp).generator(decoder(z), y, 1, disc, last)[0].backward()
+    for got, ref in zip(grads(), want_grads):
+        assert (got - ref).norm() <= 1e-5 * ref.norm()
 
 
 class _Boom(nn.Module):
