@@ -177,8 +177,8 @@ class DecoderLoss(nn.Module):
         # Both terms are differentiated once, down to the prediction. The adaptive weight needs their gradients at
         # the last layer, which only that layer's backward gives from there; the backward of the returned loss
         # then starts from the prediction. The textbook way (autograd.grad of each loss at the last layer, then
-        # the total's backward) runs the LPIPS and discriminator backwards twice: a taef2 GAN step took 1.11-1.12x
-        # as long with up to 14 % more peak memory (bench train, 2 CPU cores). The same gradients to float rounding.
+        # the total's backward) runs the LPIPS and discriminator backwards twice: a taef2 GAN step took 1.10-1.12x
+        # as long with 7-30 % more peak memory (bench train, 2 CPU cores). The same gradients to float rounding.
         # (The two graphs share nothing past pred: each is freed by its own grad call.)
         rec_out, gan_out = torch.autograd.grad(rec, pred)[0], torch.autograd.grad(g, pred)[0]
         rec_grad = torch.autograd.grad(pred, last_layer, rec_out, retain_graph=True)[0]
