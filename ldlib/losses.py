@@ -103,6 +103,8 @@ class _KnownGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph: the loss side's second derivatives would be silently missing
+            raise RuntimeError("the GAN step's loss has no second derivative (no create_graph / double backward)")
         (grad,) = ctx.saved_tensors
         return upstream * grad, None, None
 

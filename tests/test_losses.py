@@ -138,6 +138,33 @@ def test_gan_step_gradients_equal_the_textbook_two_pass_ones(lp):
         assert (got - ref).norm() <= 1e-5 * ref.norm()
 
 
+def test_gan_step_with_a_bf16_prediction_and_no_double_backward(lp):
+    # Under bf16 autocast the prediction is bf16: its gradient comes back through the float copy the losses see.
+    from ldlib.bench import _two_pass_loss
+
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 12, 3, padding=1),
+                            nn.PixelShuffle(2))
+    disc = PatchDiscriminator(3, channels=8, layers=2).eval()
+    cfg = LossConfig(lpips_net="alex", gan_start=0, gan_warmup=0)
+    z, y = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1)), _imgs(2, size=64)
+    grads = []
+    for loss in (DecoderLoss(cfg, lpips=lp), _two_pass_loss(cfg, lpips=lp)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = decoder(z)
+        assert pred.dtype == torch.bfloat16
+        loss.generator(pred, y, 1, disc, decoder[2].weight)[0].backward()
+        grads.append([p.grad.clone() for p in decoder.parameters()])
+        decoder.zero_grad(set_to_none=True)
+    # The two add the terms' gradients in different precisions (fp32 once vs bf16 per term): bf16 rounding apart.
+    for got, ref in zip(*grads):
+        assert (got - ref).norm() <= 2e-2 * ref.norm()
+    # The known gradient is not itself differentiable: a double backward fails instead of silently losing terms.
+    total, _ = DecoderLoss(cfg, lpips=lp).generator(decoder(z), y, 1, disc, decoder[2].weight)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(total, list(decoder.parameters()), create_graph=True)
+
+
 class _Boom(nn.Module):
     def forward(self, x):
         raise AssertionError("discriminator called before gan_start")

@@ -270,6 +270,28 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
     assert res.step == 1 and res.summary["degrader"] == cfg.degrader
 
 
+def test_gan_steps_train_as_the_textbook_two_pass_steps(setup, tmp_path):
+    # The loop with the one-pass GAN gradients (DecoderLoss.generator) against the same loop with the textbook
+    # two-pass ones (the bench's baseline): GAN on from step 1, two micro-steps per step, the same run to rounding.
+    from ldlib.bench import _two_pass_loss
+
+    codec, data, lp = setup
+    cfg = _cfg(steps=4, grad_accum=2, checkpoint_every=4)
+    one = _run(setup, tmp_path / "one", cfg)
+    two = train_decoder(cfg, tmp_path / "two", data, data, codec=codec, loss_fn=_two_pass_loss(cfg.loss, lpips=lp))
+    assert [h["step"] for h in one.history] == [h["step"] for h in two.history] and "adaptive_weight" in one.history[-1]
+    for a, b in zip(one.history, two.history):
+        for k in ("total", "rec", "g_loss", "adaptive_weight", "d_loss"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (b["step"], k)
+    for name in ("decoder", "ema", "discriminator"):
+        a = load_file(str(tmp_path / "one" / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "two" / "checkpoints" / "step_000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in b:
+            assert (a[k] - b[k]).norm() <= 1e-5 * b[k].norm() + 1e-7, (name, k)
+
+
 def test_torch_compile_same_losses(setup, tmp_path):
     # GAN on from step 1: the adaptive weight's double differentiation must work through compiled graphs too.
     cfg = dict(steps=2, checkpoint_every=2, loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=0,
