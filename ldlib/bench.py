@@ -573,7 +573,8 @@ STEP_GROUPS = {
     # The backward from the loss to the decoder's output (LPIPS) while the GAN is off.
     "loss bwd": ("loss backward",),
     # L1, and once the GAN is on: the discriminator on the prediction, the backward of both terms to the prediction
-    # (LPIPS and discriminator) and the adaptive weight.
+    # (LPIPS and discriminator) and the adaptive weight (the decoder's last layer differentiated twice; a compiled
+    # decoder's whole backward, which is one graph).
     "L1 + GAN term": ("losses",),
     "discriminator": ("discriminator",),
     "optimiser + EMA": ("optimiser + EMA",),
