@@ -158,7 +158,9 @@ class DecoderLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total decoder loss at a step: reconstruction, plus the adaptively weighted GAN term once it is on.
 
-        The discriminator's parameters get no gradient from this loss (they are frozen for the call).
+        The discriminator's parameters get no gradient from this loss (they are frozen for the call). With the GAN
+        on, the loss side is differentiated here already: the returned loss's backward starts at pred (once; no
+        double backward).
         """
         factor = self.gan_factor(step)
         if factor == 0:
