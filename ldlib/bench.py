@@ -205,19 +205,18 @@ def bench_pairs(preset_name: str, quick: bool) -> dict:
     import numpy as np
     from PIL import Image
 
-    from .images import IMAGE_SUFFIXES, list_images, load_rgb8
+    from .images import list_images, load_rgb8
     from .pairs import PairSpec, SkippedInputWarning, build_pairs
     from .presets import SHARED_DIR
 
-    photos_dir = SHARED_DIR / "data" / "photos"
+    photos = _shared_photos()
     with tempfile.TemporaryDirectory(prefix="ldlib-bench-pairs-") as tmp:
         tmp = Path(tmp)
         src = tmp / "src"
         src.mkdir()
-        if photos_dir.is_dir():
-            origin = str(photos_dir)
-            photos = [p for p in list_images(photos_dir) if p.suffix.lower() in IMAGE_SUFFIXES][: 3 if quick else None]
-            for p in photos:  # links, so a subset can be built without copying the photos
+        if photos:
+            origin = str(SHARED_DIR / "data" / "photos")
+            for p in photos[: 3 if quick else None]:  # links, so a subset can be built without copying the photos
                 (src / p.name).symlink_to(p)
         else:
             origin = "generated 3840x2160 JPEGs (../shared/data/photos absent)"
@@ -593,21 +592,28 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
+def _shared_photos() -> list[Path]:
+    """The real photos in ../shared/data/photos (its image files, not its SOURCES.md), sorted; [] without it."""
+    from .images import IMAGE_SUFFIXES, list_images
+    from .presets import SHARED_DIR
+
+    folder = SHARED_DIR / "data" / "photos"
+    return [p for p in list_images(folder) if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+
+
 def _bench_pairset(root: Path, preset, codec, count: int) -> tuple[Path, Path, str]:
     """A pair set of ``count`` pairs at the preset's sizes with its latent cache: (pairs, latents, origin)."""
     import warnings
 
-    from .images import list_images
     from .latents import default_cache_dir, encode_pairs
     from .pairs import PairSpec, SkippedInputWarning, build_pairs
-    from .presets import SHARED_DIR
 
     photos = root / "photos"
     photos.mkdir(parents=True)
-    shared = SHARED_DIR / "data" / "photos"
-    if shared.is_dir():
+    shared = _shared_photos()
+    if shared:
         origin = "../shared/data/photos"
-        for p in list_images(shared)[: max(1, count // 2)]:
+        for p in shared[: max(1, count // 2)]:
             (photos / p.name).symlink_to(p.resolve())
     else:
         origin = "generated 2048x2048 JPEGs (../shared/data/photos absent)"

@@ -541,6 +541,33 @@ def test_device_busy_time_is_the_union_of_spans():
     assert _union_seconds([]) == 0
 
 
+def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypatch):
+    # ../shared/data/photos holds a SOURCES.md beside the photos: the bench's pair set links images only (it once
+    # linked SOURCES.md as its one "photo" at batch 1 and failed on an empty pair set).
+    import ldlib.presets
+    from PIL import Image
+
+    from ldlib.bench import _bench_pairset, _shared_photos
+    from ldlib.images import load_rgb8
+
+    photos = tmp_path / "shared" / "data" / "photos"
+    photos.mkdir(parents=True)
+    (photos / "SOURCES.md").write_text("licences")
+    for name in ("b.jpg", "a.png"):
+        Image.fromarray(torch.randint(0, 256, (320, 384, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()).save(photos / name)
+    monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "shared")
+    assert _shared_photos() == [photos / "a.png", photos / "b.jpg"]
+    preset = get_preset("tiny")
+    pairs, latents, origin = _bench_pairset(tmp_path / "bench", preset, preset.load_codec(), count=2)
+    assert origin == "../shared/data/photos"
+    assert sorted(p.name for p in (tmp_path / "bench" / "photos").iterdir()) == ["a.png"]
+    manifest = [json.loads(line) for line in (pairs / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 2 and all(load_rgb8(pairs / m["hq"])[0].shape[:2] == (preset.hq_size,) * 2 for m in manifest)
+    assert len(ldlib.datasets.PairDataset(pairs, latents=latents)) == 2
+    monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "nowhere")
+    assert _shared_photos() == []
+
+
 def test_train_step_bench_smoke(tmp_path):
     # The bench's plumbing at tiny size: real train_decoder runs, the breakdown adds up to the step.
     from ldlib.bench import NON_MODEL, STEP_GROUPS, bench_train_step
