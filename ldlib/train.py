@@ -35,7 +35,7 @@ from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
 from .profiling import NO_TIMINGS, StepTimings
-from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_optimizer,
+from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
                    check_optimiser_settings, load_optimizer_state, loader_workers, make_accelerator, mean_terms,
                    mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
 
@@ -221,8 +221,6 @@ class _Models:
 
 def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> _Models:
     """The 2x decoder (initialised as nearest-2x of codec's decoder), discriminator, loss, EMA and optimisers."""
-    from diffusers.training_utils import EMAModel
-
     device = acc.device
     original = codec.eval().to(device)
     model = TwoXDecoder(codec.to_2x()).to(device)
@@ -240,9 +238,9 @@ def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> 
                     conv.to(memory_format=torch.channels_last)
     names = list(model.trainable_state())
     params = [model.trainable_state()[n] for n in names]
-    # foreach: one multi-tensor update instead of a Python loop over parameters, which cost ~5 ms of launches per
-    # step on a GPU (bench train); the same update to float rounding.
-    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True)
+    # A multi-tensor update instead of a Python loop over parameters, which cost ~5 ms of launches per step on a GPU
+    # (bench train); the same update to float rounding.
+    ema = build_ema(params, cfg.ema_decay)
     ema.to(device)
     opt_g, sched_g = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     opt_d, sched_d = build_optimizer(disc.parameters(), cfg.disc_lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,

@@ -449,11 +449,18 @@ def test_step_timings_cover_the_step(setup, tmp_path):
 def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypatch):
     # update_threads=1 (the CPU default) runs AdamW and the EMA on one thread: element-wise, so bit-identical to
     # all threads; the gradient-norm clipping (a reduction) keeps all threads.
-    from diffusers.training_utils import EMAModel
+    import ldlib.train
 
     seen = []
-    real_step = EMAModel.step
-    monkeypatch.setattr(EMAModel, "step", lambda self, p: seen.append(torch.get_num_threads()) or real_step(self, p))
+    real_build = ldlib.train.build_ema
+
+    def spied_ema(params, decay):
+        ema = real_build(params, decay)
+        real_step = ema.step
+        ema.step = lambda p: seen.append(torch.get_num_threads()) or real_step(p)
+        return ema
+
+    monkeypatch.setattr(ldlib.train, "build_ema", spied_ema)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
