@@ -580,6 +580,9 @@ STEP_GROUPS = {
     "logging": ("logging",),
 }
 NON_MODEL = ("data", "degradation", "optimiser + EMA", "logging")
+# Variant overrides that change the model work itself (another LPIPS; the GAN, with its discriminator and its
+# one- or two-pass gradients): such rows get no FLOP rate, since the count is the GAN-off default step's.
+SAME_MODEL_WORK_BREAKERS = {"lpips_net", "gan_start"}
 
 
 def cpu_bf16_supported() -> bool:
@@ -687,6 +690,43 @@ def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, step
     busy = _union_seconds([(e["ts"], e["ts"] + e["dur"]) for e in events
                            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]) / steps
     return {"step_s (no syncs)": wall, "device busy s": busy, "outside kernels %": 100 * max(0.0, 1 - busy / wall)}
+
+
+def _model_flops(cfg, codec, batch: dict) -> float:
+    """FLOPs of one GAN-off step's model work on a batch (decoder forward and backward, LPIPS forward and its
+    backward to the prediction), counted by torch's FlopCounterMode on the loop's own models."""
+    import warnings
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .runs import make_accelerator
+    from .train import _build_models
+
+    acc = make_accelerator(cfg.mixed_precision)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
+        m = _build_models(cfg, codec, acc, None)
+    if m.loss_fn.gan_active(0):
+        raise ValueError("_model_flops counts the GAN-off step: the config's GAN is on at step 0")
+    z, hq = batch["latent"].to(acc.device), batch["hq"].to(acc.device)
+    with FlopCounterMode(display=False) as counter:
+        with acc.autocast():
+            pred = m.fwd(z)
+        loss, _ = m.loss_fn.generator(pred, hq, 0)
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def _matmul_flops_per_s(device, dtype) -> float:
+    """FLOP/s of a square matmul on device in dtype (median of 5 after 2 warm-ups): what the hardware gives its
+    best-shaped work, the yardstick for a model's FLOP rate."""
+    import torch
+
+    n = 2048 if device.type == "cpu" else 8192
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    sync = _sync(device)
+    return 2 * n**3 / timeit(lambda: (a @ b, sync()), repeats=5, warmup=2)
 
 
 def _prefetched(cfg, device) -> int:
@@ -843,7 +883,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
 
     import torch
 
-    from .datasets import PairDataset
+    from .datasets import PairDataset, collate_pairs
     from .presets import get_preset
 
     device = _device()
@@ -864,7 +904,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
             raise ValueError("; ".join(f"variant {k!r} is compared with {v!r}: keep that one too" for k, v in missing.items()))
     first = next(iter(measured))  # ratios compare with it unless a variant names its own "vs"
     codec = preset.load_codec()
-    rows, ratios, per_round, raw, kernels = [], {}, {}, {}, {}
+    rows, ratios, per_round, raw, kernels, flops, rates = [], {}, {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="ldlib-bench-train-") as tmp:
         tmp = Path(tmp)
         pairs, latents, origin = _bench_pairset(tmp / "data", preset, codec, count=max(batches) * 2)
@@ -885,6 +925,10 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                                                       torch.get_num_threads(),
                                                       overrides.get("two_pass_gan", False)).result())
                     shutil.rmtree(out, ignore_errors=True)
+            # The default step's model work, counted once per batch: the same for every variant that changes
+            # only how it runs (memory, threads, layout, compile, precision), not what it computes.
+            flops[batch] = _model_flops(_bench_train_config(preset_name, vae, batch), codec,
+                                        collate_pairs([train_set[i] for i in range(batch)]))
             per_round[f"batch {batch}"] = {k: [x["step"] for x in v] for k, v in runs.items()}
             raw[f"batch {batch}"] = {k: [x["steps"] for x in v] for k, v in runs.items()}
             for name, results in runs.items():
@@ -896,6 +940,9 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 row["non_model_%"] = 100 * sum(row[g] for g in NON_MODEL) / step_s
                 row["samples_per_s"] = batch / step_s
                 row["peak_mb"] = statistics.median(x["peak_mb"] for x in results)
+                if not SAME_MODEL_WORK_BREAKERS & set(measured[name]):
+                    model_s = step_s - sum(row[g] for g in NON_MODEL)
+                    rates.setdefault(batch, {})[name] = flops[batch] / model_s
                 rows.append(row)
                 vs = measured[name].get("vs", first)
                 if name != vs:
@@ -922,6 +969,14 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         f"peak_mb: {memory}",
         "LPIPS backbone: torchvision's weights when cached, else a seeded random one (same cost)",
     ]
+    precision = "bfloat16" if device.type == "cuda" else "float32"  # the loop's default autocast on each device
+    matmul = _matmul_flops_per_s(device, getattr(torch, precision))
+    for batch, by_row in rates.items():
+        notes.append(f"batch {batch}, model work of the GAN-off step (decoder forward + backward, LPIPS forward + "
+                     f"backward; FlopCounterMode): {flops[batch] / 1e9:.4g} GFLOP, run at " + ", ".join(
+                         f"{r / 1e9:.4g} GFLOP/s ({100 * r / matmul:.0f} %) in {name!r}" for name, r in by_row.items())
+                     + f"; % of this device's {precision} matmul, {matmul / 1e9:.4g} GFLOP/s (a square "
+                     f"{2048 if device.type == 'cpu' else 8192}^2 one, the same run)")
     for batch, k in kernels.items():
         notes.append(f"{batch}, new defaults, no synchronising boundaries: {k['step_s (no syncs)']:.4g} s per step, "
                      f"device busy (kernels, copies, memsets; torch.profiler) {k['device busy s']:.4g} s: "
@@ -937,6 +992,9 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         "rounds_step_s": per_round,
         "steps_s": raw,  # every run's pieces per step, warm-up included
         "outside_kernels": kernels,
+        "model_flops": {f"batch {b}": f for b, f in flops.items()},
+        "model_flops_per_s": {f"batch {b}": r for b, r in rates.items()},
+        "matmul_flops_per_s": matmul,
     }
 
 

@@ -595,6 +595,62 @@ def test_train_step_bench_smoke(tmp_path):
                                      for v in ("channels_last", "default, GAN on")} | {
         "batch 2: two-pass GAN vs default, GAN on, step speed-up (median per-round ratio)", threads}  # on CPU
     assert result["ratios"][threads] > 0
+    # The FLOP rate: rows doing the default step's model work only, the count over the row's model time.
+    flops, rates = result["model_flops"]["batch 2"], result["model_flops_per_s"]["batch 2"]
+    assert set(rates) == {"default", "channels_last"} and flops > 0 < result["matmul_flops_per_s"]
+    for r in rows[:2]:
+        model_s = r["step_s"] - sum(r[g] for g in NON_MODEL)
+        assert rates[r["variant"]] == pytest.approx(flops / model_s, rel=1e-12)
+    assert any(n.startswith(f"batch 2, model work of the GAN-off step") and f"{flops / 1e9:.4g} GFLOP," in n
+               for n in result["notes"])
+
+
+def test_model_flops_are_the_closed_form_of_the_steps_convolutions(monkeypatch):
+    # The tiny step's model work is all convolutions: forward 2 * output elements * (in channels / groups) * kernel
+    # size each; its backward one such product for the weight's gradient (if trained) and one for the input's (if
+    # needed). Counted here on the loop's own models: hooks on the 2-D convolution modules (LPIPS, resamplers,
+    # attention) and on image mode's causal_conv2d (Wan's 3-D convolutions run as 2-D ones on their last time slice).
+    import math
+
+    from ldlib import wan_image
+    from ldlib.bench import _bench_train_config, _model_flops
+    from ldlib.runs import make_accelerator
+    from ldlib.train import _build_models
+
+    cfg = _bench_train_config("tiny", None, 2)
+    codec = get_preset("tiny").load_codec()
+    g = torch.Generator().manual_seed(0)
+    batch = {"latent": torch.randn(2, 16, 8, 8, generator=g), "hq": torch.rand(2, 3, 128, 128, generator=g) * 2 - 1}
+    counted = _model_flops(cfg, codec, batch)
+
+    m = _build_models(cfg, codec, make_accelerator("no"), None)
+    total, seen = 0, {}
+
+    def add(conv, x, out, kernel):
+        nonlocal total
+        forward = 2 * out.numel() * (conv.in_channels // conv.groups) * math.prod(kernel)
+        total += forward * (1 + conv.weight.requires_grad + x.requires_grad)
+        seen[conv] = seen.get(conv, 0) + 1
+
+    real_causal = wan_image.causal_conv2d
+
+    def causal(conv, x):
+        out = real_causal(conv, x)
+        add(conv, x, out, conv.kernel_size[1:])
+        return out
+
+    monkeypatch.setattr(wan_image, "causal_conv2d", causal)
+    convs = [c for net in (m.model, m.loss_fn) for c in net.modules() if type(c) is torch.nn.Conv2d]
+    hooks = [c.register_forward_hook(lambda c, i, o: add(c, i[0], o, c.kernel_size)) for c in convs]
+    loss, _ = m.loss_fn.generator(m.fwd(batch["latent"]), batch["hq"], 0)
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    backbone = [c for c in m.loss_fn.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1)]
+    assert backbone and all(seen[c] == 2 for c in backbone)  # LPIPS' backbone runs on prediction and target
+    assert m.model.codec.conv_out in seen  # the widened last layer, a causal convolution
+    assert counted == total
+    assert _model_flops(cfg, codec, {k: v[:1] for k, v in batch.items()}) == counted / 2  # per sample
 
 
 def _minor_faults() -> int:
