@@ -394,12 +394,10 @@ def train_teacher(
     ``stop_at`` ends the run early at that step (an interruption; the schedule still targets ``cfg.steps``); the
     teacher folder, eval and samples are written when the run reaches ``cfg.steps``.
     """
-    from diffusers.training_utils import EMAModel
-
     from .degrade import DiffusionDegrader
     from .latents import LatentCache, default_cache_dir
     from .presets import get_preset
-    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, load_optimizer_state,
+    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, load_optimizer_state,
                        make_accelerator, mix_seed, open_run, sample_generator, write_config)
 
     t_start = time.time()
@@ -420,7 +418,7 @@ def train_teacher(
     emb = fixed_prompt_embeds(cfg)
     names = [n for n, p in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
-    ema = EMAModel(params, decay=cfg.ema_decay)
+    ema = build_ema(params, cfg.ema_decay)
     ema.to(device)
     opt, sched = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule, cfg.warmup_steps,
                                  cfg.steps)
