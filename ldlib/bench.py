@@ -582,7 +582,7 @@ STEP_GROUPS = {
 NON_MODEL = ("data", "degradation", "optimiser + EMA", "logging")
 # Variant overrides that change the model work itself (another LPIPS; the GAN, with its discriminator and its
 # one- or two-pass gradients): such rows get no FLOP rate, since the count is the GAN-off default step's.
-SAME_MODEL_WORK_BREAKERS = {"lpips_net", "gan_start"}
+CHANGES_MODEL_WORK = {"lpips_net", "gan_start"}
 
 
 def cpu_bf16_supported() -> bool:
@@ -940,7 +940,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 row["non_model_%"] = 100 * sum(row[g] for g in NON_MODEL) / step_s
                 row["samples_per_s"] = batch / step_s
                 row["peak_mb"] = statistics.median(x["peak_mb"] for x in results)
-                if not SAME_MODEL_WORK_BREAKERS & set(measured[name]):
+                if not CHANGES_MODEL_WORK & set(measured[name]):
                     model_s = step_s - sum(row[g] for g in NON_MODEL)
                     rates.setdefault(batch, {})[name] = flops[batch] / model_s
                 rows.append(row)
