@@ -231,41 +231,57 @@ def test_optimizer_state_keeps_the_kernel_choice_of_the_device_it_resumes_on():
         assert (w_resumed - w_ref).abs().max() <= 8 * torch.finfo(torch.float32).eps * w_ref.abs().max()
 
 
-def test_ema_update_is_diffusers_ema_in_one_lerp_and_shares_its_checkpoints():
+def test_ema_update_is_diffusers_ema_in_one_lerp_and_shares_its_checkpoints(monkeypatch):
     # build_ema's step (torch's foreach-lerp EMA update) against the closed form in float64 numpy with diffusers'
-    # decay schedule, against diffusers' own EMAModel.step, and its state dict loads into a plain EMAModel (and back).
+    # decay schedule (warm-up, then the cap), against diffusers' own EMAModel.step; its state dict loads into a plain
+    # EMAModel and back, and a resumed average steps on as the uninterrupted one.
     import numpy as np
     from diffusers.training_utils import EMAModel
 
     from conftest import rel_diff
     from ldlib.runs import build_ema
 
+    lerps = []
+    real_lerp = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a, **k: lerps.append(len(a[0])) or real_lerp(*a, **k))
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((8, 3, 3, 3), (8,), (5, 7))]
-    ours, theirs = build_ema(params, 0.9), EMAModel(params, decay=0.9, foreach=True)
+    ours, theirs = build_ema(params, 0.5), EMAModel(params, decay=0.5, foreach=True)
     expected = [p.detach().double().numpy().copy() for p in params]
-    for step in range(1, 13):
+
+    def move(ps):
         with torch.no_grad():
-            for p in params:
+            for p in ps:
                 p.add_(torch.randn(p.shape, generator=g))
+
+    for step in range(1, 13):
+        move(params)
         ours.step(params)
         theirs.step(params)
-        d = min(0.9, (1 + (step - 1)) / (10 + (step - 1))) if step > 1 else 0.0  # EMAModel.get_decay, closed form
+        d = min(0.5, step / (9 + step)) if step > 1 else 0.0  # EMAModel.get_decay: (1 + n) / (10 + n), n = step - 1
         expected = [d * e + (1 - d) * p.detach().double().numpy() for e, p in zip(expected, params)]
-        assert ours.optimization_step == step and ours.cur_decay_value == pytest.approx(d, abs=0)
+        assert ours.optimization_step == step and ours.cur_decay_value == pytest.approx(d, abs=1e-15)
         for mine, other, exp in zip(ours.shadow_params, theirs.shadow_params, expected):
             assert rel_diff(mine, torch.from_numpy(exp)) <= 4 * np.finfo(np.float32).eps
             assert rel_diff(mine, other) <= 4 * np.finfo(np.float32).eps
+    assert ours.cur_decay_value == 0.5 and lerps == [3] * 12  # the cap reached; one lerp over all tensors per step
     assert any(not torch.equal(a, p) for a, p in zip(ours.shadow_params, params))
-    # Checkpoints: a run saved with either EMA resumes with the other.
-    plain = EMAModel([torch.nn.Parameter(torch.zeros_like(p)) for p in params], decay=0.9, foreach=True)
+    # Checkpoints: a run saved with either EMA resumes with the other, and steps on as if uninterrupted.
+    plain = EMAModel([torch.nn.Parameter(torch.zeros_like(p)) for p in params], decay=0.5, foreach=True)
     plain.load_state_dict(ours.state_dict())
-    again = build_ema([torch.nn.Parameter(torch.zeros_like(p)) for p in params], 0.9)
+    again = build_ema([torch.nn.Parameter(torch.zeros_like(p)) for p in params], 0.5)
     again.load_state_dict(theirs.state_dict())
     assert plain.optimization_step == again.optimization_step == 12
     assert all(torch.equal(a, b) for a, b in zip(plain.shadow_params, ours.shadow_params))
     assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, theirs.shadow_params))
-    # A frozen tensor is copied, not averaged (diffusers' own path); the trainable one beside it is averaged.
+    move(params)
+    again.step(params)
+    ours.step(params)
+    assert again.optimization_step == 13
+    assert all(rel_diff(a, b) <= 4 * np.finfo(np.float32).eps for a, b in zip(again.shadow_params, ours.shadow_params))
+    # diffusers' own path, not the lerp: a frozen tensor is copied, not averaged (the trainable one beside it is
+    # averaged), and an average kept in another dtype than its weights is promoted, not refused.
+    lerps.clear()
     mixed = [torch.nn.Parameter(torch.ones(3), requires_grad=False), torch.nn.Parameter(torch.zeros(2))]
     ema = build_ema(mixed, 0.9)
     with torch.no_grad():
@@ -277,3 +293,10 @@ def test_ema_update_is_diffusers_ema_in_one_lerp_and_shares_its_checkpoints():
     ema.step(mixed)  # decay 2/11 at step 2
     assert torch.equal(ema.shadow_params[0], mixed[0].detach())
     assert ema.shadow_params[1].tolist() == pytest.approx([2 / 11 * 1 + 9 / 11 * 2] * 2, rel=1e-6)
+    wide = build_ema(params, 0.5)
+    wide.to(dtype=torch.float64)
+    reference = EMAModel(params, decay=0.5, foreach=True)
+    reference.to(dtype=torch.float64)
+    wide.step(params)
+    reference.step(params)
+    assert lerps == [] and all(torch.equal(a, b) for a, b in zip(wide.shadow_params, reference.shadow_params))
