@@ -580,9 +580,12 @@ STEP_GROUPS = {
     "logging": ("logging",),
 }
 NON_MODEL = ("data", "degradation", "optimiser + EMA", "logging")
-# Variant overrides that change the model work itself (another LPIPS; the GAN, with its discriminator and its
-# one- or two-pass gradients): such rows get no FLOP rate, since the count is the GAN-off default step's.
-CHANGES_MODEL_WORK = {"lpips_net", "gan_start"}
+MODEL_PIECES = {p for group, pieces in STEP_GROUPS.items() if group not in NON_MODEL for p in pieces}
+# Variant overrides that go to the LossConfig (the rest are TrainConfig fields).
+LOSS_OVERRIDES = ("lpips_net", "gan_start")
+# Variant overrides after which a row gets no FLOP rate: another LPIPS or the GAN change the model work (the count is
+# the GAN-off default step's), another precision the yardstick (the matmul runs at the loop's default precision).
+UNRATED_OVERRIDES = {*LOSS_OVERRIDES, "mixed_precision"}
 
 
 def cpu_bf16_supported() -> bool:
@@ -693,14 +696,15 @@ def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, step
 
 
 def _model_flops(cfg, codec, batch: dict) -> float:
-    """FLOPs of one GAN-off step's model work on a batch (decoder forward and backward, LPIPS forward and its
-    backward to the prediction), counted by torch's FlopCounterMode on the loop's own models."""
+    """FLOPs of one GAN-off micro-step's model work on a batch (decoder forward and backward, LPIPS forward and its
+    backward to the prediction), counted by torch's FlopCounterMode on the loop's own models and step."""
     import warnings
 
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from .runs import make_accelerator
-    from .train import _build_models
+    from .train import _build_models, _micro_step
 
     acc = make_accelerator(cfg.mixed_precision)
     with warnings.catch_warnings():
@@ -708,25 +712,28 @@ def _model_flops(cfg, codec, batch: dict) -> float:
         m = _build_models(cfg, codec, acc, None)
     if m.loss_fn.gan_active(0):
         raise ValueError("_model_flops counts the GAN-off step: the config's GAN is on at step 0")
-    z, hq = batch["latent"].to(acc.device), batch["hq"].to(acc.device)
-    with FlopCounterMode(display=False) as counter:
-        with acc.autocast():
-            pred = m.fwd(z)
-        loss, _ = m.loss_fn.generator(pred, hq, 0)
-        loss.backward()
+    aten = torch.ops.aten
+    # torch counts the CUDA attention kernels but has no formula for the CPU one: the same formulas, for this count.
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        _micro_step(m, acc, batch["latent"].to(acc.device), batch["hq"].to(acc.device), 0, None)
     return float(counter.get_total_flops())
 
 
-def _matmul_flops_per_s(device, dtype) -> float:
-    """FLOP/s of a square matmul on device in dtype (median of 5 after 2 warm-ups): what the hardware gives its
-    best-shaped work, the yardstick for a model's FLOP rate."""
+def _matmul_flops_per_s(device, dtype) -> tuple[float, int]:
+    """(FLOP/s, n) of an n x n matmul on device in dtype (median of 5 after 2 warm-ups): what the hardware gives
+    well-shaped work, the yardstick for a model's FLOP rate."""
     import torch
 
     n = 2048 if device.type == "cpu" else 8192
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     sync = _sync(device)
-    return 2 * n**3 / timeit(lambda: (a @ b, sync()), repeats=5, warmup=2)
+    return 2 * n**3 / timeit(lambda: (a @ b, sync()), repeats=5, warmup=2), n
 
 
 def _prefetched(cfg, device) -> int:
@@ -801,7 +808,7 @@ def _bench_train_config(preset_name: str, vae: str | None, batch: int, **overrid
     from .losses import LossConfig
     from .train import TrainConfig
 
-    loss_kw = {k: overrides.pop(k) for k in ("lpips_net", "gan_start") if k in overrides}
+    loss_kw = {k: overrides.pop(k) for k in LOSS_OVERRIDES if k in overrides}
     return TrainConfig(preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
                        checkpoint_every=10**9, log_every=10,
                        loss=LossConfig(**{"lpips_net": "alex", "gan_warmup": 0, **loss_kw}), **overrides)
@@ -855,7 +862,8 @@ def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, thre
         train_decoder(cfg, out, PairDataset(pairs, latents=latents), None, degrader=NoiseDegrader(), timings=timings,
                       loss_fn=_two_pass_loss(cfg.loss) if two_pass_gan else None)
     return {"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
-            "step": statistics.median(timings.step_totals(skip=skip)), "steps": timings.steps}
+            "step": statistics.median(timings.step_totals(skip=skip)), "steps": timings.steps,
+            "model": statistics.median(sum(v for k, v in st.items() if k in MODEL_PIECES) for st in timings.steps[skip:])}
 
 
 def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | None = None,
@@ -925,10 +933,12 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                                                       torch.get_num_threads(),
                                                       overrides.get("two_pass_gan", False)).result())
                     shutil.rmtree(out, ignore_errors=True)
-            # The default step's model work, counted once per batch: the same for every variant that changes
-            # only how it runs (memory, threads, layout, compile, precision), not what it computes.
-            flops[batch] = _model_flops(_bench_train_config(preset_name, vae, batch), codec,
-                                        collate_pairs([train_set[i] for i in range(batch)]))
+            rated = [k for k, v in measured.items() if not UNRATED_OVERRIDES & set(v)]
+            if rated:
+                # The default step's model work, counted once per batch: the same for every variant that changes
+                # only how it runs (memory, threads, layout, compile), not what it computes.
+                flops[batch] = _model_flops(_bench_train_config(preset_name, vae, batch), codec,
+                                            collate_pairs([train_set[i] for i in range(batch)]))
             per_round[f"batch {batch}"] = {k: [x["step"] for x in v] for k, v in runs.items()}
             raw[f"batch {batch}"] = {k: [x["steps"] for x in v] for k, v in runs.items()}
             for name, results in runs.items():
@@ -940,9 +950,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 row["non_model_%"] = 100 * sum(row[g] for g in NON_MODEL) / step_s
                 row["samples_per_s"] = batch / step_s
                 row["peak_mb"] = statistics.median(x["peak_mb"] for x in results)
-                if not CHANGES_MODEL_WORK & set(measured[name]):
-                    model_s = step_s - sum(row[g] for g in NON_MODEL)
-                    rates.setdefault(batch, {})[name] = flops[batch] / model_s
+                if name in rated:  # over the median of the runs' model time (a step's model pieces, median step)
+                    rates.setdefault(batch, {})[name] = flops[batch] / statistics.median(x["model"] for x in results)
                 rows.append(row)
                 vs = measured[name].get("vs", first)
                 if name != vs:
@@ -970,13 +979,13 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         "LPIPS backbone: torchvision's weights when cached, else a seeded random one (same cost)",
     ]
     precision = "bfloat16" if device.type == "cuda" else "float32"  # the loop's default autocast on each device
-    matmul = _matmul_flops_per_s(device, getattr(torch, precision))
+    matmul, n = _matmul_flops_per_s(device, getattr(torch, precision)) if rates else (None, None)
     for batch, by_row in rates.items():
         notes.append(f"batch {batch}, model work of the GAN-off step (decoder forward + backward, LPIPS forward + "
                      f"backward; FlopCounterMode): {flops[batch] / 1e9:.4g} GFLOP, run at " + ", ".join(
                          f"{r / 1e9:.4g} GFLOP/s ({100 * r / matmul:.0f} %) in {name!r}" for name, r in by_row.items())
-                     + f"; % of this device's {precision} matmul, {matmul / 1e9:.4g} GFLOP/s (a square "
-                     f"{2048 if device.type == 'cpu' else 8192}^2 one, the same run)")
+                     + f"; % of a {n}x{n} {precision} matmul's rate on this device, {matmul / 1e9:.4g} GFLOP/s "
+                     f"(the same run)")
     for batch, k in kernels.items():
         notes.append(f"{batch}, new defaults, no synchronising boundaries: {k['step_s (no syncs)']:.4g} s per step, "
                      f"device busy (kernels, copies, memsets; torch.profiler) {k['device busy s']:.4g} s: "

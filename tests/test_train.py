@@ -595,22 +595,28 @@ def test_train_step_bench_smoke(tmp_path):
                                      for v in ("channels_last", "default, GAN on")} | {
         "batch 2: two-pass GAN vs default, GAN on, step speed-up (median per-round ratio)", threads}  # on CPU
     assert result["ratios"][threads] > 0
-    # The FLOP rate: rows doing the default step's model work only, the count over the row's model time.
+    # The FLOP rate: rows doing the default step's model work only, the count over the row's model columns (one
+    # round, one timed step: they are that step's).
     flops, rates = result["model_flops"]["batch 2"], result["model_flops_per_s"]["batch 2"]
     assert set(rates) == {"default", "channels_last"} and flops > 0 < result["matmul_flops_per_s"]
     for r in rows[:2]:
-        model_s = r["step_s"] - sum(r[g] for g in NON_MODEL)
-        assert rates[r["variant"]] == pytest.approx(flops / model_s, rel=1e-12)
+        model_s = sum(r[g] for g in ("decoder fwd", "decoder bwd", "LPIPS fwd", "loss bwd", "L1 + GAN term"))
+        assert rates[r["variant"]] == pytest.approx(flops / model_s, rel=1e-9)
     assert any(n.startswith(f"batch 2, model work of the GAN-off step") and f"{flops / 1e9:.4g} GFLOP," in n
                for n in result["notes"])
 
 
-def test_model_flops_are_the_closed_form_of_the_steps_convolutions(monkeypatch):
-    # The tiny step's model work is all convolutions: forward 2 * output elements * (in channels / groups) * kernel
-    # size each; its backward one such product for the weight's gradient (if trained) and one for the input's (if
-    # needed). Counted here on the loop's own models: hooks on the 2-D convolution modules (LPIPS, resamplers,
-    # attention) and on image mode's causal_conv2d (Wan's 3-D convolutions run as 2-D ones on their last time slice).
+def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention(monkeypatch):
+    # The tiny step's model work, in closed form, on the loop's own models:
+    # - a convolution's forward is 2 * output elements * (in channels / groups) * kernel size; its backward one such
+    #   product for the weight's gradient (if trained) and one for the input's (if needed). Hooks on the 2-D modules
+    #   (LPIPS, resamplers, attention projections) and on image mode's causal_conv2d (Wan's 3-D convolutions run as
+    #   2-D ones on their last time slice); LPIPS' target side runs forward only;
+    # - attention (the Wan mid-block's one call): QK^T and AV, 4 * b * h * Lq * Lk * d forward, and in backward the
+    #   scores again plus four products, 10 * b * h * Lq * Lk * d.
     import math
+
+    import torch.nn.functional as F
 
     from ldlib import wan_image
     from ldlib.bench import _bench_train_config, _model_flops
@@ -623,8 +629,9 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions(monkeypatch):
     batch = {"latent": torch.randn(2, 16, 8, 8, generator=g), "hq": torch.rand(2, 3, 128, 128, generator=g) * 2 - 1}
     counted = _model_flops(cfg, codec, batch)
 
-    m = _build_models(cfg, codec, make_accelerator("no"), None)
-    total, seen = 0, {}
+    acc = make_accelerator(cfg.mixed_precision)
+    m = _build_models(cfg, codec, acc, None)
+    total, seen, attention = 0, {}, []
 
     def add(conv, x, out, kernel):
         nonlocal total
@@ -632,23 +639,33 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions(monkeypatch):
         total += forward * (1 + conv.weight.requires_grad + x.requires_grad)
         seen[conv] = seen.get(conv, 0) + 1
 
-    real_causal = wan_image.causal_conv2d
+    real_causal, real_sdpa = wan_image.causal_conv2d, F.scaled_dot_product_attention
 
     def causal(conv, x):
         out = real_causal(conv, x)
         add(conv, x, out, conv.kernel_size[1:])
         return out
 
+    def sdpa(q, k, v, *args, **kwargs):
+        nonlocal total
+        (b, h, lq, d), lk = q.shape, k.shape[-2]
+        total += 4 * b * h * lq * lk * d + (10 * b * h * lq * lk * d if q.requires_grad else 0)
+        attention.append(q.shape)
+        return real_sdpa(q, k, v, *args, **kwargs)
+
     monkeypatch.setattr(wan_image, "causal_conv2d", causal)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     convs = [c for net in (m.model, m.loss_fn) for c in net.modules() if type(c) is torch.nn.Conv2d]
     hooks = [c.register_forward_hook(lambda c, i, o: add(c, i[0], o, c.kernel_size)) for c in convs]
-    loss, _ = m.loss_fn.generator(m.fwd(batch["latent"]), batch["hq"], 0)
+    with acc.autocast():
+        pred = m.fwd(batch["latent"].to(acc.device))
+    loss, _ = m.loss_fn.generator(pred, batch["hq"].to(acc.device), 0)
     loss.backward()
     for h in hooks:
         h.remove()
     backbone = [c for c in m.loss_fn.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1)]
     assert backbone and all(seen[c] == 2 for c in backbone)  # LPIPS' backbone runs on prediction and target
-    assert m.model.codec.conv_out in seen  # the widened last layer, a causal convolution
+    assert m.model.codec.conv_out in seen and len(attention) == 1  # the widened last layer; the mid-block
     assert counted == total
     assert _model_flops(cfg, codec, {k: v[:1] for k, v in batch.items()}) == counted / 2  # per sample
 
