@@ -863,7 +863,8 @@ def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, thre
                       loss_fn=_two_pass_loss(cfg.loss) if two_pass_gan else None)
     return {"pieces": timings.median(skip=skip), "peak_mb": timings.peak_memory_mb(),
             "step": statistics.median(timings.step_totals(skip=skip)), "steps": timings.steps,
-            "model": statistics.median(sum(v for k, v in st.items() if k in MODEL_PIECES) for st in timings.steps[skip:])}
+            "model": statistics.median(sum(v for k, v in piece.items() if k in MODEL_PIECES)
+                                       for piece in timings.steps[skip:])}
 
 
 def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | None = None,
@@ -911,6 +912,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         if missing:
             raise ValueError("; ".join(f"variant {k!r} is compared with {v!r}: keep that one too" for k, v in missing.items()))
     first = next(iter(measured))  # ratios compare with it unless a variant names its own "vs"
+    rated = [k for k, v in measured.items() if not UNRATED_OVERRIDES & set(v)]  # rows that get a FLOP rate
     codec = preset.load_codec()
     rows, ratios, per_round, raw, kernels, flops, rates = [], {}, {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="ldlib-bench-train-") as tmp:
@@ -933,7 +935,6 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                                                       torch.get_num_threads(),
                                                       overrides.get("two_pass_gan", False)).result())
                     shutil.rmtree(out, ignore_errors=True)
-            rated = [k for k, v in measured.items() if not UNRATED_OVERRIDES & set(v)]
             if rated:
                 # The default step's model work, counted once per batch: the same for every variant that changes
                 # only how it runs (memory, threads, layout, compile), not what it computes.
