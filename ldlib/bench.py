@@ -586,6 +586,8 @@ LOSS_OVERRIDES = ("lpips_net", "gan_start")
 # Variant overrides after which a row gets no FLOP rate: another LPIPS or the GAN change the model work (the count is
 # the GAN-off default step's), another precision the yardstick (the matmul runs at the loop's default precision).
 UNRATED_OVERRIDES = {*LOSS_OVERRIDES, "mixed_precision"}
+# A variant's keys that are the bench's own, not settings (see train_step_variants; two_pass_gan: _two_pass_loss).
+VARIANT_KEYS = ("vs", "gan_off", "two_pass_gan")
 
 
 def cpu_bf16_supported() -> bool:
@@ -640,8 +642,8 @@ BEFORE = {"update_threads": 0, "num_workers": 0, "reuse_cpu_memory": False, "two
 
 
 def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]]:
-    """The options measured (name -> TrainConfig / LossConfig overrides, "vs": the row its ratio compares with),
-    and notes on the ones left out."""
+    """The options measured (name -> TrainConfig / LossConfig overrides, "vs": the row its ratio compares with,
+    "gan_off": for a GAN-on row, the row of the same loop with the GAN off), and notes on the ones left out."""
     notes = []
     variants: dict[str, dict] = {"before (old defaults)": dict(BEFORE), "after (new defaults)": {}}
     variants["after + channels_last"] = {"channels_last": True}
@@ -656,12 +658,28 @@ def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]
                      "would emulate it)")
     variants["after with LPIPS vgg"] = {"lpips_net": "vgg"}
     variants["after with LPIPS squeeze"] = {"lpips_net": "squeeze"}
-    variants["before with GAN on"] = {**BEFORE, "gan_start": 0}
-    variants["after with GAN on"] = {"gan_start": 0, "vs": "before with GAN on"}
+    variants["before with GAN on"] = {**BEFORE, "gan_start": 0, "gan_off": "before (old defaults)"}
+    variants["after with GAN on"] = {"gan_start": 0, "vs": "before with GAN on", "gan_off": "after (new defaults)"}
     # What the GAN step's one-pass gradients (DecoderLoss.generator) buy on their own; the two-pass row's second
     # LPIPS and discriminator backwards show in its "decoder bwd".
-    variants["after with GAN on (two-pass gradients)"] = {"gan_start": 0, "two_pass_gan": True, "vs": "after with GAN on"}
+    variants["after with GAN on (two-pass gradients)"] = {"gan_start": 0, "two_pass_gan": True, "vs": "after with GAN on",
+                                                        "gan_off": "after (new defaults)"}
     return variants, notes
+
+
+def _recipe_ratio(runs: dict[str, list[dict]], measured: dict[str, dict], name: str, vs: str, steps: int,
+                  gan_start: int) -> float | None:
+    """How much faster a run of ``steps`` steps with the GAN on from ``gan_start`` is with ``name``'s loop than with
+    ``vs``'s: per round, the GAN-off row's step before gan_start and the GAN-on row's from there; the median over
+    rounds. None unless both are GAN-on rows whose GAN-off rows were measured too."""
+    offs = measured[name].get("gan_off"), measured[vs].get("gan_off")
+    if name == vs or None in offs or not all(o in runs for o in offs):
+        return None
+
+    def run_s(on: list[dict], off: list[dict]) -> list[float]:
+        return [gan_start * a["step"] + (steps - gan_start) * b["step"] for a, b in zip(off, on)]
+
+    return statistics.median(b / a for a, b in zip(run_s(runs[name], runs[offs[0]]), run_s(runs[vs], runs[offs[1]])))
 
 
 def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, steps: int) -> dict:
@@ -878,7 +896,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     the variant says "GAN on") timed by ``ldlib.profiling.StepTimings``. Variants run in turn in every round
     (a noisy machine hits all alike); a row is the median over rounds of each run's median step after ``warmup``
     steps, and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs").
-    ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``); ``only``: keep
+    Where two GAN-on rows and their GAN-off rows ("gan_off") were measured, a ratio also gives what that makes of a
+    whole run at the recipe's step counts (``_recipe_ratio``). ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``); ``only``: keep
     the variants whose names are listed. ``vae``: a local VAE replacing the preset's (e.g. a folder of random
     full-size weights: the step's cost does not depend on the values). On CUDA the notes add, per batch, the
     share of the default step outside CUDA kernels (``_outside_kernels``). With DataLoader workers the warm-up also
@@ -894,6 +913,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
 
     from .datasets import PairDataset, collate_pairs
     from .presets import get_preset
+    from .train import TrainConfig
 
     device = _device()
     preset = get_preset(preset_name, **({"vae": vae} if vae else {}))
@@ -912,6 +932,8 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
         if missing:
             raise ValueError("; ".join(f"variant {k!r} is compared with {v!r}: keep that one too" for k, v in missing.items()))
     first = next(iter(measured))  # ratios compare with it unless a variant names its own "vs"
+    recipe = TrainConfig()  # a run at the recipe's step counts
+    recipe_note = f"{recipe.steps} steps, the GAN on from step {recipe.loss.gan_start}"
     rated = [k for k, v in measured.items() if not UNRATED_OVERRIDES & set(v)]  # rows that get a FLOP rate
     codec = preset.load_codec()
     rows, ratios, per_round, raw, kernels, flops, rates = [], {}, {}, {}, {}, {}, {}
@@ -924,7 +946,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
             for r in range(rounds):
                 for name, overrides in measured.items():
                     cfg = _bench_train_config(preset_name, vae, batch, seed=r, **{
-                        k: v for k, v in overrides.items() if k not in ("vs", "two_pass_gan")})
+                        k: v for k, v in overrides.items() if k not in VARIANT_KEYS})
                     skip = warmup + _prefetched(cfg, device)
                     cfg = dataclasses.replace(cfg, steps=skip + steps)
                     out = tmp / f"run{sum(map(len, runs.values()))}"
@@ -958,6 +980,10 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
                 if name != vs:
                     ratios[f"batch {batch}: {name} vs {vs}, step speed-up (median per-round ratio)"] = statistics.median(
                         a["step"] / b["step"] for a, b in zip(runs[vs], results))
+                whole = _recipe_ratio(runs, measured, name, vs, recipe.steps, recipe.loss.gan_start)
+                if whole is not None:
+                    ratios[f"batch {batch}: {name} vs {vs}, a recipe run's speed-up ({recipe_note}; median "
+                           f"per-round ratio)"] = whole
             if device.type == "cuda":
                 cfg = _bench_train_config(preset_name, vae, batch)
                 kernels[f"batch {batch}"] = _outside_kernels(cfg, tmp / f"kernels{batch}", train_set, codec, device,

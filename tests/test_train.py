@@ -580,8 +580,8 @@ def test_train_step_bench_smoke(tmp_path):
     from ldlib.bench import NON_MODEL, STEP_GROUPS, bench_train_step
 
     result = bench_train_step("tiny", quick=True, variants={
-        "default": {}, "channels_last": {"channels_last": True}, "default, GAN on": {"gan_start": 0},
-        "two-pass GAN": {"gan_start": 0, "two_pass_gan": True, "vs": "default, GAN on"}})
+        "default": {}, "channels_last": {"channels_last": True}, "default, GAN on": {"gan_start": 0, "gan_off": "default"},
+        "two-pass GAN": {"gan_start": 0, "two_pass_gan": True, "vs": "default, GAN on", "gan_off": "channels_last"}})
     rows = result["rows"]
     assert [r["variant"] for r in rows] == ["default", "channels_last", "default, GAN on", "two-pass GAN"]
     for r in rows:
@@ -591,10 +591,17 @@ def test_train_step_bench_smoke(tmp_path):
         assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
     assert rows[0]["discriminator"] == 0 < min(rows[2]["discriminator"], rows[3]["discriminator"])
     threads = "optimiser + EMA step alone (GAN on): update_threads=1 vs all threads (median per-round ratio)"
+    two_pass = "batch 2: two-pass GAN vs default, GAN on"
+    recipe = f"{two_pass}, a recipe run's speed-up (20000 steps, the GAN on from step 1000; median per-round ratio)"
     assert set(result["ratios"]) == {f"batch 2: {v} vs default, step speed-up (median per-round ratio)"
                                      for v in ("channels_last", "default, GAN on")} | {
-        "batch 2: two-pass GAN vs default, GAN on, step speed-up (median per-round ratio)", threads}  # on CPU
+        f"{two_pass}, step speed-up (median per-round ratio)", recipe, threads}  # on CPU
     assert result["ratios"][threads] > 0
+    # A recipe run: 1000 steps at the GAN-off row's step, then 19 000 at the GAN-on row's (one round).
+    step = {r["variant"]: r["step_s"] for r in rows}
+    assert result["ratios"][recipe] == pytest.approx(
+        (1000 * step["default"] + 19000 * step["default, GAN on"])
+        / (1000 * step["channels_last"] + 19000 * step["two-pass GAN"]), rel=1e-9)
     # The FLOP rate: rows doing the default step's model work only, the count over the row's model columns (one
     # round, one timed step: they are that step's).
     flops, rates = result["model_flops"]["batch 2"], result["model_flops_per_s"]["batch 2"]
