@@ -318,13 +318,13 @@ def _micro_step(m: _Models, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, 
     loss, terms = m.loss_fn.generator(pred, hq, step, m.disc_raw, m.model.codec.conv_out.weight, reduce)
     timer.split("losses")
     probe = _nan_probe(loss)
-    if timer.active and pred.requires_grad and not m.loss_fn.gan_active(step):
+    d_active = m.loss_fn.gan_active(step)
+    if timer.active and pred.requires_grad and not d_active:
         # The gradient at pred is complete once the loss side (LPIPS) is done: the decoder's part starts. (With the
         # GAN on, the loss side is differentiated inside generator, and that time is in "losses".)
         pred.register_hook(lambda grad: timer.split("loss backward"))
     acc.backward(loss)
     timer.split("decoder backward")
-    d_active = m.loss_fn.gan_active(step)
     if d_active:
         with acc.autocast():
             d_loss, d_terms = m.loss_fn.discriminator_loss(m.disc, pred, hq)
