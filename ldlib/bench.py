@@ -662,8 +662,8 @@ def train_step_variants(device, quick: bool) -> tuple[dict[str, dict], list[str]
     variants["after with GAN on"] = {"gan_start": 0, "vs": "before with GAN on", "gan_off": "after (new defaults)"}
     # What the GAN step's one-pass gradients (DecoderLoss.generator) buy on their own; the two-pass row's second
     # LPIPS and discriminator backwards show in its "decoder bwd".
-    variants["after with GAN on (two-pass gradients)"] = {"gan_start": 0, "two_pass_gan": True, "vs": "after with GAN on",
-                                                        "gan_off": "after (new defaults)"}
+    variants["after with GAN on (two-pass gradients)"] = {
+        "gan_start": 0, "two_pass_gan": True, "vs": "after with GAN on", "gan_off": "after (new defaults)"}
     return variants, notes
 
 
@@ -893,15 +893,16 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
 
     Every measurement is a real training run (a pair set of real photos with its latent cache, TrainConfig at the
     recipe's defaults with LPIPS alex and the noise degrader; the GAN off, as in the first gan_start steps, unless
-    the variant says "GAN on") timed by ``ldlib.profiling.StepTimings``. Variants run in turn in every round
-    (a noisy machine hits all alike); a row is the median over rounds of each run's median step after ``warmup``
-    steps, and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs").
-    Where two GAN-on rows and their GAN-off rows ("gan_off") were measured, a ratio also gives what that makes of a
-    whole run at the recipe's step counts (``_recipe_ratio``). ``variants``: name -> TrainConfig / LossConfig overrides (default: ``train_step_variants``); ``only``: keep
-    the variants whose names are listed. ``vae``: a local VAE replacing the preset's (e.g. a folder of random
-    full-size weights: the step's cost does not depend on the values). On CUDA the notes add, per batch, the
-    share of the default step outside CUDA kernels (``_outside_kernels``). With DataLoader workers the warm-up also
-    drains the batches they queued ahead (``_prefetched``).
+    the variant says "GAN on") timed by ``ldlib.profiling.StepTimings``. Variants run in turn in every round (a
+    noisy machine hits all alike); a row is the median over rounds of each run's median step after ``warmup`` steps,
+    and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs"). Where two
+    GAN-on rows and their GAN-off rows ("gan_off") were measured, a ratio also gives what that makes of a whole run
+    at the recipe's step counts (``_recipe_ratio``). ``variants``: name -> TrainConfig / LossConfig overrides
+    (default: ``train_step_variants``); ``only``: keep the variants whose names are listed. ``vae``: a local VAE
+    replacing the preset's (e.g. a folder of random full-size weights: the step's cost does not depend on the
+    values). On CUDA the notes add, per batch, the share of the default step outside CUDA kernels
+    (``_outside_kernels``). With DataLoader workers the warm-up also drains the batches they queued ahead
+    (``_prefetched``).
     """
     import dataclasses
     import multiprocessing
