@@ -190,7 +190,8 @@ def walk_files(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
     Symbolic links to folders are followed (photos kept on another disk), each real folder and file once: a link
     to something already listed (a loop, a second link, a link to a file in the tree) is reported, never read
     twice. Entries reached without a link come first, so a link never takes the place of the path it points to.
-    Broken links are reported. Non-images are listed so callers can report them.
+    Broken links are reported, and so are names that are not valid UTF-8 (they cannot be stored in a manifest as
+    they are) and folders that cannot be read. Non-images are listed so callers can report them.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -202,6 +203,12 @@ def walk_files(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
 
     def add(entry: Path) -> None:
         name = entry.relative_to(root).as_posix()
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the file system's encoding could not decode (e.g. Latin-1 from a zip)
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            not_listed.append({"source": shown, "reason": "name is not valid UTF-8 (rename it)"})
+            return
         if not (entry.is_dir() or entry.is_file()):
             if entry.is_symlink():
                 not_listed.append({"source": name, "reason": f"broken symbolic link (to {os.readlink(entry)})"})
@@ -215,7 +222,14 @@ def walk_files(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
         if entry.is_file():
             files.append(entry)
             return
-        for child in sorted(entry.iterdir()):
+        try:
+            children = sorted(entry.iterdir())
+        except OSError as e:
+            if entry == root:
+                raise
+            not_listed.append({"source": name, "reason": f"folder not readable ({e.strerror or e})"})
+            return
+        for child in children:
             if not child.name.startswith("."):
                 if child.is_symlink():
                     links.append(child)  # after every entry reached without a link

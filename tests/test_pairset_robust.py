@@ -249,6 +249,33 @@ def test_symlinked_folders_are_followed_once_without_loops(tmp_path):
     assert report["sources_used"] == 3 and report["sources_skipped"] == 4
 
 
+def test_unreadable_folders_and_undecodable_names_are_skipped_and_reported(tmp_path, monkeypatch):
+    # A photo disk with a folder the user cannot read (lost+found) and a name in Latin-1 bytes (unzipped from an old
+    # archive): both are skipped with their reason, the other photos are built.
+    src = _sources(tmp_path / "src")
+    (src / "lost+found").mkdir()
+    _sources(src / "lost+found", n=1)
+    Image.fromarray(_photo(100, 120, 7)).save(os.path.join(os.fsencode(src), b"caf\xe9.png"))
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):  # as for a user without the rights (the tests may run as root, who has them all)
+        if self.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.warns(SkippedInputWarning):
+        report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
+    assert {s["source"]: s["reason"] for s in report["skipped"]} == {
+        "lost+found": "folder not readable (Permission denied)", "caf\\xe9.png": "name is not valid UTF-8 (rename it)"}
+    assert sorted(r["source"] for r in read_manifest(tmp_path / "out")) == ["p0.png", "p1.png"]
+    json.loads((tmp_path / "out" / "report.json").read_text())  # the report is written, names shown escaped
+    # The folder asked for is not skipped: an unreadable one is an error naming it.
+    monkeypatch.setattr(Path, "iterdir", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(self))))
+    with pytest.raises(PermissionError, match="src"):
+        build_pairs(src, tmp_path / "out2", SPEC, workers=1, progress=False)
+
+
 # --- item 10: very large photos -----------------------------------------------------------------------------------
 
 
