@@ -25,8 +25,11 @@ class ImageLoadError(ValueError):
     """A file could not be read as an image; the message names the file and the reason."""
 
 
-def _to_uint8_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
-    """Convert any Pillow mode to 8-bit RGB; returns the array and a note of what was done."""
+def _to_uint8_rgb(img: Image.Image, float_max: float | None = None) -> tuple[np.ndarray, str]:
+    """Convert any Pillow mode to 8-bit RGB; returns the array and a note of what was done.
+
+    ``float_max``: for a float image, the largest value of the whole image when ``img`` is a crop of it.
+    """
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit greyscale: Pillow's convert("L") clips at 255 instead of scaling, so scale by hand
@@ -36,7 +39,8 @@ def _to_uint8_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
         return np.repeat(a[..., None], 3, axis=2), "16-bit greyscale scaled to 8 bits"
     if mode == "F":
         a = np.asarray(img).astype(np.float64)
-        hi = 255.0 if a.max() > 1.0 else 1.0  # float images come as [0, 1] or [0, 255]
+        # Float images come as [0, 1] or [0, 255]: which one is the whole image's, not a crop's (a shadow is <= 1).
+        hi = 255.0 if (a.max() if float_max is None else float_max) > 1.0 else 1.0
         a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=2), "float greyscale scaled to 8 bits"
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
@@ -124,7 +128,9 @@ def rgb8(img: Image.Image, box: tuple[int, int, int, int] | None = None) -> tupl
     Cropping first copies only the region out of Pillow (a 4k photo's full copy costs as much as a crop's work).
     The array may be read-only: copy it before writing into it.
     """
-    return _to_uint8_rgb(img if box is None else img.crop(box))
+    if box is None:
+        return _to_uint8_rgb(img)
+    return _to_uint8_rgb(img.crop(box), img.getextrema()[1] if img.mode == "F" else None)
 
 
 def load_rgb8(path: str | os.PathLike) -> tuple[np.ndarray, str]:

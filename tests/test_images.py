@@ -12,6 +12,8 @@ from ldlib.images import (
     area_downsample,
     load_image,
     load_rgb8,
+    open_image,
+    rgb8,
     save_image,
     to_tensor,
     to_uint8,
@@ -64,6 +66,23 @@ def test_greyscale_L_replicates_channels(tmp_path):
     Image.fromarray(g, mode="L").save(tmp_path / "g.png")
     a, _ = load_rgb8(tmp_path / "g.png")
     np.testing.assert_array_equal(a, np.repeat(g[..., None], 3, axis=2))
+
+
+def test_float_greyscale_crops_keep_the_whole_images_scale(tmp_path):
+    # A 0..255 float TIFF whose left half is a shadow (<= 1.0): a crop of the shadow alone stays dark.
+    a = np.full((16, 32), 150.0, np.float32)
+    a[:, :16] = 0.8
+    Image.fromarray(a, "F").save(tmp_path / "f.tif")
+    whole, _ = load_rgb8(tmp_path / "f.tif")
+    with open_image(tmp_path / "f.tif") as img:
+        shadow, note = rgb8(img, (0, 0, 16, 16))
+    np.testing.assert_array_equal(whole[0, [0, 31]], [[1, 1, 1], [150, 150, 150]])  # rint(0.8), on the 0..255 scale
+    np.testing.assert_array_equal(shadow, whole[:16, :16])
+    assert note == "float greyscale scaled to 8 bits"
+    # A [0, 1] float image is still scaled by 255.
+    Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(tmp_path / "unit.tif")
+    with open_image(tmp_path / "unit.tif") as img:
+        assert (rgb8(img, (0, 0, 2, 2))[0] == 128).all()
 
 
 def test_16bit_greyscale_png_scaled_not_clipped(tmp_path):
