@@ -10,7 +10,8 @@ Layout of a pair set folder OUT::
     hq/<id>.png, lq/<id>.png          8-bit RGB
     manifest.jsonl                    one JSON line per complete pair (unsharded runs): id, source (path relative
                                       to the source folder), crop (index), source_size [w, h] and box [left, top,
-                                      right, bottom] in source pixels after EXIF orientation, spec, seed, note
+                                      right, bottom] in source pixels after EXIF orientation, source_digest (of
+                                      the file it was cut from: ``source_digest``), spec, seed, note
     manifest.shard-I-of-N.jsonl       the same, one file per shard of a ``--shard I/N`` run
     report.json / report.shard-I-of-N.json   counts, skipped files with reasons, conversions, timings
 
@@ -21,7 +22,9 @@ files. A source file belongs to shard ``sha256(relative path) % N``, independent
 Kill safety: every PNG is written to a hidden temporary name and renamed; a manifest line is appended (one
 ``write`` of whole lines, flushed) only after both PNGs are in place; readers ignore a torn last line and a
 rerun cuts it off before appending. A rerun skips pairs already listed (re-writing their PNGs if they went
-missing) and never appends a second line for an id.
+missing) and never appends a second line for an id. A source that is not the file its pairs were cut from
+(another photo under the same relative path: a second camera's IMG_0001.jpg, a re-edit) is skipped and reported,
+its pairs kept as they are.
 """
 
 from __future__ import annotations
@@ -142,6 +145,22 @@ def pair_id(source_rel: str, crop_index: int, seed: int) -> str:
     h = hashlib.sha256(f"{source_rel}\0{crop_index}\0{seed}".encode()).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9_]+", "_", Path(source_rel).stem).strip("_")[:40] or "img"
     return f"{stem}-{crop_index}-{h}"
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """A file's fingerprint for telling two photos under one name apart: sha256 of its size, first and last 64 KiB.
+
+    Two reads per file, however large: a rerun over thousands of photos stays quick. A copy or a move keeps it.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 16))
+        if size > 1 << 16:
+            f.seek(max(1 << 16, size - (1 << 16)))
+            h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
 
 
 def crop_box(source_size: tuple[int, int], spec: PairSpec, source_rel: str, crop_index: int) -> tuple[int, int, int, int]:
@@ -267,6 +286,7 @@ class _Task:
     spec: PairSpec
     crops: list[int]  # crop indices whose PNGs to write
     new: list[int]  # of those, the ones that still need a manifest line
+    digest: str | None  # source_digest of the file when listed (None: unreadable; the decode reports why)
 
 
 def _cut_and_write(img, size: tuple[int, int], task: "_Task", result: dict) -> None:
@@ -289,8 +309,8 @@ def _cut_and_write(img, size: tuple[int, int], task: "_Task", result: dict) -> N
         if k in task.new:
             result["records"].append({
                 "id": pid, "source": task.rel, "crop": k, "source_size": [w, h], "box": list(box),
-                "hq": f"hq/{pid}.png", "lq": f"lq/{pid}.png", "spec": asdict(task.spec), "seed": task.spec.seed,
-                "note": note,
+                "source_digest": task.digest, "hq": f"hq/{pid}.png", "lq": f"lq/{pid}.png",
+                "spec": asdict(task.spec), "seed": task.spec.seed, "note": note,
             })
 
 
@@ -446,10 +466,23 @@ def build_pairs(
         (out / sub).mkdir(exist_ok=True)
     try:
         stale = _remove_stale_temps(out) if shard[1] == 1 else 0
-        listed = {r["id"] for r in read_manifest(out)} if manifest_files(out) else set()
-        tasks, complete = [], 0
+        records = {r["id"]: r for r in read_manifest(out)} if manifest_files(out) else {}
+        listed = set(records)
+        tasks, complete, changed = [], 0, []
         for rel in mine:
             ids = [pair_id(rel, k, spec.seed) for k in range(spec.crops_per_image)]
+            try:
+                digest = source_digest(src / rel)
+            except OSError:
+                digest = None
+            # Ids come from the relative path: a different file under the same path would pass for the one whose
+            # pairs are listed, and a missing crop would be cut from it. (Manifests before the digest have none.)
+            then = {records[p].get("source_digest") for p in ids if p in records} - {None}
+            if digest is not None and then and then != {digest}:
+                changed.append({"source": rel, "reason": "not the file its pairs were cut from (another photo under "
+                                "this name, or edited since); its pairs are kept: build it into another OUT folder"})
+                warnings.warn(f"{src / rel}: skipped: {changed[-1]['reason']}", SkippedInputWarning, stacklevel=2)
+                continue
             have = [
                 pid in listed and (out / "hq" / f"{pid}.png").is_file() and (out / "lq" / f"{pid}.png").is_file()
                 for pid in ids
@@ -459,12 +492,13 @@ def build_pairs(
                 continue
             crops = [k for k in range(spec.crops_per_image) if not have[k]]
             new = [k for k in crops if ids[k] not in listed]
-            tasks.append(_Task(str(src), rel, str(out), spec, crops, new))
+            tasks.append(_Task(str(src), rel, str(out), spec, crops, new, digest))
 
         from tqdm.auto import tqdm
 
         n_workers = max(1, min(workers, len(tasks)))
         bar = tqdm(total=len(tasks), desc=f"pairs {shard[0]}/{shard[1]}" if shard[1] > 1 else "pairs", unit="img", disable=not progress)
+        not_listed += changed  # skipped before any work, like the files never listed
         skipped, converted = list(not_listed), []
         built = 0
         timings = {"decode_s": 0.0, "cut_s": 0.0, "write_s": 0.0}

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import read_only_folder
 from ldlib.cli import main
-from ldlib.pairs import PairSpec, SkippedInputWarning, build_pairs, read_manifest
+from ldlib.pairs import PairSpec, SkippedInputWarning, build_pairs, read_manifest, source_digest
 
 SPEC = PairSpec(hq_size=32, seed=0)  # source region 64 px, LQ 16 px (two tiny-Wan latent cells)
 
@@ -274,6 +274,51 @@ def test_unreadable_folders_and_undecodable_names_are_skipped_and_reported(tmp_p
     monkeypatch.setattr(Path, "iterdir", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(self))))
     with pytest.raises(PermissionError, match="src"):
         build_pairs(src, tmp_path / "out2", SPEC, workers=1, progress=False)
+
+
+def test_another_photo_under_a_listed_name_is_skipped_and_its_pairs_kept(tmp_path):
+    # A second camera's folder built into the same OUT: its p0.png / p1.png are other photos (of the same size in
+    # bytes: random pixels compress alike) under the names already listed. They are skipped with their reason, the
+    # pairs of the first folder stay byte for byte, and the new name is built. A copy of the first folder (another
+    # path, the same files) resumes as complete, and so does a manifest from before the digest.
+    first, second = _sources(tmp_path / "cameraA"), tmp_path / "cameraB"
+    second.mkdir()
+    for i in range(3):
+        Image.fromarray(_photo(100, 120, 10 + i)).save(second / f"p{i}.png")
+    assert (first / "p0.png").stat().st_size == (second / "p0.png").stat().st_size
+    out = tmp_path / "out"
+    build_pairs(first, out, SPEC, workers=1, progress=False)
+    before = _tree(out / "hq") | {f"lq/{k}": v for k, v in _tree(out / "lq").items()}
+    with pytest.warns(SkippedInputWarning, match="not the file its pairs were cut from"):
+        report = build_pairs(second, out, SPEC, workers=1, progress=False)
+    assert sorted(s["source"] for s in report["skipped"]) == ["p0.png", "p1.png"]
+    assert report["sources_already_complete"] == 0 and report["sources_used"] == 1 and report["pairs_built"] == 1
+    after = _tree(out / "hq") | {f"lq/{k}": v for k, v in _tree(out / "lq").items()}
+    assert {k: v for k, v in after.items() if k in before} == before
+    records = read_manifest(out)
+    assert sorted(r["source"] for r in records) == ["p0.png", "p1.png", "p2.png"]
+    # The digest: sha256 of the size and the first and last 64 KiB, computed here with hashlib.
+    import hashlib
+
+    data = (first / "p0.png").read_bytes()
+    want = hashlib.sha256(str(len(data)).encode() + data[:65536] + data[max(65536, len(data) - 65536):]).hexdigest()
+    assert {r["source_digest"] for r in records if r["source"] == "p0.png"} == {want[:16]}
+    Image.fromarray(_photo(300, 300, 5)).save(tmp_path / "big.png")  # over 128 KiB: head and tail, not the middle
+    data = (tmp_path / "big.png").read_bytes()
+    assert len(data) > 2 * 65536
+    want = hashlib.sha256(str(len(data)).encode() + data[:65536] + data[-65536:]).hexdigest()
+    assert source_digest(tmp_path / "big.png") == want[:16]
+
+    import shutil
+
+    shutil.copytree(first, tmp_path / "copy")
+    report = build_pairs(tmp_path / "copy", out, SPEC, workers=1, progress=False)
+    assert report["skipped"] == [] and report["sources_already_complete"] == 2
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "source_digest"}) + "\n"
+                                for r in read_manifest(out)))
+    report = build_pairs(second, out, SPEC, workers=1, progress=False)
+    assert report["skipped"] == [] and report["sources_already_complete"] == 3
 
 
 # --- item 10: very large photos -----------------------------------------------------------------------------------
