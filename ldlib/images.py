@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import re
 import threading
@@ -122,15 +124,53 @@ def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
         img.close()
 
 
-def rgb8(img: Image.Image, box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, str]:
-    """H x W x 3 uint8 RGB array of an image, or of a box (left, top, right, bottom) of it, and a conversion note.
+@functools.lru_cache(maxsize=16)
+def _srgb_equivalent(icc: bytes) -> bool:
+    """Whether an RGB colour profile maps every colour of a 16-level grid to sRGB within one 8-bit level."""
+    from PIL import ImageCms
 
-    Cropping first copies only the region out of Pillow (a 4k photo's full copy costs as much as a crop's work).
-    The array may be read-only: copy it before writing into it.
+    # By what it does, not by its name: photo sites embed compact sRGB profiles named "c2" and the like, and
+    # converting through them would move a few values by one level and flag every photo.
+    levels = np.arange(0, 256, 17, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    mapped = ImageCms.profileToProfile(Image.fromarray(grid), profile, ImageCms.createProfile("sRGB"))
+    return int(np.abs(np.asarray(mapped).astype(np.int16) - grid).max()) <= 1
+
+
+def _to_srgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, str]:
+    """An image in sRGB, converted from the colour profile it carries (if any, and not sRGB), and a note of it."""
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):  # (16-bit and float modes: littleCMS takes none)
+        return img, ""
+    from PIL import ImageCms
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = ImageCms.getProfileDescription(profile).strip() or "an unnamed profile"
+        if profile.profile.xcolor_space == "RGB " and _srgb_equivalent(icc):
+            return img, ""
+    except (OSError, ImageCms.PyCMSError) as e:
+        return img, f"colour profile not readable ({e}): values taken as sRGB"
+    try:
+        # Phones and cameras tag photos Display P3 or Adobe RGB: their numbers are not sRGB's, and the VAE, the
+        # metrics and every viewer of an untagged PNG read sRGB. (Matrix profiles: the intent is colorimetric.)
+        out = ImageCms.profileToProfile(img, profile, ImageCms.createProfile("sRGB"),
+                                        outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+    except ImageCms.PyCMSError as e:
+        return img, f"colour profile {name!r} could not be applied ({e}): values taken as sRGB"
+    return out, f"converted from {name} to sRGB"
+
+
+def rgb8(img: Image.Image, box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, str]:
+    """H x W x 3 uint8 sRGB array of an image, or of a box (left, top, right, bottom) of it, and a conversion note.
+
+    Cropping first copies only the region out of Pillow (a 4k photo's full copy costs as much as a crop's work);
+    a colour profile is applied to that region (colour conversion is per pixel). The array may be read-only: copy
+    it before writing into it.
     """
-    if box is None:
-        return _to_uint8_rgb(img)
-    return _to_uint8_rgb(img.crop(box), img.getextrema()[1] if img.mode == "F" else None)
+    region, profile_note = _to_srgb(img if box is None else img.crop(box), img.info.get("icc_profile"))
+    array, note = _to_uint8_rgb(region, img.getextrema()[1] if img.mode == "F" and box is not None else None)
+    return array, "; ".join(n for n in (profile_note, note) if n)
 
 
 def load_rgb8(path: str | os.PathLike) -> tuple[np.ndarray, str]:
@@ -165,8 +205,6 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 
 def save_image(x: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
     """Save one image (tensor in [-1, 1], or uint8 H x W x 3 array) atomically; format from the suffix."""
-    import io
-
     path = Path(path)
     array = x if isinstance(x, np.ndarray) else to_uint8(x)
     buf = io.BytesIO()

@@ -85,6 +85,72 @@ def test_float_greyscale_crops_keep_the_whole_images_scale(tmp_path):
         assert (rgb8(img, (0, 0, 2, 2))[0] == 128).all()
 
 
+def _matrix_profile(name: str, columns: np.ndarray, gamma_u8f8: int) -> bytes:
+    """A minimal ICC v2 RGB profile: colorant columns (XYZ, D50) and one gamma curve (u8Fixed8) for all channels."""
+    import struct
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v) -> bytes:
+        return b"XYZ " + bytes(4) + b"".join(s15(c) for c in v)
+
+    text = name.encode() + b"\0"
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, gamma_u8f8) + bytes(2)
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(12 + 67)),
+            (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(columns[:, 0])), (b"gXYZ", xyz(columns[:, 1])),
+            (b"bXYZ", xyz(columns[:, 2])), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + bytes(12)
+              + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249))
+    return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
+
+
+def test_a_wide_gamut_profile_is_converted_to_srgb_and_an_srgb_one_left_alone(tmp_path):
+    # A Display P3 photo (phones tag theirs so): its numbers are P3's. Expected, in numpy: P3's gamma 2.2 curve and
+    # colorants (D50) to XYZ, then the inverse of littleCMS's sRGB colorants, clipped, and sRGB's own curve.
+    from PIL import ImageCms
+
+    p3 = np.array([[0.5151, 0.2920, 0.1571], [0.2412, 0.6922, 0.0666], [-0.0011, 0.0419, 0.7841]])
+    icc = _matrix_profile("Display P3 (test)", p3, 563)  # 563 / 256: gamma 2.2 as the curve stores it
+    colours = np.array([[40, 160, 60], [128, 128, 128], [250, 20, 20], [10, 40, 200]], np.uint8)
+    pixels = np.repeat(colours[None], 6, axis=0)  # 6 x 4 x 3
+    Image.fromarray(pixels).save(tmp_path / "p3.png", icc_profile=icc)
+    got, note = load_rgb8(tmp_path / "p3.png")
+    assert note == "converted from Display P3 (test) to sRGB"
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).profile
+    to_srgb = np.linalg.inv(np.array([srgb.red_colorant[0], srgb.green_colorant[0], srgb.blue_colorant[0]]).T)
+    linear = np.clip(to_srgb @ p3 @ ((colours / 255.0) ** (563 / 256)).T, 0, 1).T
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    want = np.rint(encoded * 255)
+    assert np.abs(got[0].astype(float) - want).max() <= 2, (got[0], want)
+    assert np.abs(got[0].astype(float) - colours).max() > 20  # the conversion is not a no-op
+    # The same through a crop (the pair builder's path), and with alpha: converted, then composited on white.
+    with open_image(tmp_path / "p3.png") as img:
+        np.testing.assert_array_equal(rgb8(img, (1, 1, 3, 4))[0], got[1:4, 1:3])
+    rgba = np.concatenate([pixels, np.full((6, 4, 1), 255, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(tmp_path / "p3a.png", icc_profile=icc)
+    got_a, note_a = load_rgb8(tmp_path / "p3a.png")
+    np.testing.assert_array_equal(got_a, got)
+    assert note_a == "converted from Display P3 (test) to sRGB; alpha composited on white"
+    # littleCMS's own sRGB profile leaves the numbers as they are, with no note; a profile is judged by what it does,
+    # not by its name: one named sRGB with sRGB's colorants but a plain gamma 2.2 curve (more than a level off in
+    # the shadows) is converted.
+    Image.fromarray(pixels).save(tmp_path / "srgb.png", icc_profile=ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("sRGB")).tobytes())
+    got_s, note_s = load_rgb8(tmp_path / "srgb.png")
+    np.testing.assert_array_equal(got_s, pixels)
+    assert note_s == ""
+    columns = np.array([srgb.red_colorant[0], srgb.green_colorant[0], srgb.blue_colorant[0]]).T
+    Image.fromarray(pixels).save(tmp_path / "g22.png", icc_profile=_matrix_profile("sRGB (gamma 2.2)", columns, 563))
+    assert load_rgb8(tmp_path / "g22.png")[1] == "converted from sRGB (gamma 2.2) to sRGB"
+
+
 def test_16bit_greyscale_png_scaled_not_clipped(tmp_path):
     v = np.array([[0, 257, 32768, 65535], [1000, 20000, 40000, 60000]], dtype=np.uint16)
     Image.fromarray(v).save(tmp_path / "g16.png")  # Pillow writes a 16-bit greyscale PNG (mode I;16)
