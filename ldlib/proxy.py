@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from .files import atomic_write_bytes, save_figure
 from .pairs import split_by_source
-from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings,
-                   load_optimizer_state, make_accelerator, mix_seed, open_run, write_config)
+from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, json_bytes,
+                   load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, write_config)
 from .teacher_data import TeacherDataset, TeacherSet
 
 
@@ -205,7 +205,8 @@ def train_proxy(
         with acc.autocast():
             pred = net_w(x_sigma, sigma)
         loss = proxy_loss(pred, target, sigma, cfg.sigma_floor)
-        if all_finite(acc, loss):
+        ok = all_finite(acc, loss)
+        if ok:
             acc.backward(loss)
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(net_w.parameters(), cfg.max_grad_norm)
@@ -215,7 +216,7 @@ def train_proxy(
             acc.print(f"step {step}: non-finite loss, step skipped")
         opt.zero_grad(set_to_none=True)
         sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "skipped": not ok}
         history.append(rec)
         log.history(rec)
         if step % cfg.log_every == 0:
@@ -233,7 +234,7 @@ def train_proxy(
                      "train_sources": len({r["source"] for r in train_set.records}),
                      "val_sources": len({r["source"] for r in val_set.records}),
                      "train_records": len(train_set), "val_records": len(val_set),
-                     "final_loss_mean_last_steps": sum(h["loss"] for h in history[-20:]) / max(1, len(history[-20:])),
+                     "final_loss_mean_last_steps": mean_terms(history, last=20).get("loss"),
                      "wall_seconds_this_run": time.time() - t_start, "config": asdict(cfg)}
     if acc.is_main_process:
         save_proxy(trained, out, extra={"teacher": ts.info.get("teacher"), "spec": ts.info["spec"], "identity": ts.info["identity"]})
@@ -243,7 +244,7 @@ def train_proxy(
             plot_proxy_eval(result, out / "eval.png")
             summary["eval"] = result["overall"]
             summary["beats_baselines"] = result["beats_baselines"]
-        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(out / "summary.json", json_bytes(summary))
     summary["history"] = history
     return summary
 

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -566,10 +567,27 @@ def load_optimizer_state(opt, state: dict) -> None:
     opt.load_state_dict({**state, "param_groups": [{**saved, **mine} for saved, mine in zip(state["param_groups"], own)]})
 
 
-def mean_terms(records: list[dict]) -> dict[str, float]:
-    """Mean of each float term over the records that have it."""
+def mean_terms(records: list[dict], last: int | None = None) -> dict[str, float]:
+    """Mean of each float term over the last ``last`` (default: all) records that were not skipped and have it."""
+    # A skipped step's terms are the non-finite values that made it skip: one would turn every mean into NaN.
+    records = [r for r in records if not r.get("skipped")]
+    records = records[-last:] if last else records
     keys = {k for r in records for k, v in r.items() if isinstance(v, float)}
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in sorted(keys)}
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented JSON; a non-finite float is written as null (NaN / Infinity are not JSON)."""
+    def finite(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: finite(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [finite(v) for v in o]
+        return o
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False).encode()
 
 
 def read_history(run: str | os.PathLike) -> list[dict]:

@@ -397,8 +397,9 @@ def train_teacher(
     from .degrade import DiffusionDegrader
     from .latents import LatentCache, default_cache_dir
     from .presets import get_preset
-    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, load_optimizer_state,
-                       make_accelerator, mix_seed, open_run, sample_generator, write_config)
+    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, json_bytes,
+                       load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
+                       write_config)
 
     t_start = time.time()
     out = Path(out)
@@ -474,7 +475,8 @@ def train_teacher(
         with acc.autocast():
             v = velocity((1 - s4) * x0 + s4 * eps, sigma)
         loss = F.mse_loss(v.float(), eps - x0)
-        if all_finite(acc, loss):
+        ok = all_finite(acc, loss)
+        if ok:
             acc.backward(loss)
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(model_w.parameters(), cfg.max_grad_norm)
@@ -485,7 +487,8 @@ def train_teacher(
             acc.print(f"step {step}: non-finite loss, step skipped")
         opt.zero_grad(set_to_none=True)
         sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": sched.get_last_lr()[0]}
+        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": sched.get_last_lr()[0],
+               "skipped": not ok}
         step += 1
         done_now += 1
         if step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
@@ -510,7 +513,7 @@ def train_teacher(
         "val_latents": len(val_x), "train_sources": train_sources, "held_out_sources": val_sources,
         "steps_per_s_this_run": done_now / elapsed if elapsed > 0 and done_now else None,
         "train_seconds_this_run": elapsed,
-        "final_loss_mean_last_steps": sum(h["loss"] for h in history[-50:]) / max(1, len(history[-50:])),
+        "final_loss_mean_last_steps": mean_terms(history, last=50).get("loss"),
         "config": asdict(cfg),
     }
     if step >= cfg.steps and acc.is_main_process:
@@ -540,6 +543,6 @@ def train_teacher(
         summary["teacher"] = str(folder)
     summary["wall_seconds_this_run"] = time.time() - t_start
     if acc.is_main_process:
-        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(out / "summary.json", json_bytes(summary))
     summary["history"] = history
     return summary

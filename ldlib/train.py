@@ -36,8 +36,8 @@ from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
 from .profiling import NO_TIMINGS, StepTimings
 from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
-                   check_optimiser_settings, load_optimizer_state, loader_workers, make_accelerator, mean_terms,
-                   mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
+                   check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
+                   mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
 
 
 @dataclass
@@ -617,14 +617,14 @@ def train_decoder(
         "samples_per_s_this_run": samples / elapsed if elapsed > 0 else None,
         "train_seconds_this_run": elapsed,
         "wall_seconds_this_run": time.time() - t_start,
-        "final_losses_mean_last_steps": mean_terms(history[-min(len(history), 20):]),
+        "final_losses_mean_last_steps": mean_terms(history, last=20),
         "validation": val_metrics,
         "lpips_backbone_pretrained": bool(getattr(m.loss_fn.lpips, "backbone_pretrained", False)),
         "checkpoint": str(ckpts.latest()) if ckpts.latest() else None,
         "config": cfg.to_dict(),
     }
     if acc.is_main_process:
-        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(out / "summary.json", json_bytes(summary))
     log.close()
     return TrainResult(out, step, skipped, history, summary, m.model.codec)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ldlib.degrade import DiffusionDegrader, ProxyDegrader
-from ldlib.proxy import ProxyNet, ProxyTrainConfig, evaluate_proxy, load_proxy, save_proxy, train_proxy
+from ldlib.proxy import (ProxyNet, ProxyTrainConfig, evaluate_proxy, load_proxy, proxy_loss, save_proxy,
+                         train_proxy)
 from ldlib.latents import LatentCache
 from ldlib.presets import tiny_wan_transformer
 from ldlib.teacher_data import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
@@ -159,3 +160,21 @@ def test_train_proxy_resume_continues_the_same_run(teacher_dir, tmp_path):
     a, b = load_proxy(tmp_path / "full"), load_proxy(tmp_path / "part")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(teacher_dir, tmp_path, monkeypatch):
+    import ldlib.proxy
+
+    losses = []
+
+    def nan_second_call(*a, **kw):
+        losses.append(proxy_loss(*a, **kw))
+        return losses[-1] * float("nan") if len(losses) == 2 else losses[-1]
+
+    monkeypatch.setattr(ldlib.proxy, "proxy_loss", nan_second_call)
+    summary = train_proxy(_small_cfg(steps=4), teacher_dir, tmp_path / "run")
+    assert summary["skipped_steps"] == [1] and [h["skipped"] for h in summary["history"]] == [False, True, False, False]
+    written = json.loads((tmp_path / "run" / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    trained = [float(losses[i].detach()) for i in (0, 2, 3)]
+    assert written["final_loss_mean_last_steps"] == pytest.approx(sum(trained) / 3)

@@ -13,7 +13,7 @@ from ldlib.degrade import DiffusionDegrader, add_noise, diffusion_degrader
 from ldlib.prompts import prompt_embedding
 from ldlib.presets import TAEF2_TEACHER_ENV, get_preset, taef2_teacher_dir
 from ldlib.teacher import (TeacherConfig, check_teacher_codec, eval_noise, evaluate_teacher, load_split_latents,
-                           load_teacher, read_teacher_info, train_teacher)
+                           load_teacher, read_teacher_info, train_teacher, training_sample)
 
 
 def tiny_config(**overrides) -> TeacherConfig:
@@ -187,3 +187,23 @@ def test_cli_train_teacher(tiny_pairset, tmp_path, capsys):
     assert main(args) == 2  # the run exists: one clear line naming the folder
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(out) in err and "holds a run already" in err and "\n" not in err
+
+
+def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(tiny_pairset, tmp_path, monkeypatch):
+    import ldlib.teacher
+
+    cfg = tiny_config()
+    calls = []
+
+    def nan_at_step_1(latent, cfg, generator):
+        x0, eps, sigma = training_sample(latent, cfg, generator)
+        calls.append(1)
+        return (x0 * float("nan") if cfg.batch < len(calls) <= 2 * cfg.batch else x0), eps, sigma
+
+    monkeypatch.setattr(ldlib.teacher, "training_sample", nan_at_step_1)
+    summary = train_teacher(cfg, tiny_pairset["pairs"], tmp_path / "run", codec=tiny_pairset["codec"], stop_at=3)
+    assert summary["skipped_steps"] == [1] and [h["skipped"] for h in summary["history"]] == [False, True, False]
+    written = json.loads((tmp_path / "run" / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    trained = [h["loss"] for h in summary["history"] if h["step"] != 1]
+    assert written["final_loss_mean_last_steps"] == pytest.approx(sum(trained) / 2)

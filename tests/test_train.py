@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 
@@ -125,6 +126,34 @@ def test_nan_step_is_skipped_and_weights_untouched(setup, tmp_path):
     a = load_file(str(after / "decoder.safetensors"))
     b = load_file(str(out / "checkpoints" / "step_000003" / "decoder.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+class NaNPredAt(DecoderLoss):
+    """A decoder output that is non-finite at chosen steps (a real overflow: every loss term NaN)."""
+
+    def __init__(self, cfg, lpips, bad_steps):
+        super().__init__(cfg, lpips=lpips)
+        self.bad_steps = set(bad_steps)
+
+    def generator(self, pred, target, step, *a, **kw):
+        return super().generator(pred * float("nan") if step in self.bad_steps else pred, target, step, *a, **kw)
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (not JSON: other readers fail on them)."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a JSON file"))
+
+
+def test_a_skipped_step_leaves_the_summary_means_finite_and_valid_json(setup, tmp_path):
+    codec, data, lp = setup
+    cfg = _cfg(steps=4)
+    res = train_decoder(cfg, tmp_path / "run", data, data, codec=codec, loss_fn=NaNPredAt(cfg.loss, lp, {1}))
+    assert res.skipped == [1] and res.history[1]["skipped"] and math.isnan(res.history[1]["total"])
+    means = _strict_json((tmp_path / "run" / "summary.json").read_text())["final_losses_mean_last_steps"]
+    trained = [h for h in res.history if not h["skipped"]]
+    assert len(trained) == 3
+    for key in ("total", "l1", "lpips", "rec", "lr", "sigma_mean"):
+        assert means[key] == pytest.approx(sum(h[key] for h in trained) / len(trained)), key
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
