@@ -303,10 +303,11 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     codec, original, preset = load_upscaler(args.model, args.preset, taef2_dir=args.taef2_dir, vae=args.vae,
                                             vae_config=args.vae_config)
     failed = 0
+    written_by: dict[Path, str] = {}  # outputs of this run: a later input that would overwrite one fails instead
     for item in args.inputs:
         t0 = time.perf_counter()
         try:
-            written = upscale_file(item, codec, original, out, cfg)
+            written = upscale_file(item, codec, original, out, cfg, claimed=written_by)
         except (ImageLoadError, ValueError, FileNotFoundError, OSError) as e:
             # A bad input costs only itself: say why in one line, go on with the rest.
             print(f"error: {e}" if str(item) in str(e) else f"error: {item}: {e}", file=sys.stderr)

@@ -387,15 +387,24 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 @torch.no_grad()
 def clashing_inputs(inputs: Sequence[str | os.PathLike]) -> list[list[str]]:
-    """Groups of inputs whose outputs would overwrite each other in one folder (``upscale_file`` names them by stem)."""
+    """Groups of inputs with one stem: their outputs overwrite each other in one folder whatever the files hold.
+
+    Known before anything is read; a latent file's numbered outputs (``x_0_2x.png``) can also meet another stem's
+    (``x_1.png``), which only ``upscale_file``'s ``claimed`` check sees, once the file's latent count is known.
+    """
     by_stem: dict[str, list[str]] = {}
     for item in inputs:
         by_stem.setdefault(Path(item).stem, []).append(str(item))
     return [names for names in by_stem.values() if len(names) > 1]
 
 
-def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.PathLike, cfg: UpscaleConfig) -> list[Path]:
-    """Upscale one image or latent file; write PNG(s) named by its stem under out_dir; return the files written."""
+def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.PathLike, cfg: UpscaleConfig,
+                 claimed: dict[Path, str] | None = None) -> list[Path]:
+    """Upscale one image or latent file; write PNG(s) named by its stem under out_dir; return the files written.
+
+    ``claimed``: files this run has written, by the input that wrote each. An input whose outputs would overwrite
+    one of them fails with a ValueError naming both inputs before it writes anything; its own outputs are added.
+    """
     path, out_dir = Path(path), Path(out_dir)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
@@ -416,22 +425,34 @@ def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.Pat
     else:
         raise ValueError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}) nor a latent file "
                          f"({', '.join(LATENT_SUFFIXES)})")
-    written = []
-    for k in range(z.shape[0]):
+    tags = [f"_{k}" if z.shape[0] > 1 else "" for k in range(z.shape[0])]
+    targets = [out_dir / f"{path.stem}{tag}_{cfg.scale}x.png" for tag in tags]
+    sides = [out_dir / f"{path.stem}{tag}_compare.png" for tag in tags]
+    if claimed is not None:
+        # Checked on the real names, now that the latent count is known: "x.pt" holding two latents writes
+        # x_1_2x.png, as an image "x_1.png" does. Refused before decoding: the earlier input's file stays.
+        for name in targets + (sides if cfg.compare else []):
+            if name in claimed:
+                raise ValueError(f"{path}: its output {name.name} would overwrite that of {claimed[name]}, written "
+                                 "earlier in this run; upscale them into separate --out folders")
+    written: list[Path] = []
+
+    def save(image: torch.Tensor, name: Path) -> None:
+        save_image(image, name)
+        written.append(name)
+        if claimed is not None:  # as each file lands: an input that fails half-way still holds what it wrote
+            claimed[name] = str(path)
+
+    for k, (target, side) in enumerate(zip(targets, sides)):
         zk = z[k : k + 1]
         h, w = sizes[k]
         ours = decode_tiled(codec, zk, cfg.tile, cfg.overlap)[..., : 2 * h, : 2 * w]
-        tag = f"_{k}" if z.shape[0] > 1 else ""
         if cfg.scale == 1:
             ours = area_downsample(ours, 2)
-        target = out_dir / f"{path.stem}{tag}_{cfg.scale}x.png"
-        save_image(ours[0], target)
-        written.append(target)
+        save(ours[0], target)
         if cfg.compare:
             base = decode_tiled(original, zk, cfg.tile, cfg.overlap)[..., :h, :w]
             if cfg.scale == 2:
                 base = F.interpolate(base, scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
-            side = out_dir / f"{path.stem}{tag}_compare.png"
-            save_image(torch.cat([base, ours], dim=-1)[0], side)
-            written.append(side)
+            save(torch.cat([base, ours], dim=-1)[0], side)
     return written

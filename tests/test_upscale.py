@@ -168,6 +168,33 @@ def test_upscale_refuses_inputs_whose_outputs_would_overwrite_each_other(tiny_ru
     assert not out.exists()  # refused before anything was written
 
 
+def test_upscale_never_overwrites_another_inputs_output_of_another_stem(tiny_run, tmp_path, capsys):
+    """A 2-latent file x.pt writes x_0_2x.png and x_1_2x.png; an image x_1.png writes x_1_2x.png too. Whichever
+    comes second fails with one line naming both, the first one's outputs stay, and the exit code is 1."""
+    from ldlib.decoder import load_run_codec
+
+    codec, _ = load_run_codec(tiny_run)
+    z = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    latents = tmp_path / "x.pt"
+    torch.save(z, latents)
+    image = _photo(tmp_path / "x_1.png", h=48, w=48)  # a multiple of 16: no padding
+    with torch.no_grad():
+        z_image = encode_tiled(get_preset("tiny").load_codec(), load_image(image), 128, 32)
+        expect = {"latent": decode_tiled(codec, z[1:2]), "image": decode_tiled(codec, z_image)}
+    for order, first in (([latents, image], "latent"), ([image, latents], "image")):
+        out = tmp_path / f"out_{first}_first"
+        code = main(["upscale", *map(str, order), "--model", str(tiny_run), "--out", str(out)])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and "Traceback" not in captured.err
+        assert str(latents) in err[0] and str(image) in err[0] and "x_1_2x.png" in err[0] and "overwrite" in err[0]
+        assert "1 of 2 inputs done" in captured.out
+        # x_1_2x.png is the first input's decode, not the second's
+        assert (load_image(out / "x_1_2x.png") - expect[first]).abs().max().item() <= 1 / 127.5 + 1e-6
+        names = sorted(p.name for p in out.iterdir())
+        assert names == (["x_0_2x.png", "x_1_2x.png"] if first == "latent" else ["x_1_2x.png"])
+
+
 def test_upscale_refuses_a_model_of_another_family(tiny_run, tmp_path, capsys):
     img = _photo(tmp_path / "in.png")
     code = main(["upscale", str(img), "--model", str(tiny_run), "--preset", "flux2", "--out", str(tmp_path)])
