@@ -254,7 +254,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if desc["preset"] == args.preset:
             vae, vae_config = desc["vae"], vae_config or desc["vae_config"]
     doc = run_evaluation(args.model, args.pairs, out, preset_name=args.preset, cfg=cfg, baseline_model=args.no_degrade_model,
-                         latents=args.latents, taef2_dir=args.taef2_dir, vae=vae, vae_config=vae_config)
+                         latents=args.latents, taef2_dir=args.taef2_dir, val_fraction=args.val_fraction,
+                         split_seed=args.split_seed, vae=vae, vae_config=vae_config)
     print(markdown_table(doc["rows"]))
     print(f"verdict: {doc['verdict']['summary']}; wrote {out / 'eval.json'}, eval.md, eval.png")
     return 0
@@ -428,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out share of the source photos (default: what the run or export recorded)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the held-out split (default: what the run or export recorded)")
     add_config_arguments(p, EvalConfig, skip=("extra",), title="evaluation (EvalConfig)")
     p.set_defaults(func=cmd_evaluate)
 

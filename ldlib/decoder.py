@@ -91,6 +91,12 @@ def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | o
     return model.codec.requires_grad_(False).eval(), cfg
 
 
+def run_split(cfg: dict) -> tuple[float | None, int | None]:
+    """(val_fraction, split seed) of the held-out split a run's config trained with (TrainConfig.held_out_seed)."""
+    seed = cfg.get("split_seed") if cfg.get("split_seed") is not None else cfg.get("seed")
+    return cfg.get("val_fraction"), seed
+
+
 def _is_run(path: Path) -> bool:
     """A train-decoder run folder: checkpoints/, or the config.json of a run stopped before its first checkpoint."""
     if (path / "checkpoints").is_dir():
@@ -129,20 +135,21 @@ def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
     path = Path(model)
     if _is_run(path):
         codec, cfg = load_run_codec(path)
-        return codec, {"model": str(path), "kind": "run", "val_fraction": cfg.get("val_fraction"),
-                       "seed": cfg.get("split_seed") if cfg.get("split_seed") is not None else cfg.get("seed"),
+        val_fraction, seed = run_split(cfg)
+        return codec, {"model": str(path), "kind": "run", "val_fraction": val_fraction, "seed": seed,
                        "made_with_preset": cfg.get("preset")}
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a training run (config.json, checkpoints/) nor an exported "
                                 "decoder folder (config.json and weights)")
     family = _export_family(path) or preset.family
-    made_with = None
-    if (path / "ldlib_export.json").is_file():
-        made_with = json.loads((path / "ldlib_export.json").read_text()).get("preset")
+    record = json.loads((path / "ldlib_export.json").read_text()) if (path / "ldlib_export.json").is_file() else {}
+    made_with = record.get("preset")
     if family != preset.family:
         raise ValueError(f"{path}: a {family} decoder{f' (preset {made_with!r})' if made_with else ''}, but "
                          f"--preset {preset.name!r} is a {preset.family} VAE: its latents do not fit this decoder")
     codec = TAECodec.from_folder(path) if family == "tae" else load_codec(family, path)
     if codec.upscale != 2:
         raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
-    return codec.eval(), {"model": str(path), "kind": "export", "made_with_preset": made_with}
+    # The run's held-out split (exports made before ldlib recorded it, or not by ldlib, have none: None).
+    return codec.eval(), {"model": str(path), "kind": "export", "val_fraction": record.get("val_fraction"),
+                          "seed": record.get("split_seed"), "made_with_preset": made_with}

@@ -316,13 +316,18 @@ def run_evaluation(
     original = preset.load_codec()
     ours, info = load_decoder(model, preset)
     _check_latents_fit(model, ours, info, original, preset)
+    vf = val_fraction if val_fraction is not None else info.get("val_fraction")
+    seed = split_seed if split_seed is not None else info.get("seed")
+    if cfg.split == "held-out" and (vf is None or seed is None):
+        # A guessed split (say 0.1 / seed 0) of a run trained with another one scores photos it trained on.
+        raise ValueError(f"{model}: records no training split (an export made before ldlib recorded it, or not by "
+                         "ldlib), so its held-out photos are unknown; pass --split all (a separate test set) or the "
+                         "run's split with --val-fraction and --split-seed")
     decoders = {"ours": ours}
     if baseline_model is not None:
         decoders["ours (no degradation)"], base_info = load_decoder(baseline_model, preset)
         _check_latents_fit(baseline_model, decoders["ours (no degradation)"], base_info, original, preset)
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
-    vf = val_fraction if val_fraction is not None else info.get("val_fraction", 0.1)
-    seed = split_seed if split_seed is not None else info.get("seed", 0)
     dataset = PairDataset(pairs, latents=cache)
     held_out = dataset.split(vf, seed)[1] if cfg.split == "held-out" else dataset
     from .metrics import lpips_model

@@ -169,7 +169,7 @@ def export_run(
 def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path,
                   formats: tuple[str, ...] | list[str] | None = None) -> Path:
     """The export's files, written into out (a staging folder that becomes final)."""
-    from .decoder import load_run_codec, run_checkpoint
+    from .decoder import load_run_codec, run_checkpoint, run_split
     from .single_file import LayoutError, original_wan_state_dict, save_original_wan
 
     run, out = Path(run), Path(out)
@@ -223,9 +223,12 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
         files.append(name)
         readme.append(_README_WAN_FILE.format(file=name, folder=final))
     atomic_write_bytes(out / "README.md", "\n".join(readme).encode())
+    # The run's held-out split: evaluating the export on its "held-out" pairs must not score its training photos.
+    val_fraction, split_seed = run_split(cfg)
     info = {"run": str(run), "checkpoint": str(ckpt), "step": step, "preset": cfg["preset"], "family": codec.family,
             "weights": "ema" if ema else "live", "upscale": codec.upscale, "formats": todo,
             "files": sorted(set(files)), "skipped_formats": skipped,
-            "vae": cfg.get("vae"), "vae_config": cfg.get("vae_config")}
+            "vae": cfg.get("vae"), "vae_config": cfg.get("vae_config"), "val_fraction": val_fraction,
+            "split_seed": split_seed}
     atomic_write_bytes(out / EXPORT_MARKER, json.dumps(info, indent=2).encode())
     return out

@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldlib.evaluate import EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, verdict, write_report
+from ldlib.cli import main
+from ldlib.evaluate import (EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, run_evaluation,
+                            verdict, write_report)
 from ldlib.export import export_run
 from ldlib.losses import DecoderLoss, LossConfig
 from ldlib.metrics import colour_shift, haarpsi, hf_energy, lpips_model, speckle_ratio, ssim
+from ldlib.pairs import read_manifest, split_by_source
 from ldlib.presets import get_preset
 from ldlib.datasets import sample_tensor_pairs
 from ldlib.decoder import load_run_codec
@@ -39,6 +42,25 @@ def tiny_run(tmp_path_factory, lp):
     out = tmp_path_factory.mktemp("run")
     train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
     return out, codec, data
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, tiny_pairset, lp):
+    """A tiny run trained on a pair set with a split other than evaluate's old fallback (0.4, seed 1), and its export."""
+    root = tmp_path_factory.mktemp("split")
+    cfg = TrainConfig(preset="tiny", steps=1, batch=2, warmup_steps=0, val_every=100, val_count=1, val_fraction=0.4,
+                      split_seed=1, loss=LossConfig(lpips_net="alex", gan_start=100))
+    train_decoder(cfg, root / "run", pairs=tiny_pairset["pairs"], latents=tiny_pairset["latents"],
+                  loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    return root / "run", export_run(root / "run", root / "export")
+
+
+def _held_out(pairs, val_fraction, seed) -> tuple[list[str], list[str], set[str]]:
+    """(held-out pair ids, their sources, training sources) by the split function training uses, on the manifest."""
+    records = read_manifest(pairs)
+    train_ids, val_ids = split_by_source(records, val_fraction, seed)
+    source = {r["id"]: r["source"] for r in records}
+    return val_ids, sorted({source[i] for i in val_ids}), {source[i] for i in train_ids}
 
 
 def _img(seed, n=2, size=32):
@@ -221,3 +243,54 @@ def test_comparison_images_show_the_samples_the_evaluation_scored(tiny_run, lp):
     assert psnr(images["ours"], images["HQ"]).item() == pytest.approx(per_pair[1], rel=1e-5)
     shifted = comparison_images(codec, {"ours": ours}, [data[1]], 0.12, noise, seed=0)  # keyed 0: another draw
     assert not torch.equal(shifted["decoder+bicubic"], images["decoder+bicubic"])
+
+
+def test_evaluating_an_export_scores_the_photos_its_run_held_out(split_run, tiny_pairset, tmp_path):
+    run, export = split_run
+    pairs = tiny_pairset["pairs"]
+    val_ids, held, trained = _held_out(pairs, 0.4, 1)
+    assert held and not set(held) & trained
+    # The old fallback split (0.1, seed 0) holds out a photo this run trained on: the test tells the two apart.
+    assert set(_held_out(pairs, 0.1, 0)[1]) & trained
+    record = json.loads((export / "ldlib_export.json").read_text())
+    assert (record["val_fraction"], record["split_seed"]) == (0.4, 1)
+    docs = {}
+    for name, model in (("run", run), ("export", export)):
+        docs[name] = doc = run_evaluation(model, pairs, tmp_path / name, "tiny", EvalConfig(sigmas=(0.0,), batch=4))
+        ours = next(r for r in doc["rows"] if r["method"] == "ours")
+        assert ours["n"] == len(val_ids) and sorted(set(ours["sources"])) == held
+        assert doc["info"]["held_out_sources"] == held
+        assert (doc["info"]["val_fraction"], doc["info"]["split_seed"]) == (0.4, 1)
+    # The same pairs in the same order, decoded by the same (EMA) weights.
+    per_pair = [next(r for r in docs[k]["rows"] if r["method"] == "ours")["per_pair"]["psnr"] for k in docs]
+    assert per_pair[1] == pytest.approx(per_pair[0], rel=1e-5)
+
+
+def test_an_export_that_records_no_split_is_refused_for_held_out_pairs(split_run, tiny_pairset, tmp_path, capsys):
+    import shutil
+
+    _, export = split_run
+    pairs = tiny_pairset["pairs"]
+    old = tmp_path / "old_export"  # what export wrote before it recorded the run's split
+    shutil.copytree(export, old)
+    record = json.loads((old / "ldlib_export.json").read_text())
+    del record["val_fraction"], record["split_seed"]
+    (old / "ldlib_export.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"records no training split.*--split all.*--val-fraction and --split-seed"):
+        run_evaluation(old, pairs, tmp_path / "ev", "tiny", EvalConfig(sigmas=(0.0,)))
+    assert not (tmp_path / "ev").exists()
+    capsys.readouterr()
+    assert main(["evaluate", str(old), str(pairs), "--preset", "tiny", "--sigmas", "0", "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(old) in err and "--split all" in err
+    # Given the split on the command line, the held-out photos are the run's.
+    val_ids, held, _ = _held_out(pairs, 0.4, 1)
+    assert main(["evaluate", str(old), str(pairs), "--preset", "tiny", "--sigmas", "0", "--val-fraction", "0.4",
+                 "--split-seed", "1", "--out", str(tmp_path / "ev")]) == 0
+    info = json.loads((tmp_path / "ev" / "eval.json").read_text())["info"]
+    assert info["held_out_sources"] == held and info["held_out_pairs"] == len(val_ids)
+    # A separate test set needs no split: every pair.
+    assert main(["evaluate", str(old), str(pairs), "--preset", "tiny", "--sigmas", "0", "--split", "all",
+                 "--out", str(tmp_path / "all")]) == 0
+    rows = json.loads((tmp_path / "all" / "eval.json").read_text())["rows"]
+    assert {r["n"] for r in rows} == {len(read_manifest(pairs))}
