@@ -34,10 +34,15 @@ RECIPE_RANGE = (0.0, 0.12)
 
 @dataclass
 class SweepConfig:
-    """What a sigma sweep measures: the sigmas, the noise seed, LPIPS' backbone, and the batch size."""
+    """What a sigma sweep measures: the sigmas, the noise seed, the pairs' crop seed, LPIPS' backbone, batch size."""
 
     sigmas: tuple[float, ...] = field(default=DEFAULT_SIGMAS, metadata={"help": "sigmas to measure, comma-separated"})
-    seed: int = field(default=0, metadata={"help": "noise seed (the same at every sigma: curves differ by sigma only)"})
+    seed: int = field(default=0, metadata={"help": "noise seed (the same at every sigma: curves differ by sigma "
+                                                   "only; the pairs do not depend on it)"})
+    # Apart from the noise seed: seeds compared in one --out measure the same crops, and crop choice is not mixed
+    # into what a new noise seed changes.
+    pair_seed: int = field(default=0, metadata={"help": "crop seed of the pairs a sweep builds under --out "
+                                                        "(not used with --pairs)"})
     lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="alex", metadata={"help": "LPIPS backbone"})
     batch_size: int = field(default=8, metadata={"help": "latents per codec / degrader call"})
 
@@ -339,7 +344,7 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(preset_name, taef2_path=taef2_path)
     out = Path(out)
-    hq, lq, ids = pair_batch(preset, pairs_dir, photos, n=n, seed=config.seed, work_dir=out)
+    hq, lq, ids = pair_batch(preset, pairs_dir, photos, n=n, seed=config.pair_seed, work_dir=out)
     codec = preset.load_codec(device)
     deg = parse_degrader(degrader, preset, codec, steps=steps, prompt=prompt, device=device)
     if deg is None:

@@ -103,3 +103,29 @@ def test_sweep_cli_writes_results(tmp_path, capsys):
     assert data["rows"][0]["psnr_clean"] is None and data["rows"][0]["rel_err"] == 0  # identical: no finite PSNR
     assert data["rows"][1]["rel_err"] > 0 and data["degrader"] == "NoiseDegrader"
     assert (tmp_path / "sweep.png").stat().st_size > 1000 and "| 0.1 |" in capsys.readouterr().out
+
+
+def test_sweep_seeds_in_one_out_measure_the_same_pairs_with_other_noise(tmp_path, capsys, monkeypatch):
+    """--seed is the noise seed only: a second seed in the same --out runs on the same pairs (the pair set is cut
+    with --pair-seed), its sigma-0 row is the first's, and each seed's latent error is that of its own noise."""
+    import json
+
+    from ldlib.cli import main
+    from ldlib.presets import get_preset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU noise: a CUDA generator draws other numbers
+    rows, notes = {}, {}
+    for seed in (0, 1):
+        assert main(["sweep", "--n", "2", "--sigmas", "0,0.1", "--seed", str(seed), "--out", str(tmp_path)]) == 0
+        data = json.loads((tmp_path / "sweep.json").read_text())
+        rows[seed], notes[seed] = data["rows"], [t for t in data["notes"] if "pairs:" in t]
+    capsys.readouterr()
+    _, lq, ids = pair_batch(get_preset("tiny"), n=2, work_dir=tmp_path)  # the pair set the sweeps built
+    assert notes[0] == notes[1] == [f"preset tiny, 2 pairs: {', '.join(ids)}"]
+    assert rows[0][0] == rows[1][0]  # no noise at sigma 0: the same crops give the same numbers
+    with torch.no_grad():
+        z = get_preset("tiny").load_codec().encode(lq)
+    for seed in (0, 1):
+        zd = add_noise(z, 0.1, torch.Generator().manual_seed(seed))
+        assert rows[seed][1]["rel_err"] == pytest.approx(relative_error(zd, z).mean().item(), rel=1e-5)
+    assert rows[0][1]["rel_err"] != rows[1][1]["rel_err"]
