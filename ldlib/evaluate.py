@@ -267,7 +267,11 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
     if info.get("held_out_sources"):
         what = "photos (split all: every pair of the set)" if whole else "held-out photos"
         md += f"{info.get('held_out_pairs')} pairs from {len(info['held_out_sources'])} {what}: " \
-              f"{', '.join(info['held_out_sources'])}; latents degraded by `{cfg.degrader}`.\n\n"
+              f"{', '.join(info['held_out_sources'])}; latents degraded by `{cfg.degrader}`."
+        if info.get("split_pairs", info.get("held_out_pairs")) != info.get("held_out_pairs"):
+            md += f" Only these were scored (--max-pairs {cfg.max_pairs}): the first {info.get('held_out_pairs')} " \
+                  f"of the {info['split_pairs']} pairs {'in the set' if whole else 'held out'}."
+        md += "\n\n"
     md += markdown_table(rows)
     md += f"\n**Verdict**: {doc['verdict']['summary']}\n"
     if not info.get("lpips_backbone_pretrained", True):
@@ -337,9 +341,12 @@ def run_evaluation(
 
     degrader = parse_degrader(cfg.degrader, preset, original, device="cpu")
     rows = evaluate_decoders(original, decoders, held_out, cfg, degrader=degrader, lpips=lp)
-    info.update(pairs=str(pairs), preset=preset.name, split=cfg.split, held_out_pairs=len(held_out),
+    scored = rows[0]["sources"]  # one per pair scored: with --max-pairs the first of the split, not all of it
+    info.update(pairs=str(pairs), preset=preset.name, split=cfg.split, held_out_pairs=len(scored),
+                held_out_sources=sorted(set(scored)), split_pairs=len(held_out), split_sources=held_out.sources,
                 val_fraction=vf if cfg.split == "held-out" else None,
-                split_seed=seed if cfg.split == "held-out" else None, held_out_sources=held_out.sources, baseline_model=str(baseline_model) if baseline_model else None,
+                split_seed=seed if cfg.split == "held-out" else None,
+                baseline_model=str(baseline_model) if baseline_model else None,
                 lpips_backbone_pretrained=bool(getattr(lp, "backbone_pretrained", False)),
                 random_models=preset.random_weights)
     return write_report(rows, out, cfg, info)

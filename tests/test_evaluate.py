@@ -294,3 +294,20 @@ def test_an_export_that_records_no_split_is_refused_for_held_out_pairs(split_run
                  "--out", str(tmp_path / "all")]) == 0
     rows = json.loads((tmp_path / "all" / "eval.json").read_text())["rows"]
     assert {r["n"] for r in rows} == {len(read_manifest(pairs))}
+
+
+def test_max_pairs_reports_the_pairs_it_scored(split_run, tiny_pairset, tmp_path):
+    run, _ = split_run
+    pairs = tiny_pairset["pairs"]
+    val_ids, held, _ = _held_out(pairs, 0.4, 1)
+    first = {r["id"]: r["source"] for r in read_manifest(pairs)}[val_ids[0]]  # the split's first pair
+    assert len(held) == 2 and first in held
+    doc = run_evaluation(run, pairs, tmp_path / "ev", "tiny", EvalConfig(sigmas=(0.0,), max_pairs=1))
+    assert {r["n"] for r in doc["rows"]} == {1}
+    info = doc["info"]
+    assert info["held_out_pairs"] == 1 and info["held_out_sources"] == [first]
+    assert info["split_pairs"] == len(val_ids) and info["split_sources"] == held
+    md = (tmp_path / "ev" / "eval.md").read_text()
+    (other,) = set(held) - {first}
+    assert f"1 pairs from 1 held-out photos: {first};" in md and other not in md
+    assert f"the first 1 of the {len(val_ids)} pairs held out" in md
