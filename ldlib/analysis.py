@@ -146,7 +146,8 @@ def sigma_sweep(codec, degrader, lq: torch.Tensor, hq: torch.Tensor, config: Swe
     z = latents if latents is not None else batched(codec.encode, lq)
     dec_clean = batched(codec.decode, z)
     ref = reference_at(hq, dec_clean.shape[-2:])
-    lp = lpips_fn if lpips_fn is not None else lpips_model(config.lpips_net)
+    # lpips_model builds on the CPU; the decodes are on the codec's device (CUDA in run_sweep when there is one).
+    lp = lpips_fn if lpips_fn is not None else lpips_model(config.lpips_net).to(dec_clean.device)
     rows = []
     for s in tqdm(config.sigmas, desc="sigma sweep", disable=not progress):
         # The same seed at every sigma: the curves differ by sigma only, not by a new noise draw.

@@ -129,3 +129,34 @@ def test_sweep_seeds_in_one_out_measure_the_same_pairs_with_other_noise(tmp_path
         zd = add_noise(z, 0.1, torch.Generator().manual_seed(seed))
         assert rows[seed][1]["rel_err"] == pytest.approx(relative_error(zd, z).mean().item(), rel=1e-5)
     assert rows[0][1]["rel_err"] != rows[1][1]["rel_err"]
+
+
+def test_sigma_sweep_moves_the_lpips_it_builds_to_the_images_device(monkeypatch):
+    """Without lpips_fn, sigma_sweep builds LPIPS (lpips_model builds on the CPU) and must move it to the decodes'
+    device: run_sweep decodes on CUDA when there is one. A stand-in records where it is moved and refuses inputs
+    elsewhere; on a CPU-only machine this shows the move, not a CUDA mismatch itself."""
+    import ldlib.metrics
+
+    class RecordingLPIPS(torch.nn.Module):
+        moved_to = None
+
+        def to(self, device, *args, **kwargs):
+            self.moved_to = torch.device(device)
+            return self
+
+        def forward(self, a, b):
+            assert self.moved_to == a.device == b.device, (self.moved_to, a.device, b.device)
+            return (a - b).abs().flatten(1).mean(1)
+
+    built = []
+
+    def lpips_model(net="alex", seed=0):
+        built.append(RecordingLPIPS())
+        return built[-1]
+
+    monkeypatch.setattr(ldlib.metrics, "lpips_model", lpips_model)
+    hq = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    res = sigma_sweep(PoolCodec(), NoiseDegrader(), area_downsample(hq, 2), hq, SweepConfig(sigmas=(0.0, 0.1)),
+                      progress=False)
+    assert len(built) == 1 and built[0].moved_to == hq.device and len(res.rows) == 2
+    assert res.rows[1]["lpips_clean"] > 0
