@@ -93,7 +93,8 @@ class TrainConfig:
                                                                      "min(8, CPUs per process - 1); same batches either way)"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
     init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
-                                                          "(RUN/checkpoints/step_N): weights, EMA, optimisers, step"})
+                                                          "(RUN/checkpoints/step_N): weights, EMA, optimiser moments, "
+                                                          "step; lr, betas, weight decay, EMA decay are this run's"})
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -260,13 +261,29 @@ def _resume(m: _Models, ckpts: CheckpointManager, acc) -> tuple[int, list[int]]:
     return (0, []) if found is None else _restore(m, found, acc)
 
 
-def _start_from(m: _Models, checkpoint: str | os.PathLike, acc) -> tuple[int, list[int]]:
-    """A new run that continues another run's checkpoint (weights, EMA, optimisers, schedules, step)."""
-    path = Path(checkpoint)
+def _start_from(m: _Models, cfg: TrainConfig, acc) -> tuple[int, list[int]]:
+    """A new run that continues cfg.init_from's checkpoint (weights, EMA, optimiser moments, step) with cfg's settings."""
+    path = Path(cfg.init_from)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path}: init_from must be a checkpoint folder (RUN/checkpoints/step_N)")
     tensors, objects, state = CheckpointManager(path.parent, acc).load(path, CHECKPOINT_TENSORS)
-    return _restore(m, (path, tensors, objects, state), acc)
+    restored = _restore(m, (path, tensors, objects, state), acc)
+    _use_own_settings(m, cfg)
+    return restored
+
+
+def _use_own_settings(m: _Models, cfg: TrainConfig) -> None:
+    """Make restored optimisers, schedules and EMA use cfg's lr, disc_lr, betas, weight_decay and ema_decay."""
+    # The other run's states carry its own settings (param_groups, the schedules' base_lrs, the EMA's decay), which
+    # would win over the ones this run's config.json records; its moments, step counts and weights are what continues.
+    for opt, sched, lr in ((m.opt_g, m.sched_g, cfg.lr), (m.opt_d, m.sched_d, cfg.disc_lr)):
+        sched.base_lrs = [lr] * len(opt.param_groups)
+        for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+            # The schedule's own formula at the restored step: the lr its next step() would keep computing.
+            group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), betas=tuple(cfg.betas),
+                         weight_decay=cfg.weight_decay)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
+    m.ema.decay = cfg.ema_decay
 
 
 def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
@@ -506,7 +523,7 @@ def train_decoder(
     m = _build_models(cfg, codec, acc, loss_fn)
     step, skipped = _resume(m, ckpts, acc) if resume else (0, [])
     if step == 0 and cfg.init_from:
-        step, skipped = _start_from(m, cfg.init_from, acc)
+        step, skipped = _start_from(m, cfg, acc)
     write_config(out, acc, cfg.to_dict())  # only now: every setting was accepted and the resume worked
     m.fwd, m.disc, m.opt_g, m.opt_d = acc.prepare(torch.compile(m.model) if cfg.compile else m.model, m.disc_raw,
                                                   m.opt_g, m.opt_d)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -184,6 +185,53 @@ def test_init_from_continues_another_runs_checkpoint(setup, runs, tmp_path):
         assert all(torch.equal(sd[k], ref[k]) for k in ref), name
     with pytest.raises(FileNotFoundError, match="checkpoint folder"):
         _run(setup, tmp_path / "bad", _cfg(init_from=str(root / "full")))
+
+
+def test_init_from_trains_with_its_own_optimiser_and_ema_settings(setup, runs, tmp_path, monkeypatch):
+    # The checkpoint's optimiser, schedule and EMA states carry the old run's lr, betas, weight decay and EMA decay;
+    # the new run must train with the ones its config.json records.
+    root, _ = runs
+    used = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **kw):
+        group = self.param_groups[0]
+        used.append((group["lr"], tuple(group["betas"]), group["weight_decay"]))
+        return adamw_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    new = dict(lr=1e-3, disc_lr=3e-4, betas=(0.8, 0.95), weight_decay=0.01, ema_decay=0.2)
+    cfg = _cfg(lr_schedule="cosine", checkpoint_every=1, keep_checkpoints=5, **new,
+               init_from=str(root / "full" / "checkpoints" / "step_000002"))
+    fork = _run(setup, tmp_path / "fork", cfg)
+    assert [h["step"] for h in fork.history] == [2, 3, 4, 5]
+
+    # diffusers' cosine schedule with 2 warm-up steps of 6, in closed form, at the step the optimiser takes.
+    def cosine(base, k):
+        return base * 0.5 * (1 + math.cos(math.pi * (k - 2) / (6 - 2)))
+
+    # Each step runs the decoder's AdamW, then the discriminator's (the GAN is on from step 1).
+    assert len(used) == 8
+    for k, (g, d) in zip(range(2, 6), zip(used[0::2], used[1::2])):
+        assert g == (pytest.approx(cosine(1e-3, k), rel=1e-12), (0.8, 0.95), 0.01), k
+        assert d == (pytest.approx(cosine(3e-4, k), rel=1e-12), (0.8, 0.95), 0.01), k
+    saved = torch.load(tmp_path / "fork" / "checkpoints" / "step_000006" / "optim.pt", weights_only=True)
+    assert [g["initial_lr"] for g in saved["opt_g"]["param_groups"]] == [1e-3]
+    assert [g["initial_lr"] for g in saved["opt_d"]["param_groups"]] == [3e-4]
+    state = json.loads((tmp_path / "fork" / "checkpoints" / "step_000006" / "state.json").read_text())
+    assert state["ema"]["decay"] == 0.2
+    # The EMA used decay 0.2 (diffusers' warm-up value (1 + k) / (10 + k) is above it from step 2 on, and was what
+    # the old 0.999 gave): ema_6 = 0.2 ema_5 + 0.8 live_6, to float32 rounding. A decay off by 0.05 or more would
+    # be off by 5 % of |ema_5 - live_6|.
+    before, after = _weights(tmp_path / "fork", 5), _weights(tmp_path / "fork", 6)
+    spreads = []
+    for name, ema in after["ema"].items():
+        live, prev = after["decoder"][name].double(), before["ema"][name].double()
+        spread = (prev - live).abs().max().item()
+        rounding = 4 * torch.finfo(torch.float32).eps * ema.abs().max().item()
+        assert (ema.double() - (0.2 * prev + 0.8 * live)).abs().max().item() <= 0.01 * spread + rounding, name
+        spreads.append(spread / max(rounding, 1e-30))
+    assert max(spreads) > 1e3, "the EMA and the live weights differ enough to tell the decays apart"
 
 
 def test_plot_history_draws_each_logged_key_and_says_when_a_panel_has_none(tmp_path):
