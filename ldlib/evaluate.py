@@ -133,6 +133,12 @@ def evaluate_decoders(
             for name, codec in decoders.items():
                 outputs[name] = codec.decode(zd).float()
             for name, y in outputs.items():
+                if y.shape[-2:] != hq.shape[-2:]:  # a pair set built with --lq-factor 4: HQ is 4x its LQ
+                    lq = items[0].get("lq")
+                    ratio = f" ({hq.shape[-1] / lq.shape[-1]:g}x its LQ)" if lq is not None else ""
+                    raise ValueError(f"{getattr(dataset, 'root', 'the dataset')}: HQ is {hq.shape[-2]}x{hq.shape[-1]}"
+                                     f"{ratio} but {name} outputs {y.shape[-2]}x{y.shape[-1]}: a 2x decoder needs "
+                                     "pairs whose HQ is 2x their LQ (build-pairs --lq-factor 2)")
                 y = y.clamp(-1, 1)
                 vals = {"psnr": psnr(y, hq), "ssim": ssim(y, hq), "lpips": lpips(y, hq).flatten(),
                         "haarpsi": haarpsi(y, hq), "speckle": speckle_ratio(y, hq), "colour_shift": colour_shift(y, hq)}
@@ -294,6 +300,20 @@ def _check_latents_fit(model: str | os.PathLike, decoder, info: dict, original, 
         )
 
 
+def _check_lq_factor(pairs: str | os.PathLike, upscale: int) -> None:
+    """Refuse a pair set whose HQ is not ``upscale``x its LQ (pairset.json's lq_factor): its HQ cannot be compared."""
+    from .pairs import PAIRSET_JSON
+
+    path = Path(pairs) / PAIRSET_JSON
+    spec = json.loads(path.read_text()).get("spec", {}) if path.is_file() else {}
+    factor, hq = spec.get("lq_factor"), spec.get("hq_size")
+    if factor is not None and hq is not None and factor != upscale:
+        lq = hq // factor
+        raise ValueError(f"{pairs}: HQ {hq}x{hq} is {factor}x its LQ {lq}x{lq} ({PAIRSET_JSON}: lq_factor {factor}), "
+                         f"but a {upscale}x decoder outputs {upscale * lq}x{upscale * lq}: evaluate it on a pair set "
+                         f"built with --lq-factor {upscale}")
+
+
 def run_evaluation(
     model: str | os.PathLike,
     pairs: str | os.PathLike,
@@ -331,6 +351,7 @@ def run_evaluation(
     if baseline_model is not None:
         decoders["ours (no degradation)"], base_info = load_decoder(baseline_model, preset)
         _check_latents_fit(baseline_model, decoders["ours (no degradation)"], base_info, original, preset)
+    _check_lq_factor(pairs, ours.upscale)
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
     dataset = PairDataset(pairs, latents=cache)
     held_out = dataset.split(vf, seed)[1] if cfg.split == "held-out" else dataset

@@ -311,3 +311,34 @@ def test_max_pairs_reports_the_pairs_it_scored(split_run, tiny_pairset, tmp_path
     (other,) = set(held) - {first}
     assert f"1 pairs from 1 held-out photos: {first};" in md and other not in md
     assert f"the first 1 of the {len(val_ids)} pairs held out" in md
+
+
+def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path, capsys):
+    from ldlib.datasets import TensorPairs
+    from ldlib.latents import default_cache_dir, encode_pairs
+    from ldlib.pairs import PairSpec, build_pairs
+    from ldlib.samples import sample_photos
+
+    run, codec, data = tiny_run
+    pairs = tmp_path / "pairs4"
+    build_pairs(sample_photos(), pairs, PairSpec.from_preset("tiny", crops_per_image=1, lq_factor=4), workers=1,
+                progress=False)
+    encode_pairs(pairs, codec, default_cache_dir(pairs, "tiny"), progress=False, device="cpu")
+    spec = json.loads((pairs / "pairset.json").read_text())["spec"]
+    hq, lq = spec["hq_size"], spec["hq_size"] // spec["lq_factor"]
+    assert spec["lq_factor"] == 4
+    expected = (f"{pairs}: HQ {hq}x{hq} is 4x its LQ {lq}x{lq} (pairset.json: lq_factor 4), but a 2x decoder "
+                f"outputs {2 * lq}x{2 * lq}: evaluate it on a pair set built with --lq-factor 2")
+    with pytest.raises(ValueError) as e:
+        run_evaluation(run, pairs, tmp_path / "ev", "tiny", EvalConfig(sigmas=(0.0,), split="all"))
+    assert str(e.value) == expected
+    capsys.readouterr()
+    code = main(["evaluate", str(run), str(pairs), "--sigmas", "0", "--split", "all", "--out", str(tmp_path / "ev")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {expected}"
+    # Pairs with no pairset.json (in memory here): the first decode's size is checked against HQ's.
+    big = TensorPairs(data.latents, F.interpolate(data.hq, scale_factor=2), data.lq)  # HQ 4x its LQ
+    ours, _ = load_run_codec(run)
+    msg = r"the dataset: HQ is 64x64 \(4x its LQ\) but decoder\+bicubic outputs 32x32.*--lq-factor 2"
+    with pytest.raises(ValueError, match=msg):
+        evaluate_decoders(codec, {"ours": ours}, big, EvalConfig(sigmas=(0.0,)), lpips=lp, progress=False)
