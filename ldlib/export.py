@@ -1,4 +1,4 @@
-"""Export a trained run's EMA decoder as a drop-in 2x decoder folder (+ README with the decode recipe)."""
+"""Export a trained run's EMA (or live) decoder as a drop-in 2x decoder folder (+ README with the decode recipe)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ _README_WAN = """# 2x decoder (exported by ldlib)
 
 An `AutoencoderKLWan` whose decoder's last conv has 12 output channels (the "Wan2.1 VAE upscale 2x" format):
 the encoder is the original, the decoder was fine-tuned to output 2x resolution from (diffusion-degraded) latents.
-Trained by `ldlib` run `{run}` (step {step}, preset `{preset}`, EMA weights).
+Trained by `ldlib` run `{run}` (step {step}, preset `{preset}`, {weights}).
 
 ```python
 import torch
@@ -36,7 +36,7 @@ _README_TAE = """# 2x decoder (exported by ldlib)
 
 A TAESD-format decoder whose last conv has 12 output channels: apply `pixel_shuffle(2)` to its output.
 `encoder.safetensors` is the original encoder, `decoder.safetensors` the fine-tuned 2x decoder (TAESD key layout),
-`config.json` the latent scaling. Trained by `ldlib` run `{run}` (step {step}, preset `{preset}`, EMA weights).
+`config.json` the latent scaling. Trained by `ldlib` run `{run}` (step {step}, preset `{preset}`, {weights}).
 
 ```python
 import torch
@@ -56,7 +56,7 @@ with torch.no_grad():
 _README_QWEN = """# 2x decoder for Qwen-Image (exported by ldlib)
 
 The Qwen-Image VAE with its decoder's last conv widened to 12 output channels (apply `pixel_shuffle(2)`), fine-tuned
-by `ldlib` run `{run}` (step {step}, preset `{preset}`, EMA weights). `AutoencoderKLQwenImage`'s config cannot
+by `ldlib` run `{run}` (step {step}, preset `{preset}`, {weights}). `AutoencoderKLQwenImage`'s config cannot
 express a decoder with 12 output channels and an encoder with 3 input channels, so this folder is an
 `AutoencoderKLWan` (the same architecture and weight names) with Qwen-Image's config values:
 
@@ -78,7 +78,7 @@ _README_KL = """# 2x decoder (exported by ldlib)
 
 A diffusers `{cls}` whose decoder's last conv has 12 output channels: apply `pixel_shuffle(2)` to its output.
 The encoder is the original, the decoder was fine-tuned by `ldlib` run `{run}` (step {step}, preset `{preset}`,
-EMA weights).
+{weights}).
 
 ```python
 import torch
@@ -153,7 +153,7 @@ def wan_file_name(preset: str) -> str:
 def export_run(
     run: str | os.PathLike, out: str | os.PathLike, ema: bool = True, formats: tuple[str, ...] | list[str] | None = None
 ) -> Path:
-    """Write the run's (EMA) 2x decoder into out in each format (default: all that apply) + README.md.
+    """Write the run's 2x decoder (EMA, or live weights: ema=False) into out in each format (default: all) + README.md.
 
     ``diffusers``: a ``from_pretrained`` folder (wan, qwenimage, kl, flux2); ``wan``: one safetensors file in the
     original Wan 2.1 layout (wan, qwenimage; with the folder's ``config.json`` for ``from_single_file``);
@@ -195,7 +195,8 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
                 raise ValueError(f"{run}: cannot export format 'wan': {e}") from e
             todo.remove("wan")
             skipped["wan"] = str(e)
-    fmt = dict(run=run, step=step, preset=cfg["preset"], folder=final)
+    weights = "EMA weights" if ema else "live weights (export --live)"
+    fmt = dict(run=run, step=step, preset=cfg["preset"], folder=final, weights=weights)
     readme, files = [], []
     if "diffusers" in todo:
         codec.save_pretrained(out)
@@ -217,7 +218,8 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
             vae.save_config(out)
             files.append("config.json")
             readme.append(f"# 2x decoder (exported by ldlib)\n\nTrained by `ldlib` run `{run}` (step {step}, preset "
-                          f"`{cfg['preset']}`, EMA weights); decode with `pixel_shuffle(2)` of the 12-channel output.\n")
+                          f"`{cfg['preset']}`, {weights}); decode with `pixel_shuffle(2)` of the 12-channel "
+                          "output.\n")
         save_original_wan(vae, out / name, metadata={"ldlib_run": run, "step": step, "upscale": codec.upscale},
                           state_dict=original)
         files.append(name)

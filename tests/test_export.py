@@ -108,3 +108,15 @@ def test_cli_export_format_option(wan21_run, tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "e"), "--format", "wan,diffusers"]) == 0
     printed = capsys.readouterr().out
     assert "diffusers, wan" in printed and "vae_upscale2x.safetensors" in printed
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "wan"])
+def test_readme_names_the_weights_exported(tiny_run, wan21_run, fmt, tmp_path):
+    # "wan" alone writes its own README head (no diffusers folder): both texts must say which weights they hold.
+    run, _ = wan21_run if fmt == "wan" else tiny_run
+    for live in (False, True):
+        out = tmp_path / f"e{int(live)}"
+        assert main(["export", str(run), str(out), "--format", fmt] + (["--live"] if live else [])) == 0
+        assert json.loads((out / "ldlib_export.json").read_text())["weights"] == ("live" if live else "ema")
+        readme = (out / "README.md").read_text()
+        assert ("live weights" in readme) == live and ("EMA" in readme) == (not live)
