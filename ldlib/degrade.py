@@ -140,12 +140,12 @@ class ProxyDegrader(Degrader):
 class CachedTeacher:
     """Cached teacher outputs as the degradation (``teacher:DIR``, data from ``python -m ldlib teacher``).
 
-    Per sample, one of its pair's teacher records with sigma <= sigma_max is drawn with the sample's generator; the
-    record's own sigma is the sample's sigma. A pair with no such record (e.g. a held-out photo) is used clean
-    (sigma 0); ``coverage`` says how many pairs have one. Needs pair ids.
+    Per sample, one of its pair's teacher records with sigma_min <= sigma <= sigma_max is drawn with the sample's
+    generator; the record's own sigma is the sample's sigma. A pair with no such record (e.g. a held-out photo) is
+    used clean (sigma 0); ``coverage`` says how many pairs have one. Needs pair ids.
     """
 
-    def __init__(self, folder: str | os.PathLike, sigma_max: float, codec=None) -> None:
+    def __init__(self, folder: str | os.PathLike, sigma_max: float, codec=None, sigma_min: float = 0.0) -> None:
         from .teacher_data import TeacherSet
 
         self.teacher = TeacherSet(folder)
@@ -156,10 +156,10 @@ class CachedTeacher:
                 raise ValueError(f"{folder}: teacher data was made from another codec's latents than this preset's")
         self.by_id: dict[str, list[dict]] = {}
         for r in self.teacher.records:
-            if r["sigma"] <= sigma_max:
+            if sigma_min <= r["sigma"] <= sigma_max:
                 self.by_id.setdefault(r["id"], []).append(r)
         if not self.by_id:
-            raise ValueError(f"{folder}: no teacher record has sigma <= {sigma_max}")
+            raise ValueError(f"{folder}: no teacher record has sigma in [{sigma_min}, {sigma_max}]")
 
     def coverage(self, ids: Sequence[str]) -> float:
         """Share of the given pair ids that have at least one usable teacher record."""
@@ -338,11 +338,12 @@ def diffusion_degrader(
 
 
 def parse_degrader(spec: str | None, preset=None, codec=None, sigma_max: float = 0.12, steps: int = 1,
-                   prompt: str = "negative", device: str | torch.device | None = None):
+                   prompt: str = "negative", device: str | torch.device | None = None, sigma_min: float = 0.0):
     """A degrader from its name (see the module docstring); None for ``none``.
 
     ``preset``: needed by ``diffusion`` (its teacher); ``codec``: checks that cached teacher data matches its
-    latents; ``sigma_max``: the largest cached-teacher sigma used; ``steps`` / ``prompt``: the live teacher's.
+    latents; ``sigma_min`` / ``sigma_max``: the range of cached-teacher sigmas used; ``steps`` / ``prompt``: the
+    live teacher's.
     """
     spec = (spec or "none").strip()
     kind, _, arg = spec.partition(":")
@@ -365,5 +366,5 @@ def parse_degrader(spec: str | None, preset=None, codec=None, sigma_max: float =
             from .proxy import load_proxy
 
             return ProxyDegrader(load_proxy(folder, device))
-        return CachedTeacher(folder, sigma_max, codec)
+        return CachedTeacher(folder, sigma_max, codec, sigma_min=sigma_min)
     raise ValueError(f"unknown degrader {spec!r}; choose {VOCABULARY}")

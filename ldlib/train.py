@@ -507,8 +507,8 @@ def train_decoder(
         codec = preset.load_codec()
     degrader_name = cfg.degrader
     if isinstance(degrader, str) and degrader == "config":
-        degrader = parse_degrader(cfg.degrader, preset, codec,
-                                  sigma_max=cfg.sigma_max, device=device)
+        degrader = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+                                  device=device)
     elif degrader is not None:
         degrader_name = type(degrader).__name__
     if degrader is not None:
@@ -517,7 +517,7 @@ def train_decoder(
     ids = getattr(train_set, "ids", None)
     if degrader is not None and ids is not None and degrader.coverage(ids) < 1:
         acc.print(f"{degrader_name}: {degrader.coverage(ids):.0%} of {len(ids)} training pairs can be degraded "
-                  f"(sigma <= {cfg.sigma_max}); the rest train clean")
+                  f"(a record with sigma in [{cfg.sigma_min}, {cfg.sigma_max}]); the rest train clean")
 
     ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
     m = _build_models(cfg, codec, acc, loss_fn)

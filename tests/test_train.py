@@ -272,9 +272,37 @@ def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
             assert torch.equal(zd[j], z[j]) and sig[j].item() == 0.0
     assert 0 < tl.coverage(ids) <= 1
 
-    cfg = _cfg(steps=1, degrader=f"teacher:{tmp_path / 'teacher'}", val_fraction=0.34)
-    res = train_decoder(cfg, tmp_path / "run", pairs=pairs, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
-    assert res.step == 1 and res.summary["degrader"] == cfg.degrader
+    # sigma_min bounds the records too: only those in [0.05, 0.12], and a pair with none of them trains clean.
+    def usable(pid):
+        return [r for r in ts.records if r["id"] == pid and 0.05 <= r["sigma"] <= 0.12]
+
+    tl = parse_degrader(f"teacher:{tmp_path / 'teacher'}", sigma_min=0.05, sigma_max=0.12, codec=codec)
+    assert tl.coverage(ids) == sum(bool(usable(pid)) for pid in ids) / len(ids)
+    assert any(r["sigma"] < 0.05 for r in ts.records), "the teacher data has records below sigma_min"
+    for step in range(4):
+        zd, sig = degrade_batch(tl, z, list(range(len(ids))), step, cfg.seed, (0.05, 0.12), ids)
+        for j, pid in enumerate(ids):
+            if usable(pid):
+                match = [r for r in usable(pid) if torch.equal(ts.target(r["key"]), zd[j])]
+                assert match and sig[j].item() == pytest.approx(match[0]["sigma"])
+            else:
+                assert torch.equal(zd[j], z[j]) and sig[j].item() == 0.0
+
+    # train_decoder passes the config's range on.
+    seen = []
+    real = CachedTeacher.degrade_samples
+
+    def recording(self, *a, **kw):
+        out = real(self, *a, **kw)
+        seen.extend(out[1].tolist())
+        return out
+
+    cfg = _cfg(steps=2, degrader=f"teacher:{tmp_path / 'teacher'}", val_fraction=0.34, sigma_min=0.05)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CachedTeacher, "degrade_samples", recording)
+        res = train_decoder(cfg, tmp_path / "run", pairs=pairs, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    assert res.step == 2 and res.summary["degrader"] == cfg.degrader
+    assert seen and all(s == 0.0 or 0.05 <= s <= 0.12 for s in seen) and any(s > 0 for s in seen), seen
 
 
 def test_proxy_degrader_from_folder(setup, tmp_path):
