@@ -127,9 +127,15 @@ class ProxyTrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks"):
+        for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks", "eval_bins"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.sigma_floor > 0:  # the loss divides by max(sigma, floor): 0 divides by 0 at sigma 0
+            raise ValueError(f"ProxyTrainConfig.sigma_floor must be > 0, got {self.sigma_floor}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"ProxyTrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_grad_norm < 0:  # the loop clips only when > 0: a negative value would silently mean "off"
+            raise ValueError(f"ProxyTrainConfig.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         check_optimiser_settings("ProxyTrainConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
                                  self.keep_checkpoints)
 
@@ -292,7 +298,9 @@ def evaluate_proxy(net, dataset: TeacherDataset, bins: int = 6, batch_size: int 
                          **{k: float(v[mask].mean()) for k, v in err.items()}})
     overall = {k: float(v[s > 0].mean()) for k, v in err.items()}
     return {"metric": "mean |P(x_s) - T(x_s)| / |T(x_s) - x0| per sigma bin", "bins": rows, "overall": overall,
-            "count": int(len(s)), "beats_baselines": all(r["proxy"] < min(r["x_sigma"], r["x0"]) for r in rows)}
+            "count": int(len(s)),
+            # No bin with data is no evidence (all() of nothing would say True).
+            "beats_baselines": bool(rows) and all(r["proxy"] < min(r["x_sigma"], r["x0"]) for r in rows)}
 
 
 def plot_proxy_eval(result: dict, path: str | os.PathLike | None = None):

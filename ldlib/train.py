@@ -101,7 +101,7 @@ class TrainConfig:
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         self.betas = tuple(self.betas)
-        for name in ("steps", "batch", "grad_accum", "checkpoint_every", "log_every", "val_every"):
+        for name in ("steps", "batch", "grad_accum", "checkpoint_every", "log_every", "val_every", "val_count"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.sigma_min <= self.sigma_max:
@@ -119,6 +119,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.num_workers must be >= 0 or none (by device), got {self.num_workers}")
         if self.sigma_max > 1:
             raise ValueError(f"TrainConfig.sigma_max must be <= 1 (pure noise), got {self.sigma_max}")
+        # Checked here: a live teacher would only refuse it at the first validation, after val_every steps.
+        if not 0 <= self.val_sigma <= 1:
+            raise ValueError(f"TrainConfig.val_sigma must be in [0, 1], got {self.val_sigma}")
+        if self.max_grad_norm < 0:  # the loop clips only when > 0: a negative value would silently mean "off"
+            raise ValueError(f"TrainConfig.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
 
     @property
     def held_out_seed(self) -> int:

@@ -178,3 +178,21 @@ def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(teacher_di
                          parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
     trained = [float(losses[i].detach()) for i in (0, 2, 3)]
     assert written["final_loss_mean_last_steps"] == pytest.approx(sum(trained) / 3)
+
+
+@pytest.mark.parametrize("setting", [dict(eval_bins=0), dict(sigma_floor=0.0), dict(sigma_floor=-0.01),
+                                     dict(val_fraction=1.5), dict(val_fraction=-0.1), dict(max_grad_norm=-1.0)],
+                         ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}")
+def test_config_mistakes_are_refused_naming_the_value(setting):
+    (name, value), = setting.items()
+    with pytest.raises(ValueError, match=rf"ProxyTrainConfig\.{name} must .*got {value}"):
+        ProxyTrainConfig(**setting)
+
+
+def test_no_sigma_bin_with_data_does_not_beat_the_baselines(teacher_dir):
+    # An evaluation without any bin is no evidence that the proxy beats anything (all() of nothing is True).
+    net = ProxyNet(channels=16, width=8, blocks=1)
+    records = TeacherDataset(TeacherSet(teacher_dir))
+    assert evaluate_proxy(net, records, bins=6)["bins"]
+    result = evaluate_proxy(net, records, bins=0)
+    assert result["bins"] == [] and result["beats_baselines"] is False

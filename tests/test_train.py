@@ -180,6 +180,14 @@ def test_grad_accumulation_matches_bigger_batch(setup, tmp_path, max_grad_norm):
         assert mb.abs().max() > 0 and rel_diff(ma, mb) <= 1e-4, moment  # 1e-6 seen; a gradient off by 2x gives >= 0.5
 
 
+@pytest.mark.parametrize("setting", [dict(val_sigma=1.5), dict(val_sigma=-0.1), dict(val_count=0),
+                                     dict(max_grad_norm=-1.0)], ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}")
+def test_config_mistakes_are_refused_naming_the_value(setting):
+    (name, value), = setting.items()
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{name} must .*got {value}"):
+        TrainConfig(**setting)
+
+
 def test_global_batch_sampler_is_split_consistently():
     one = GlobalBatchSampler(n=5, batch=4, world=1, rank=0, seed=3, start=0, stop=4)
     two = [GlobalBatchSampler(n=5, batch=2, world=2, rank=r, seed=3, start=0, stop=4) for r in range(2)]
