@@ -78,7 +78,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole pipeline at demo size on the embedded sample photos."""
     from .demo import DemoConfig, run_demo
 
-    run_demo(Path(args.out), DemoConfig.for_preset(args.preset, **({"decoder_steps": args.steps} if args.steps else {})))
+    # One folder per preset: a run's folders refuse another preset's pairs and settings (tiny, then make demo).
+    out = args.out or ("runs/demo" if args.preset == "taef2" else f"runs/demo-{args.preset}")
+    run_demo(Path(out), DemoConfig.for_preset(args.preset, **({"decoder_steps": args.steps} if args.steps else {})))
     return 0
 
 
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_codec_check)
 
     p = sub.add_parser("demo", help="the whole recipe on the shipped photos (CPU, minutes); opens with OUT/index.html")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-PRESET)")
     _add_preset(p, default="taef2")
     p.add_argument("--steps", type=int, default=None, help="decoder training steps (default: 200 at taef2, 12 at tiny)")
     p.set_defaults(func=cmd_demo)

@@ -31,6 +31,8 @@ class DemoConfig:
     # 200, not more: on the held-out photos a 200-step decoder measured better than a 300-step one (PSNR +0.17 /
     # +0.16 dB at sigma 0 / 0.08, colour shift 5.5 vs 6.4 levels): at this size, longer training drifts in colour.
     decoder_steps: int = field(default=200, metadata={"help": "2x decoder training steps"})
+    # Not derived from decoder_steps: a rerun with more steps resumes the run, and a resumed run keeps its warm-up.
+    decoder_warmup: int = field(default=20, metadata={"help": "2x decoder learning-rate warm-up steps"})
     proxy_steps: int = field(default=600, metadata={"help": "proxy training steps"})
     teacher_draws: int = field(default=8, metadata={"help": "teacher records (sigma, noise) per latent"})
     eval_sigmas: tuple[float, ...] = field(default=(0.0, 0.04, 0.08, 0.12), metadata={"help": "evaluation sigmas"})
@@ -43,7 +45,8 @@ class DemoConfig:
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> "DemoConfig":
         """The defaults for a preset: ``tiny`` is cut to seconds-long stages."""
-        small = dict(crops_per_image=2, decoder_steps=12, proxy_steps=60, teacher_draws=4) if preset == "tiny" else {}
+        small = dict(crops_per_image=2, decoder_steps=12, decoder_warmup=2, proxy_steps=60, teacher_draws=4) \
+            if preset == "tiny" else {}
         return cls(preset=preset, **{**small, **overrides})
 
 
@@ -125,7 +128,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     # 5. The 2x decoder on proxy-degraded latents, sigma ~ U[0, 0.12].
     run = out / "decoder"
     train_cfg = TrainConfig(
-        preset=preset.name, steps=cfg.decoder_steps, batch=2, lr=1e-4, warmup_steps=min(20, cfg.decoder_steps // 5),
+        preset=preset.name, steps=cfg.decoder_steps, batch=2, lr=1e-4, warmup_steps=cfg.decoder_warmup,
         degrader=f"proxy:{proxy_dir}", ema_decay=0.99, checkpoint_every=max(1, cfg.decoder_steps // 3),
         val_every=max(1, cfg.decoder_steps // 3), log_every=5, val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed, seed=cfg.seed,
@@ -151,7 +154,8 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     export = export_run(run, out / "export")
     say("export", f"export -> {export}")
     summary = {"config": asdict(cfg), "preset": preset.name, "pairs": report["pairs_total"],
-               "train_sources": train_set.sources, "held_out_sources": held_out.sources, "decoder_steps": res.step, "proxy_eval": ev,
+               "train_sources": train_set.sources, "held_out_sources": held_out.sources,
+               "decoder_steps": res.step, "proxy_eval": ev,
                "verdict": doc["verdict"]["summary"], "seconds": times, "export": str(export)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     write_page(out, summary, doc, sweeps, preset)
@@ -193,7 +197,7 @@ def write_page(out: Path, summary: dict, doc: dict, sweeps: dict, preset) -> Pat
     else:
         meaning = (
             f"Every model here is real but small, and the run is CPU-sized: the decoder trained "
-            f"{summary['decoder_steps']} steps at batch 2 on {summary['pairs'] - info['held_out_pairs']} crops of {len(summary['train_sources'])} photos, "
+            f"{summary['decoder_steps']} steps at batch 2 on {summary['pairs'] - info['split_pairs']} crops of {len(summary['train_sources'])} photos, "
             f"and is judged on {info['held_out_pairs']} crops of {len(info['held_out_sources'])} photos it never saw, "
             f"with latents degraded by the teacher itself (not the proxy it trained on). "
             f"The teacher changes a latent less than noise of the same sigma and puts its change at finer scales "

@@ -36,3 +36,19 @@ def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
     real = write_page(out, summary, doc, sweeps, get_preset("taef2")).read_text()
     assert f"on {len(train)} crops of {len(train.sources)} photos" in real
     assert f"judged on {len(held)} crops of {len(held.sources)} photos it never saw" in real
+    # A rerun with more decoder steps resumes every stage and trains on to them (the warm-up does not follow steps).
+    summary = run_demo(out, DemoConfig.for_preset("tiny", decoder_steps=6, proxy_steps=10, teacher_draws=2))
+    assert summary["decoder_steps"] == 6
+    assert [json.loads(line)["step"] for line in (out / "decoder" / "history.jsonl").read_text().splitlines()] == list(range(6))
+
+
+def test_demo_writes_each_preset_into_its_own_folder(monkeypatch):
+    # `make demo` (taef2) after the one-minute tiny run: their folders would refuse each other's pairs and settings.
+    import ldlib.demo
+    from ldlib.cli import main
+
+    seen = []
+    monkeypatch.setattr(ldlib.demo, "run_demo", lambda out, cfg: seen.append((str(out), cfg.preset)))
+    for argv in (["demo"], ["demo", "--preset", "tiny"], ["demo", "--preset", "tiny", "--out", "x"]):
+        assert main(argv) == 0
+    assert seen == [("runs/demo", "taef2"), ("runs/demo-tiny", "tiny"), ("x", "tiny")]
