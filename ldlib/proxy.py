@@ -211,6 +211,7 @@ def train_proxy(
         with acc.autocast():
             pred = net_w(x_sigma, sigma)
         loss = proxy_loss(pred, target, sigma, cfg.sigma_floor)
+        lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() below moves it on)
         ok = all_finite(acc, loss)
         if ok:
             acc.backward(loss)
@@ -222,7 +223,7 @@ def train_proxy(
             acc.print(f"step {step}: non-finite loss, step skipped")
         opt.zero_grad(set_to_none=True)
         sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "skipped": not ok}
+        rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "skipped": not ok}
         history.append(rec)
         log.history(rec)
         if step % cfg.log_every == 0:

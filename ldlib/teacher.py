@@ -475,6 +475,7 @@ def train_teacher(
         with acc.autocast():
             v = velocity((1 - s4) * x0 + s4 * eps, sigma)
         loss = F.mse_loss(v.float(), eps - x0)
+        lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() below moves it on)
         ok = all_finite(acc, loss)
         if ok:
             acc.backward(loss)
@@ -487,8 +488,7 @@ def train_teacher(
             acc.print(f"step {step}: non-finite loss, step skipped")
         opt.zero_grad(set_to_none=True)
         sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": sched.get_last_lr()[0],
-               "skipped": not ok}
+        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": lr, "skipped": not ok}
         step += 1
         done_now += 1
         if step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):

@@ -597,12 +597,13 @@ def train_decoder(
                     continue
                 # The one host read per optimiser step: an exact skip must know before the optimiser and EMA move.
                 window_ok = all_finite(acc, probe)
+                lr = m.opt_g.param_groups[0]["lr"]  # the one this step uses: _optimizer_step moves the schedule on
                 _optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
             timer.split("optimiser + EMA")
             if not window_ok:
                 skipped.append(step)
                 acc.print(f"step {step}: non-finite loss, step skipped")
-            pending.end_step(step=step, lr=m.sched_g.get_last_lr()[0], skipped=not window_ok)
+            pending.end_step(step=step, lr=lr, skipped=not window_ok)
             if step % cfg.log_every == 0:
                 flush()
             probe = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -196,3 +197,10 @@ def test_no_sigma_bin_with_data_does_not_beat_the_baselines(teacher_dir):
     assert evaluate_proxy(net, records, bins=6)["bins"]
     result = evaluate_proxy(net, records, bins=0)
     assert result["bins"] == [] and result["beats_baselines"] is False
+
+
+def test_logged_lr_is_the_one_the_step_used(teacher_dir, tmp_path):
+    summary = train_proxy(_small_cfg(steps=6, warmup_steps=2, lr=2e-3), teacher_dir, tmp_path / "run")
+    # diffusers' cosine schedule with warm-up, in closed form, at the step the optimiser takes.
+    expected = [2e-3 * (k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 4))) for k in range(6)]
+    assert [h["lr"] for h in summary["history"]] == pytest.approx(expected, rel=1e-12)

@@ -4,6 +4,8 @@ save/load round trip, refusal of another latent space, preset integration and th
 from __future__ import annotations
 
 import json
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -207,3 +209,11 @@ def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(tiny_pairs
                          parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
     trained = [h["loss"] for h in summary["history"] if h["step"] != 1]
     assert written["final_loss_mean_last_steps"] == pytest.approx(sum(trained) / 2)
+
+
+def test_logged_lr_is_the_one_the_step_used(tiny_teacher):
+    cfg = tiny_teacher["cfg"]
+    assert (cfg.lr_schedule, cfg.warmup_steps, cfg.steps) == ("cosine", 1, 6)
+    # diffusers' cosine schedule with 1 warm-up step of 6, in closed form, at the step the optimiser takes.
+    expected = [cfg.lr * (0.0 if k < 1 else 0.5 * (1 + math.cos(math.pi * (k - 1) / 5))) for k in range(6)]
+    assert [h["lr"] for h in tiny_teacher["summary"]["history"]] == pytest.approx(expected, rel=1e-12)

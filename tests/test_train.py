@@ -156,6 +156,19 @@ def test_a_skipped_step_leaves_the_summary_means_finite_and_valid_json(setup, tm
         assert means[key] == pytest.approx(sum(h[key] for h in trained) / len(trained)), key
 
 
+def test_logged_lr_is_the_one_the_step_used(setup, tmp_path, monkeypatch):
+    used = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **kw: used.append(self.param_groups[0]["lr"]) or adamw_step(self, *a, **kw))
+    cfg = _cfg(steps=4, warmup_steps=2, lr=1e-4, loss=LossConfig(lpips_net="alex", gan_start=100))
+    res = _run(setup, tmp_path / "run", cfg)
+    # constant_with_warmup in closed form: lr * min(1, k / warmup) at step k; the decoder's AdamW alone (GAN off).
+    expected = [1e-4 * min(1.0, k / 2) for k in range(4)]
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert [h["lr"] for h in res.history] == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
 def test_grad_accumulation_matches_bigger_batch(setup, tmp_path, max_grad_norm):
     # batch 2 x accumulation 2 == batch 4 in one micro-step (same global batch, same per-sample noise). Clipped
