@@ -12,6 +12,7 @@ models in about a minute: the plumbing only.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,13 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     # 2. What the teacher does to latents, next to noise alone (held-out latents, one noise seed).
     teacher = parse_degrader("diffusion", preset, codec, steps=1, device="cpu")
     noise = parse_degrader("noise")
-    items = [held_out[i] for i in range(min(8, len(held_out)))]
+    # The first crops of each held-out photo in turn: the pairs come sorted by photo, and the first 8 of them would
+    # all be one photo's.
+    by_photo: dict[str, list[int]] = {}
+    for i, r in enumerate(held_out.records):
+        by_photo.setdefault(r["source"], []).append(i)
+    turns = [i for crops in itertools.zip_longest(*by_photo.values()) for i in crops if i is not None]
+    items = [held_out[i] for i in turns[:8]]
     z = torch.stack([it["latent"] for it in items])
     hq, lq = torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items])
     sweep_cfg = SweepConfig(sigmas=(0.0, 0.02, 0.04, 0.08, 0.12, 0.2, 0.3), seed=cfg.seed, lpips_net="alex")
@@ -155,7 +162,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     say("export", f"export -> {export}")
     summary = {"config": asdict(cfg), "preset": preset.name, "pairs": report["pairs_total"],
                "train_sources": train_set.sources, "held_out_sources": held_out.sources,
-               "decoder_steps": res.step, "proxy_eval": ev,
+               "sweep_pairs": [it["id"] for it in items], "decoder_steps": res.step, "proxy_eval": ev,
                "verdict": doc["verdict"]["summary"], "seconds": times, "export": str(export)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     write_page(out, summary, doc, sweeps, preset)
@@ -224,7 +231,8 @@ held-out photos ({', '.join(info['held_out_sources'])}) whose latents the teache
 <img src="pairs.png">
 <h2>2. What the teacher does to a latent, next to noise alone</h2>
 <p>PCA of the latent (one basis fitted on clean latents), its decode and a zoom, at sigma {s:g}.</p><img src="degradation.png">
-<p>Sigma sweep on the held-out latents (green: the decoder's training range).</p><img src="sweep.png">
+<p>Sigma sweep on {len(summary['sweep_pairs'])} held-out latents, crops of every held-out photo in turn (green: the
+decoder's training range).</p><img src="sweep.png">
 <h2>3. The proxy against the teacher, per sigma (held-out photos)</h2><img src="proxy/eval.png">
 <h2>4. Held-out crops at sigma {s:g} (latents degraded by the teacher), PSNR of each whole image vs HQ</h2>
 <img src="crops.png">

@@ -36,6 +36,10 @@ def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
     real = write_page(out, summary, doc, sweeps, get_preset("taef2")).read_text()
     assert f"on {len(train)} crops of {len(train.sources)} photos" in real
     assert f"judged on {len(held)} crops of {len(held.sources)} photos it never saw" in real
+    # The sweep takes the held-out photos' crops in turn (the pairs come sorted by photo).
+    source = {r["id"]: r["source"] for r in held.records}
+    swept = [source[i] for i in summary["sweep_pairs"]]
+    assert len(swept) == min(8, len(held)) and swept[: 2 * len(held.sources)] == held.sources * 2
     # A rerun with more decoder steps resumes every stage and trains on to them (the warm-up does not follow steps).
     summary = run_demo(out, DemoConfig.for_preset("tiny", decoder_steps=6, proxy_steps=10, teacher_draws=2))
     assert summary["decoder_steps"] == 6
