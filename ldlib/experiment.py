@@ -257,7 +257,6 @@ def write_results(out: Path, state: dict, held_out, codec, decoders: dict, teach
     fig.tight_layout()
     save_figure(fig, out / "metrics.png")
     picks = [next(i for i in range(len(held_out)) if held_out.records[i]["source"] == s) for s in held_out.sources]
-    keep = {k: decoders[k] for k in ("clean-trained", "proxy-trained")}
-    images = comparison_images(codec, keep, [held_out[i] for i in picks], 0.08, teacher, cfg.seed, indices=picks)
+    images = comparison_images(codec, decoders, [held_out[i] for i in picks], 0.08, teacher, cfg.seed, indices=picks)
     save_figure(crops_figure(images, crop=192, title="held-out photos, latents degraded by the teacher at sigma 0.08"),
                 out / "crops.png")

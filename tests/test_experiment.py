@@ -9,7 +9,17 @@ from ldlib.runs import read_history
 from ldlib.samples import sample_photos
 
 
-def test_experiment_runs_every_stage_and_resumes(tmp_path):
+def test_experiment_runs_every_stage_and_resumes(tmp_path, monkeypatch):
+    import ldlib.evaluate
+
+    pictured = []  # the decoders crops.png shows
+    real_comparison = ldlib.evaluate.comparison_images
+
+    def comparison(codec, decoders, *args, **kwargs):
+        pictured.append(list(decoders))
+        return real_comparison(codec, decoders, *args, **kwargs)
+
+    monkeypatch.setattr(ldlib.evaluate, "comparison_images", comparison)
     cfg = ExperimentConfig(preset="tiny", photos=str(sample_photos()), crops_per_image=1, decoder_steps=4,
                            proxy_steps=4, teacher_draws=2, eval_sigmas=(0.0, 0.08), gan_warmup=1)
     out = tmp_path / "exp"
@@ -31,6 +41,7 @@ def test_experiment_runs_every_stage_and_resumes(tmp_path):
     assert {r["sigma"] for r in results["rows"]["noise"]} == {0.0, 0.08}
     assert "Paired comparisons" in (out / "results.md").read_text()
     assert (out / "metrics.png").stat().st_size > 1000 and (out / "crops.png").stat().st_size > 1000
+    assert pictured == [[*NAMES.values(), f"{NAMES[best]} + GAN"]]  # every decoder, the GAN run included
     # A rerun resumes: nothing is trained or evaluated again.
     before = json.loads((out / "experiment.json").read_text())["seconds"]
     run_experiment(out, cfg)
