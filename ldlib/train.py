@@ -11,7 +11,7 @@ Run folder layout::
     OUT/checkpoints/step_000100/{decoder,ema,discriminator}.safetensors, optim.pt, state.json, rng_<rank>.pt
     OUT/checkpoints/latest.json
     OUT/tb/                  TensorBoard scalars and validation grids (LQ-decode + bicubic | ours | HQ)
-    OUT/history.jsonl        one line of losses per step (main process)
+    OUT/history.jsonl        one line of losses per step (written by the main process; under DDP the mean of all)
     OUT/summary.json         what the run did: steps, skipped steps, final losses, validation metrics, timings
 """
 
@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -384,10 +384,24 @@ class _PendingRecords:
         self.steps.append((self.window, meta))
         self.window = []
 
-    def read(self) -> list[dict]:
-        """The records of the closed steps (one host transfer), oldest first; forgets them."""
+    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
+        """The records of the closed steps (one host transfer), oldest first; forgets them.
+
+        ``reduce``: the mean across processes, applied to every value (one collective: every process must call
+        ``read`` at the same step, which it does at the loop's shared points, never on an error's way out).
+        """
+        if not self.steps:
+            return []  # the same on every process (they close the same steps): no collective needed
         stacks = [s for micros, _ in self.steps for _, _, s in micros if s is not None]
-        flat = torch.cat([s.to(torch.float64) for s in stacks]).tolist() if stacks else []
+        flat = torch.cat([s.to(torch.float64) for s in stacks]) if stacks else torch.zeros(0, dtype=torch.float64)
+        hosts = [host[k] for micros, _ in self.steps for names, host, _ in micros for k in names if k in host]
+        if reduce is not None:
+            # Each process logged the terms of its own slice of the global batch: the record is their mean, as one
+            # process would compute it on the whole batch. Every process holds the same keys in the same order.
+            host_t = torch.tensor(hosts, dtype=torch.float64, device=self.device)
+            both = reduce(torch.cat([flat.to(self.device), host_t]))
+            flat, hosts = both[: len(flat)], both[len(flat) :].tolist()
+        flat, host_values = flat.tolist(), iter(hosts)
         records, i = [], 0
         for micros, meta in self.steps:
             window = []
@@ -395,7 +409,7 @@ class _PendingRecords:
                 n = 0 if stacked is None else len(stacked)
                 dev = iter(flat[i : i + n])
                 i += n
-                window.append({k: host[k] if k in host else next(dev) for k in names})
+                window.append({k: next(host_values) if k in host else next(dev) for k in names})
             rec = {k: sum(t[k] for t in window if k in t) / max(1, sum(k in t for t in window)) for k in window[-1]}
             rec.update(meta)
             records.append(rec)
@@ -556,8 +570,8 @@ def train_decoder(
     probe = None
     timer = timings if timings is not None else NO_TIMINGS
 
-    def flush() -> None:
-        for rec in pending.read():
+    def flush(collective: bool = True) -> None:
+        for rec in pending.read(reduce if collective else None):
             history.append(rec)
             log.history(rec)
             if rec["step"] % cfg.log_every == 0:
@@ -579,8 +593,9 @@ def train_decoder(
             scope.callback(lambda: [h.remove() for h in lpips_hooks])
         # (DataLoader workers, when asked for on CPU, are forked inside: they keep reusing their memory too.)
         scope.enter_context(reused_cpu_memory(cfg.reuse_cpu_memory and device.type == "cpu"))
-        # A run that stops with an error still writes the history of the steps it finished.
-        scope.push(lambda kind, *_: kind is not None and _flush_quietly(flush))
+        # A run that stops with an error still writes the history of the steps it finished: this process's own
+        # terms (under DDP the other processes may never reach a collective mean).
+        scope.push(lambda kind, *_: kind is not None and _flush_quietly(lambda: flush(collective=False)))
         timer.start()
         for micro, batch in enumerate(loader, start=step * cfg.grad_accum):
             mine = sampler.global_batch(micro)[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]

@@ -114,6 +114,27 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     # And the whole run stays within AdamW's bounded step of the single process: at most lr per step per element.
     diff = torch.cat([(single[k] - r0[k]).abs().flatten() for k in single])
     assert diff.max().item() <= 1e-3 * STEPS * 1.01, f"DDP vs single process: max |dw| {diff.max().item():.3g}"
+    # The logged terms are the mean over both processes' halves of the global batch, as the single process logs
+    # its whole batch (not rank 0's half): history.jsonl, and the TensorBoard scalars and summary.json built from it.
+    import pytest
+
+    from ldlib.runs import read_history
+
+    ddp_hist, one_hist = read_history(tmp_path / "ddp"), read_history(tmp_path / "single")
+    assert [h["step"] for h in ddp_hist] == [h["step"] for h in one_hist] == list(range(STEPS))
+    for a, b in zip(ddp_hist, one_hist):
+        assert a.keys() == b.keys()
+        # Steps 0 and 1 run on the same weights to float rounding (step 0's lr is 0). From step 2 on, the GAN's
+        # terms follow the discriminator's AdamW steps on rounding noise (above); the reconstruction terms do not.
+        keys = [k for k, v in b.items() if isinstance(v, float)]
+        assert {"l1", "lpips", "total", "sigma_mean"} <= set(keys)
+        for k in keys if b["step"] < 2 else ("l1", "lpips", "rec", "sigma_mean"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-9), (b["step"], k)
+    means = [json.loads((tmp_path / run / "summary.json").read_text())["final_losses_mean_last_steps"]
+             for run in ("ddp", "single")]
+    for k in ("l1", "lpips", "rec", "sigma_mean"):
+        assert means[0][k] == pytest.approx(means[1][k], rel=1e-5), k
+
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
