@@ -460,6 +460,19 @@ def train_teacher(
                    {"opt": opt.optimizer.state_dict(), "sched": sched.state_dict()},
                    {"skipped": skipped, "ema": ema_meta, "preset": cfg.preset})
 
+    def quick_eval() -> dict[str, float]:
+        """The in-training held-out check of the EMA teacher: its ratio at the eval sigmas up to 0.3."""
+        quick = evaluate_teacher(ema_model(), emb, val_x[: cfg.eval_quick].to(device),
+                                 [s for s in cfg.eval_sigmas if s <= 0.3] or cfg.eval_sigmas[:1], seed=cfg.seed)
+        return {f"val_ratio_{r['sigma']:g}": r["ratio"] for r in quick["rows"]}
+
+    if step > 0 and step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
+        # The run that reached this step logged its check here, and this logger hides its events from this step on
+        # (purge_step): log it again, the same numbers (the EMA is the checkpoint's), outside the RNG streams the
+        # run goes on with. (history.jsonl keeps it: it is in the record of the step before.)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            log.scalars(step, quick_eval(), prefix="val")
+
     history: list[dict] = []
     t_loop, done_now = time.time(), 0
     for batch in loader:
@@ -492,9 +505,7 @@ def train_teacher(
         step += 1
         done_now += 1
         if step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
-            quick = evaluate_teacher(ema_model(), emb, val_x[: cfg.eval_quick].to(device),
-                                     [s for s in cfg.eval_sigmas if s <= 0.3] or cfg.eval_sigmas[:1], seed=cfg.seed)
-            rec.update({f"val_ratio_{r['sigma']:g}": r["ratio"] for r in quick["rows"]})
+            rec.update(quick_eval())
             log.scalars(step, {k: v for k, v in rec.items() if k.startswith("val_")}, prefix="val")
         history.append(rec)
         log.history(rec)

@@ -564,6 +564,12 @@ def train_decoder(
     log = RunLogger(out, acc, total=stop, initial=step, desc="train-decoder")
     history: list[dict] = []
     val_metrics: dict[str, float] = {}
+    if step > 0 and step % cfg.val_every == 0 and val_batch is not None:
+        # The run that reached this step validated here, and this logger hides its events from this step on
+        # (purge_step): log it again, the same numbers (the EMA is the checkpoint's), outside the RNG streams the
+        # run goes on with.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
     # Loss terms stay on the device and are read every log_every steps (and before checkpoints and at the end):
     # no host sync per step but the one that decides whether the optimiser step is skipped.
     pending = _PendingRecords(device)

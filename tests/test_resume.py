@@ -164,6 +164,31 @@ def test_history_and_tensorboard_keep_each_step_once(setup, runs, tmp_path):
     assert steps == list(range(6))
 
 
+def test_a_resumed_run_logs_the_validation_at_its_resume_step_again(setup, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Resumed at step 2, a multiple of val_every: the interrupted part's validation there is hidden by the resumed
+    # writer (purge_step), so the resumed run logs it again, with the numbers the uninterrupted run logged.
+    cfg = _cfg(steps=4, val_every=2, checkpoint_every=2)
+    _run(setup, tmp_path / "full", cfg)
+    _run(setup, tmp_path / "cut", cfg, stop_at=2)
+    _run(setup, tmp_path / "cut", cfg, resume=True)
+
+    def events(run):
+        acc = EventAccumulator(str(run / "tb"))
+        acc.Reload()
+        tag = next(t for t in acc.Tags()["images"] if t.startswith("val/"))
+        return ({k: [(e.step, e.value) for e in acc.Scalars(f"val/{k}")] for k in ("psnr_ours", "psnr_bicubic")},
+                [e.step for e in acc.Images(tag)])
+
+    full, cut = events(tmp_path / "full"), events(tmp_path / "cut")
+    assert full[1] == [2, 4] and full == cut
+    # Still an exact resume: validating again changed nothing the run computes.
+    for name, sd in _weights(tmp_path / "cut", 4).items():
+        ref = _weights(tmp_path / "full", 4)[name]
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), name
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_a_fresh_history(setup, tmp_path):
     run = tmp_path / "run"
     _run(setup, run, _cfg(checkpoint_every=100), stop_at=3)

@@ -75,6 +75,18 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny_teacher, tiny_pairset
     a = load_file(str(tiny_teacher["folder"] / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(out / "teacher" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # TensorBoard: the quick check at the resume step (3), hidden from the first part by the resumed writer, is
+    # logged again, with the uninterrupted run's numbers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def val_events(run):
+        acc = EventAccumulator(str(run / "tb"))
+        acc.Reload()
+        return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t.startswith("val/")}
+
+    ref = val_events(tiny_teacher["out"])
+    assert ref and all([e[0] for e in v] == [3, 6] for v in ref.values())
+    assert val_events(out) == ref
 
 
 def test_eval_json_equals_an_independent_recomputation(tiny_teacher, tiny_pairset):
