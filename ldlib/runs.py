@@ -377,9 +377,15 @@ def _read(file: Path, how):
 
 
 # Settings a resumed run may change: they do not alter what is computed, only how often it is saved or shown, or
-# how fast it runs.
+# how fast it runs; and how long it runs (steps), which open_run allows only where the learning-rate schedule does
+# not depend on it (LENGTH_FREE_SCHEDULES).
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "val_every", "val_count", "log_every", "num_workers",
                   "compile", "grad_checkpointing", "eval_bins", "reuse_cpu_memory", "update_threads")
+
+
+# diffusers schedules whose lr at a step does not depend on the run's length (num_training_steps): with any other
+# (cosine, linear, polynomial, ...) a new `steps` redraws the whole curve, and the lr jumps at the resume step.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "piecewise_constant")
 
 
 def check_optimiser_settings(name: str, lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int,
@@ -413,7 +419,8 @@ def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> t
 
     Refuses a folder that holds a run unless resuming; when resuming, refuses settings that differ from the run's
     config.json except those in RESUMABLE_KEYS (one line listing each change), so the file never records settings
-    the run does not use. Writes nothing: call ``write_config`` once the set-up has succeeded.
+    the run does not use, and a new ``steps`` when the config's ``lr_schedule`` depends on it. Writes nothing: call
+    ``write_config`` once the set-up has succeeded.
     """
     out = Path(out)
     ckpts = CheckpointManager(out / "checkpoints", accelerator, keep=keep)
@@ -429,6 +436,11 @@ def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> t
         if changes:
             raise ValueError(f"{out}: resuming with other settings than the run's ({'; '.join(changes)}); only "
                              f"{', '.join(RESUMABLE_KEYS)} may change on resume: start a new run folder instead")
+        schedule = config.get("lr_schedule", "constant")
+        if have.get("steps", config.get("steps")) != config.get("steps") and schedule not in LENGTH_FREE_SCHEDULES:
+            raise ValueError(f"{out}: resuming with steps {config.get('steps')} instead of the run's {have['steps']} "
+                             f"would redraw its {schedule!r} learning-rate schedule (the lr would jump at the resume "
+                             f"step); resume with steps {have['steps']}, or start a new run (init_from for the decoder)")
     candidates = ckpts.candidates() if resume else []
     return ckpts, candidates[0] if candidates else None
 

@@ -204,3 +204,17 @@ def test_logged_lr_is_the_one_the_step_used(teacher_dir, tmp_path):
     # diffusers' cosine schedule with warm-up, in closed form, at the step the optimiser takes.
     expected = [2e-3 * (k / 2 if k < 2 else 0.5 * (1 + math.cos(math.pi * (k - 2) / 4))) for k in range(6)]
     assert [h["lr"] for h in summary["history"]] == pytest.approx(expected, rel=1e-12)
+
+
+def test_resume_with_other_steps_is_refused_where_the_schedule_depends_on_them(teacher_dir, tmp_path):
+    # Cosine: the lr at a step depends on the run's length, so a new `steps` would redraw the curve (the lr jumps).
+    train_proxy(_small_cfg(steps=4, warmup_steps=0), teacher_dir, tmp_path / "cosine", stop_at=2)
+    config = (tmp_path / "cosine" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"steps 40 instead of the run's 4 .*'cosine'"):
+        train_proxy(_small_cfg(steps=40, warmup_steps=0), teacher_dir, tmp_path / "cosine", resume=True)
+    assert (tmp_path / "cosine" / "config.json").read_bytes() == config
+    # constant_with_warmup: a longer run continues the same curve.
+    cfg = dict(warmup_steps=2, lr_schedule="constant_with_warmup")
+    train_proxy(_small_cfg(steps=4, **cfg), teacher_dir, tmp_path / "constant", stop_at=3)
+    more = train_proxy(_small_cfg(steps=6, **cfg), teacher_dir, tmp_path / "constant", resume=True)
+    assert [h["step"] for h in more["history"]] == [3, 4, 5] and {h["lr"] for h in more["history"]} == {2e-3}
