@@ -135,7 +135,8 @@ class ProxyTrainConfig:
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"ProxyTrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_grad_norm < 0:  # the loop clips only when > 0: a negative value would silently mean "off"
-            raise ValueError(f"ProxyTrainConfig.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+            raise ValueError(f"ProxyTrainConfig.max_grad_norm must be >= 0 (0: no clipping), "
+                             f"got {self.max_grad_norm}")
         check_optimiser_settings("ProxyTrainConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
                                  self.keep_checkpoints)
 

@@ -440,7 +440,8 @@ def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> t
         if have.get("steps", config.get("steps")) != config.get("steps") and schedule not in LENGTH_FREE_SCHEDULES:
             raise ValueError(f"{out}: resuming with steps {config.get('steps')} instead of the run's {have['steps']} "
                              f"would redraw its {schedule!r} learning-rate schedule (the lr would jump at the resume "
-                             f"step); resume with steps {have['steps']}, or start a new run (init_from for the decoder)")
+                             f"step); resume with steps {have['steps']}, or start a new run (init_from for the "
+                             f"decoder)")
     candidates = ckpts.candidates() if resume else []
     return ckpts, candidates[0] if candidates else None
 

@@ -501,7 +501,8 @@ def train_teacher(
             acc.print(f"step {step}: non-finite loss, step skipped")
         opt.zero_grad(set_to_none=True)
         sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": lr, "skipped": not ok}
+        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": lr,
+               "skipped": not ok}
         step += 1
         done_now += 1
         if step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):

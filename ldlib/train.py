@@ -93,8 +93,9 @@ class TrainConfig:
                                                                      "min(8, CPUs per process - 1); same batches either way)"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
     init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
-                                                          "(RUN/checkpoints/step_N): weights, EMA, optimiser moments, "
-                                                          "step; lr, betas, weight decay, EMA decay are this run's"})
+                                                          "(RUN/checkpoints/step_N): weights, EMA, optimiser "
+                                                          "moments, step; lr, betas, weight decay, EMA decay are "
+                                                          "this run's"})
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -267,7 +268,7 @@ def _resume(m: _Models, ckpts: CheckpointManager, acc) -> tuple[int, list[int]]:
 
 
 def _start_from(m: _Models, cfg: TrainConfig, acc) -> tuple[int, list[int]]:
-    """A new run that continues cfg.init_from's checkpoint (weights, EMA, optimiser moments, step) with cfg's settings."""
+    """A new run continuing cfg.init_from's checkpoint (weights, EMA, optimiser moments, step) with cfg's settings."""
     path = Path(cfg.init_from)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path}: init_from must be a checkpoint folder (RUN/checkpoints/step_N)")

@@ -194,7 +194,8 @@ def test_grad_accumulation_matches_bigger_batch(setup, tmp_path, max_grad_norm):
 
 
 @pytest.mark.parametrize("setting", [dict(val_sigma=1.5), dict(val_sigma=-0.1), dict(val_count=0),
-                                     dict(max_grad_norm=-1.0)], ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}")
+                                     dict(max_grad_norm=-1.0)],
+                         ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}")
 def test_config_mistakes_are_refused_naming_the_value(setting):
     (name, value), = setting.items()
     with pytest.raises(ValueError, match=rf"TrainConfig\.{name} must .*got {value}"):
