@@ -138,6 +138,12 @@ def test_a_wide_gamut_profile_is_converted_to_srgb_and_an_srgb_one_left_alone(tm
     got_a, note_a = load_rgb8(tmp_path / "p3a.png")
     np.testing.assert_array_equal(got_a, got)
     assert note_a == "converted from Display P3 (test) to sRGB; alpha composited on white"
+    # A palette image with the profile: its colours converted the same; a 16-bit one is left as it is, and says so.
+    Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(tmp_path / "p3p.png",
+                                                                                      icc_profile=icc)
+    np.testing.assert_array_equal(load_rgb8(tmp_path / "p3p.png")[0], got)
+    Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(tmp_path / "p3i.png", icc_profile=icc)
+    assert load_rgb8(tmp_path / "p3i.png")[1].startswith("colour profile not applied to a I")
     # littleCMS's own sRGB profile leaves the numbers as they are, with no note; a profile is judged by what it does,
     # not by its name: one named sRGB with sRGB's colorants but a plain gamma 2.2 curve (more than a level off in
     # the shadows) is converted.
