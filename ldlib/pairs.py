@@ -147,6 +147,14 @@ def pair_id(source_rel: str, crop_index: int, seed: int) -> str:
     return f"{stem}-{crop_index}-{h}"
 
 
+def folder_tag(folder: str | os.PathLike) -> str:
+    """A short name for a photo folder, unique to it: its name and 8 hex digits of its resolved path's sha256."""
+    # The name alone is not enough: two cameras' DCIM folders, or '.', would share a work folder and mix their pairs.
+    path = Path(folder).expanduser().resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name).strip("._") or "photos"
+    return f"{name}-{hashlib.sha256(str(path).encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
 def source_digest(path: str | os.PathLike) -> str:
     """A file's fingerprint for telling two photos under one name apart: sha256 of its size, first and last 64 KiB.
 

@@ -301,3 +301,18 @@ def test_16_bit_rgb_png_keeps_the_high_byte(tmp_path):
     region = rgb16[t:b, l:rr].astype(np.int64)
     np.testing.assert_array_equal(hq, np.round(_box_mean(region >> 8, 2)))  # Pillow keeps the high byte
     assert np.abs(hq - _box_mean(region / 257.0, 2)).max() < 1.5  # so HQ is within 1.5 levels of the 16-bit mean
+
+
+def test_folder_tag_tells_photo_folders_of_one_name_apart(tmp_path, monkeypatch):
+    # Two cameras' DCIM folders get two work folders; '.' is named after what it resolves to; the hash is the
+    # resolved path's sha256.
+    import hashlib
+
+    from ldlib.pairs import folder_tag
+
+    a, b = tmp_path / "a" / "DCIM", tmp_path / "b" / "DCIM"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+    assert folder_tag(a) == f"DCIM-{hashlib.sha256(str(a.resolve()).encode()).hexdigest()[:8]}" != folder_tag(b)
+    monkeypatch.chdir(a)
+    assert folder_tag(".") == folder_tag(a) == folder_tag(b / ".." / ".." / "a" / "DCIM")
