@@ -535,6 +535,9 @@ def train_decoder(
         degrader = degrader.to(device)  # it runs where the latents are
     train_set, val_set = _decoder_data(cfg, codec, pairs, latents, train_set, val_set)
     ids = getattr(train_set, "ids", None)
+    if cfg.loss.gan_weight > 0 and cfg.loss.gan_start >= cfg.steps:
+        acc.print(f"the GAN never turns on in this run: gan_start {cfg.loss.gan_start} >= steps {cfg.steps} "
+                  f"(set gan_start below steps, or gan_weight 0 to say so)")
     if degrader is not None and ids is not None and degrader.coverage(ids) < 1:
         acc.print(f"{degrader_name}: {degrader.coverage(ids):.0%} of {len(ids)} training pairs can be degraded "
                   f"(a record with sigma in [{cfg.sigma_min}, {cfg.sigma_max}]); the rest train clean")

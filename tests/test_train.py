@@ -156,7 +156,7 @@ def test_a_skipped_step_leaves_the_summary_means_finite_and_valid_json(setup, tm
         assert means[key] == pytest.approx(sum(h[key] for h in trained) / len(trained)), key
 
 
-def test_logged_lr_is_the_one_the_step_used(setup, tmp_path, monkeypatch):
+def test_logged_lr_is_the_one_the_step_used(setup, tmp_path, monkeypatch, capsys):
     used = []
     adamw_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step",
@@ -167,6 +167,8 @@ def test_logged_lr_is_the_one_the_step_used(setup, tmp_path, monkeypatch):
     expected = [1e-4 * min(1.0, k / 2) for k in range(4)]
     assert used == pytest.approx(expected, rel=1e-12)
     assert [h["lr"] for h in res.history] == pytest.approx(expected, rel=1e-12)
+    # gan_start 100 of 4 steps with the GAN weighted: the run says the GAN never turns on.
+    assert "the GAN never turns on in this run: gan_start 100 >= steps 4" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
