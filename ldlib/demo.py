@@ -204,7 +204,8 @@ def write_page(out: Path, summary: dict, doc: dict, sweeps: dict, preset) -> Pat
     else:
         meaning = (
             f"Every model here is real but small, and the run is CPU-sized: the decoder trained "
-            f"{summary['decoder_steps']} steps at batch 2 on {summary['pairs'] - info['split_pairs']} crops of {len(summary['train_sources'])} photos, "
+            f"{summary['decoder_steps']} steps at batch 2 on {summary['pairs'] - info['split_pairs']} crops of "
+            f"{len(summary['train_sources'])} photos, "
             f"and is judged on {info['held_out_pairs']} crops of {len(info['held_out_sources'])} photos it never saw, "
             f"with latents degraded by the teacher itself (not the proxy it trained on). "
             f"The teacher changes a latent less than noise of the same sigma and puts its change at finer scales "

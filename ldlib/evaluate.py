@@ -137,8 +137,8 @@ def evaluate_decoders(
                     lq = items[0].get("lq")
                     ratio = f" ({hq.shape[-1] / lq.shape[-1]:g}x its LQ)" if lq is not None else ""
                     raise ValueError(f"{getattr(dataset, 'root', 'the dataset')}: HQ is {hq.shape[-2]}x{hq.shape[-1]}"
-                                     f"{ratio} but {name} outputs {y.shape[-2]}x{y.shape[-1]}: a 2x decoder needs "
-                                     "pairs whose HQ is 2x their LQ (build-pairs --lq-factor 2)")
+                                     f"{ratio} but its 2x decodes are {y.shape[-2]}x{y.shape[-1]}: a 2x decoder "
+                                     "needs pairs whose HQ is 2x their LQ (build-pairs --lq-factor 2)")
                 y = y.clamp(-1, 1)
                 vals = {"psnr": psnr(y, hq), "ssim": ssim(y, hq), "lpips": lpips(y, hq).flatten(),
                         "haarpsi": haarpsi(y, hq), "speckle": speckle_ratio(y, hq), "colour_shift": colour_shift(y, hq)}

@@ -153,7 +153,7 @@ def wan_file_name(preset: str) -> str:
 def export_run(
     run: str | os.PathLike, out: str | os.PathLike, ema: bool = True, formats: tuple[str, ...] | list[str] | None = None
 ) -> Path:
-    """Write the run's 2x decoder (EMA, or live weights: ema=False) into out in each format (default: all) + README.md.
+    """Write the run's 2x decoder (EMA, or live weights: ema=False) into out in each format (default: all), README.
 
     ``diffusers``: a ``from_pretrained`` folder (wan, qwenimage, kl, flux2); ``wan``: one safetensors file in the
     original Wan 2.1 layout (wan, qwenimage; with the folder's ``config.json`` for ``from_single_file``);

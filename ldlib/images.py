@@ -142,7 +142,7 @@ def _to_srgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, str]:
     """An image in sRGB, converted from the colour profile it carries (if any, and not sRGB), and a note of it."""
     if not icc:
         return img, ""
-    if img.mode in ("P", "PA", "LA", "La", "RGBa"):  # palette and alpha modes: their colours in a mode littleCMS takes
+    if img.mode in ("P", "PA", "LA", "La", "RGBa"):  # palette and alpha modes: colours in a mode littleCMS takes
         img = img.convert("RGBA" if img.mode != "P" or "transparency" in img.info else "RGB")
     if img.mode not in ("RGB", "RGBA", "CMYK", "L"):  # 16-bit and float modes: littleCMS takes none of them
         return img, f"colour profile not applied to a {img.mode} image: values taken as sRGB"

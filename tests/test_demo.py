@@ -43,7 +43,8 @@ def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
     # A rerun with more decoder steps resumes every stage and trains on to them (the warm-up does not follow steps).
     summary = run_demo(out, DemoConfig.for_preset("tiny", decoder_steps=6, proxy_steps=10, teacher_draws=2))
     assert summary["decoder_steps"] == 6
-    assert [json.loads(line)["step"] for line in (out / "decoder" / "history.jsonl").read_text().splitlines()] == list(range(6))
+    history = (out / "decoder" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == list(range(6))
 
 
 def test_demo_writes_each_preset_into_its_own_folder(monkeypatch):

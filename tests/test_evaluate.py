@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory, lp):
 
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory, tiny_pairset, lp):
-    """A tiny run trained on a pair set with a split other than evaluate's old fallback (0.4, seed 1), and its export."""
+    """A tiny run trained on a pair set with a split other than evaluate's old fallback (0.4, seed 1), its export."""
     root = tmp_path_factory.mktemp("split")
     cfg = TrainConfig(preset="tiny", steps=1, batch=2, warmup_steps=0, val_every=100, val_count=1, val_fraction=0.4,
                       split_seed=1, loss=LossConfig(lpips_net="alex", gan_start=100))
@@ -280,7 +280,8 @@ def test_an_export_that_records_no_split_is_refused_for_held_out_pairs(split_run
         run_evaluation(old, pairs, tmp_path / "ev", "tiny", EvalConfig(sigmas=(0.0,)))
     assert not (tmp_path / "ev").exists()
     capsys.readouterr()
-    assert main(["evaluate", str(old), str(pairs), "--preset", "tiny", "--sigmas", "0", "--out", str(tmp_path / "ev")]) == 2
+    argv = ["evaluate", str(old), str(pairs), "--preset", "tiny", "--sigmas", "0", "--out", str(tmp_path / "ev")]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(old) in err and "--split all" in err
     # Given the split on the command line, the held-out photos are the run's.
@@ -339,6 +340,6 @@ def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path,
     # Pairs with no pairset.json (in memory here): the first decode's size is checked against HQ's.
     big = TensorPairs(data.latents, F.interpolate(data.hq, scale_factor=2), data.lq)  # HQ 4x its LQ
     ours, _ = load_run_codec(run)
-    msg = r"the dataset: HQ is 64x64 \(4x its LQ\) but decoder\+bicubic outputs 32x32.*--lq-factor 2"
+    msg = r"the dataset: HQ is 64x64 \(4x its LQ\) but its 2x decodes are 32x32.*--lq-factor 2"
     with pytest.raises(ValueError, match=msg):
         evaluate_decoders(codec, {"ours": ours}, big, EvalConfig(sigmas=(0.0,)), lpips=lp, progress=False)

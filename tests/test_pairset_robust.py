@@ -267,11 +267,15 @@ def test_unreadable_folders_and_undecodable_names_are_skipped_and_reported(tmp_p
     with pytest.warns(SkippedInputWarning):
         report = build_pairs(src, tmp_path / "out", SPEC, workers=1, progress=False)
     assert {s["source"]: s["reason"] for s in report["skipped"]} == {
-        "lost+found": "folder not readable (Permission denied)", "caf\\xe9.png": "name is not valid UTF-8 (rename it)"}
+        "lost+found": "folder not readable (Permission denied)",
+        "caf\\xe9.png": "name is not valid UTF-8 (rename it)"}
     assert sorted(r["source"] for r in read_manifest(tmp_path / "out")) == ["p0.png", "p1.png"]
     json.loads((tmp_path / "out" / "report.json").read_text())  # the report is written, names shown escaped
     # The folder asked for is not skipped: an unreadable one is an error naming it.
-    monkeypatch.setattr(Path, "iterdir", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(self))))
+    def refused(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refused)
     with pytest.raises(PermissionError, match="src"):
         build_pairs(src, tmp_path / "out2", SPEC, workers=1, progress=False)
 

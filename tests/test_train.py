@@ -661,7 +661,8 @@ def test_train_step_bench_smoke(tmp_path):
     from ldlib.bench import NON_MODEL, STEP_GROUPS, bench_train_step
 
     result = bench_train_step("tiny", quick=True, variants={
-        "default": {}, "channels_last": {"channels_last": True}, "default, GAN on": {"gan_start": 0, "gan_off": "default"},
+        "default": {}, "channels_last": {"channels_last": True},
+        "default, GAN on": {"gan_start": 0, "gan_off": "default"},
         "two-pass GAN": {"gan_start": 0, "two_pass_gan": True, "vs": "default, GAN on", "gan_off": "channels_last"}})
     rows = result["rows"]
     assert [r["variant"] for r in rows] == ["default", "channels_last", "default, GAN on", "two-pass GAN"]
