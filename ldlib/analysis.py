@@ -58,17 +58,17 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
     """HQ and LQ batches (and pair ids) of the first n pairs of a pair set at the preset's sizes.
 
     ``pairs_dir``: an existing pair set (``python -m ldlib build-pairs``). Otherwise one is built (resumably) under
-    ``work_dir`` from ``photos`` (a folder), or from the sample photos bundled with scikit-image.
+    ``work_dir`` from ``photos`` (a folder), or from the photos shipped with ldlib, named by ``pairs.folder_tag``.
     """
     from .datasets import PairDataset
-    from .pairs import PairSpec, build_pairs
+    from .pairs import PairSpec, build_pairs, folder_tag
     from .samples import sample_photos
 
     work_dir = Path(work_dir)
     if pairs_dir is None:
         src = Path(photos) if photos else sample_photos()
         spec = PairSpec.from_preset(preset, seed=seed)
-        pairs_dir = work_dir / f"pairs_{preset.name}_{spec.hq_size}_{src.name}"
+        pairs_dir = work_dir / f"pairs_{preset.name}_{spec.hq_size}_{folder_tag(src)}"
         report = build_pairs(src, pairs_dir, spec, workers=1, progress=False)
         if report["pairs_total"] == 0:
             raise ValueError(f"no pair could be cut from {src} at {spec.hq_size} px (see {pairs_dir}/report.json)")

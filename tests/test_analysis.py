@@ -90,6 +90,12 @@ def test_pair_batch_builds_recipe_pairs(tmp_path):
     assert (area_downsample(hq, 2) - lq).abs().max() <= 1.01 / 127.5
     hq2, _, ids2 = pair_batch(get_preset("tiny"), n=2, work_dir=tmp_path)  # resumes: the same pairs
     assert ids2 == ids and torch.equal(hq2, hq)
+    # Built under a folder named for the photo folder (its name and path hash): another folder of the same name
+    # gets a pair set of its own.
+    from ldlib.pairs import folder_tag
+    from ldlib.samples import sample_photos
+
+    assert [p.name for p in tmp_path.iterdir()] == [f"pairs_tiny_128_{folder_tag(sample_photos())}"]
 
 
 def test_sweep_cli_writes_results(tmp_path, capsys):
