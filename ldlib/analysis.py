@@ -115,10 +115,9 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (non-finite numbers, e.g. the PSNR of identical decodes, become None)."""
-        d = asdict(self)
-        d["rows"] = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()}
-                     for r in self.rows]
-        return d
+        from .runs import json_ready
+
+        return json_ready(asdict(self))
 
     def markdown(self) -> str:
         """The rows as a Markdown table."""

@@ -589,18 +589,20 @@ def mean_terms(records: list[dict], last: int | None = None) -> dict[str, float]
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in sorted(keys)}
 
 
-def json_bytes(obj: Any) -> bytes:
-    """``obj`` as indented JSON; a non-finite float is written as null (NaN / Infinity are not JSON)."""
-    def finite(o: Any) -> Any:
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: finite(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [finite(v) for v in o]
-        return o
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (in dicts, lists and tuples) replaced by None: NaN / Infinity are not JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
 
-    return json.dumps(finite(obj), indent=2, allow_nan=False).encode()
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented JSON; a non-finite float is written as null (``json_ready``)."""
+    return json.dumps(json_ready(obj), indent=2, allow_nan=False).encode()
 
 
 def read_history(run: str | os.PathLike) -> list[dict]:

@@ -385,7 +385,6 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
 
-@torch.no_grad()
 def clashing_inputs(inputs: Sequence[str | os.PathLike]) -> list[list[str]]:
     """Groups of inputs with one stem: their outputs overwrite each other in one folder whatever the files hold.
 
