@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ldlib demo --out runs/demo
 
-# The notebooks' parameters default to a real taef2 run; CI runs them small (LDLIB_<NAME> overrides, see ldlib.config.env).
+# The notebooks' parameters default to a real taef2 run; CI runs them small (LDLIB_<NAME> overrides, see ldlib.core.config.env).
 NOTEBOOK_CI := LDLIB_PRESET=tiny LDLIB_STEPS=12 LDLIB_PROXY_STEPS=60 LDLIB_CROPS_PER_IMAGE=2 LDLIB_PER_LATENT=4 LDLIB_N_PAIRS=2
 
 test: $(STAMP)

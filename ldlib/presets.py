@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .codecs import Codec, WanCodec, load_codec
-from .samples import ASSETS_DIR
+from .models.codecs import Codec, WanCodec, load_codec
+from .core.samples import ASSETS_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -117,7 +117,7 @@ class Preset:
         from diffusers import WanTransformer3DModel
 
         if self.trained_teacher:
-            from .teacher import load_teacher
+            from .train.teacher import load_teacher
 
             model = load_teacher(self.transformer, device, dtype)[0]
         elif self.transformer == "tiny":
@@ -132,7 +132,7 @@ class Preset:
     @property
     def trained_teacher(self) -> bool:
         """Whether the teacher is a folder made by train-teacher (taef2, or any such folder): fixed prompt embedding."""
-        from .teacher import is_teacher_folder
+        from .train.teacher import is_teacher_folder
 
         return self.transformer is not None and (self.family == "tae" or is_teacher_folder(self.transformer))
 
@@ -140,7 +140,7 @@ class Preset:
         """The 1 x L x D prompt embedding a trained teacher runs with (None: the prompt is text-encoded)."""
         if not self.trained_teacher:
             return None
-        from .teacher import load_prompt_embeds, read_teacher_info
+        from .train.teacher import load_prompt_embeds, read_teacher_info
 
         read_teacher_info(self.transformer)  # a clear error (how to train one) when the folder is not a teacher
         return load_prompt_embeds(self.transformer)

@@ -28,10 +28,10 @@ def taef2_codec():
 @pytest.fixture(scope="session")
 def tiny_pairset(tmp_path_factory) -> dict:
     """A tiny-preset pair set built from the sample photos (2 crops each) with its latent cache: paths and codec."""
-    from ldlib.latents import default_cache_dir, encode_pairs
-    from ldlib.pairs import PairSpec, build_pairs
+    from ldlib.data.latents import default_cache_dir, encode_pairs
+    from ldlib.data.pairs import PairSpec, build_pairs
     from ldlib.presets import get_preset
-    from ldlib.samples import sample_photos
+    from ldlib.core.samples import sample_photos
 
     root = tmp_path_factory.mktemp("tiny_pairset")
     photos = sample_photos()
@@ -82,11 +82,11 @@ def train_short_run(out, preset: str = "tiny", vae: str | None = None, count: in
     """
     import warnings
 
-    from ldlib.losses import DecoderLoss, LossConfig
-    from ldlib.metrics import lpips_model
+    from ldlib.models.losses import DecoderLoss, LossConfig
+    from ldlib.core.metrics import lpips_model
     from ldlib.presets import get_preset
-    from ldlib.datasets import sample_tensor_pairs
-    from ldlib.train import TrainConfig, train_decoder
+    from ldlib.data.datasets import sample_tensor_pairs
+    from ldlib.train.decoder import TrainConfig, train_decoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

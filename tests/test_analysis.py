@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldlib.analysis import SweepConfig, pair_batch, reference_at, relative_error, sigma_sweep
-from ldlib.metrics import high_freq_share, white_noise_hf_share
+from ldlib.apps.analysis import SweepConfig, pair_batch, reference_at, relative_error, sigma_sweep
+from ldlib.core.metrics import high_freq_share, white_noise_hf_share
 from ldlib.degrade import NoiseDegrader, add_noise
-from ldlib.images import area_downsample
+from ldlib.core.images import area_downsample
 
 
 def test_high_freq_share_closed_forms():
@@ -92,8 +92,8 @@ def test_pair_batch_builds_recipe_pairs(tmp_path):
     assert ids2 == ids and torch.equal(hq2, hq)
     # Built under a folder named for the photo folder (its name and path hash): another folder of the same name
     # gets a pair set of its own.
-    from ldlib.pairs import folder_tag
-    from ldlib.samples import sample_photos
+    from ldlib.data.pairs import folder_tag
+    from ldlib.core.samples import sample_photos
 
     assert [p.name for p in tmp_path.iterdir()] == [f"pairs_tiny_128_{folder_tag(sample_photos())}"]
 
@@ -101,7 +101,7 @@ def test_pair_batch_builds_recipe_pairs(tmp_path):
 def test_sweep_cli_writes_results(tmp_path, capsys):
     import json
 
-    from ldlib.cli import main
+    from ldlib.apps.cli import main
 
     assert main(["sweep", "--n", "1", "--sigmas", "0,0.1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
@@ -116,7 +116,7 @@ def test_sweep_seeds_in_one_out_measure_the_same_pairs_with_other_noise(tmp_path
     with --pair-seed), its sigma-0 row is the first's, and each seed's latent error is that of its own noise."""
     import json
 
-    from ldlib.cli import main
+    from ldlib.apps.cli import main
     from ldlib.presets import get_preset
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU noise: a CUDA generator draws other numbers
@@ -141,7 +141,7 @@ def test_sigma_sweep_moves_the_lpips_it_builds_to_the_images_device(monkeypatch)
     """Without lpips_fn, sigma_sweep builds LPIPS (lpips_model builds on the CPU) and must move it to the decodes'
     device: run_sweep decodes on CUDA when there is one. A stand-in records where it is moved and refuses inputs
     elsewhere; on a CPU-only machine this shows the move, not a CUDA mismatch itself."""
-    import ldlib.metrics
+    import ldlib.core.metrics
 
     class RecordingLPIPS(torch.nn.Module):
         moved_to = None
@@ -160,7 +160,7 @@ def test_sigma_sweep_moves_the_lpips_it_builds_to_the_images_device(monkeypatch)
         built.append(RecordingLPIPS())
         return built[-1]
 
-    monkeypatch.setattr(ldlib.metrics, "lpips_model", lpips_model)
+    monkeypatch.setattr(ldlib.core.metrics, "lpips_model", lpips_model)
     hq = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     res = sigma_sweep(PoolCodec(), NoiseDegrader(), area_downsample(hq, 2), hq, SweepConfig(sigmas=(0.0, 0.1)),
                       progress=False)

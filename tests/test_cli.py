@@ -6,8 +6,8 @@ import re
 import subprocess
 import sys
 
-from ldlib.cli import main
-from ldlib.samples import sample_paths
+from ldlib.apps.cli import main
+from ldlib.core.samples import sample_paths
 
 
 def test_help_lists_commands(capsys):

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderKLWan
 
-from ldlib.codecs import KLCodec, TAECodec, WanCodec, load_codec, tae_decoder, tae_encoder, upscale_of, widen_conv_out
-from ldlib.images import area_downsample, load_image
-from ldlib.metrics import psnr
+from ldlib.models.codecs import KLCodec, TAECodec, WanCodec, load_codec, tae_decoder, tae_encoder, upscale_of, widen_conv_out
+from ldlib.core.images import area_downsample, load_image
+from ldlib.core.metrics import psnr
 from ldlib.presets import tiny_wan_vae
 
 from conftest import rel_diff
@@ -246,7 +246,7 @@ def test_bad_shapes_are_clear_errors(wan):
 
 
 def test_taef2_reconstructs_a_real_photo_above_30db(taef2_codec):
-    from ldlib.samples import sample_photos
+    from ldlib.core.samples import sample_photos
 
     x = load_image(sample_photos() / "p06_fur_dog.jpg")
     lq = area_downsample(x[..., 1800:2824, 1200:2224], 4)  # the recipe: 0.5x, 512 crop, 0.5x -> 256 LQ

@@ -24,11 +24,11 @@ PER_RANK_BATCH = 1
 
 def _train(out: Path, batch: int, accelerator=None, steps: int = STEPS, resume: bool = False):
     """Train to `steps` at `batch` per process (or resume to it); the TrainResult."""
-    from ldlib.losses import DecoderLoss, LossConfig
-    from ldlib.metrics import lpips_model
+    from ldlib.models.losses import DecoderLoss, LossConfig
+    from ldlib.core.metrics import lpips_model
     from ldlib.presets import get_preset
-    from ldlib.datasets import sample_tensor_pairs
-    from ldlib.train import TrainConfig, train_decoder
+    from ldlib.data.datasets import sample_tensor_pairs
+    from ldlib.train.decoder import TrainConfig, train_decoder
 
     warnings.simplefilter("ignore")
     # GAN on from step 1: exercises the discriminator under DDP and the cross-rank averaged adaptive weight.
@@ -52,7 +52,7 @@ def _run(out: Path, batch: int, accelerator=None) -> dict[str, torch.Tensor]:
 def _worker(out: Path) -> None:
     from safetensors.torch import save_file
 
-    from ldlib.runs import make_accelerator
+    from ldlib.core.runs import make_accelerator
 
     torch.set_num_threads(1)
     acc = make_accelerator("no")
@@ -118,7 +118,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     # its whole batch (not rank 0's half): history.jsonl, and the TensorBoard scalars and summary.json built from it.
     import pytest
 
-    from ldlib.runs import read_history
+    from ldlib.core.runs import read_history
 
     ddp_hist, one_hist = read_history(tmp_path / "ddp"), read_history(tmp_path / "single")
     assert [h["step"] for h in ddp_hist] == [h["step"] for h in one_hist] == list(range(STEPS))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldlib.degrade import DiffusionDegrader, NoiseDegrader, ProxyDegrader, add_noise, parse_degrader, sigma_grid
-from ldlib.prompts import WAN_NEGATIVE_PROMPT, PromptCache, encode_prompt, prompt_embedding
+from ldlib.models.prompts import WAN_NEGATIVE_PROMPT, PromptCache, encode_prompt, prompt_embedding
 from ldlib.presets import ByteTokenizer, get_preset, tiny_umt5_encoder, tiny_wan_transformer
 
 
@@ -236,7 +236,7 @@ def test_degrade_samples_equals_each_sample_alone(latents):
 
 
 def _random_proxy():
-    from ldlib.proxy import ProxyNet
+    from ldlib.train.proxy import ProxyNet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from ldlib.datasets import PairDataset
-from ldlib.demo import DemoConfig, run_demo, write_page
-from ldlib.images import list_images
+from ldlib.data.datasets import PairDataset
+from ldlib.apps.demo import DemoConfig, run_demo, write_page
+from ldlib.core.images import list_images
 from ldlib.presets import get_preset
-from ldlib.samples import sample_photos
+from ldlib.core.samples import sample_photos
 
 
 def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
@@ -49,11 +49,11 @@ def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
 
 def test_demo_writes_each_preset_into_its_own_folder(monkeypatch):
     # `make demo` (taef2) after the one-minute tiny run: their folders would refuse each other's pairs and settings.
-    import ldlib.demo
-    from ldlib.cli import main
+    import ldlib.apps.demo
+    from ldlib.apps.cli import main
 
     seen = []
-    monkeypatch.setattr(ldlib.demo, "run_demo", lambda out, cfg: seen.append((str(out), cfg.preset)))
+    monkeypatch.setattr(ldlib.apps.demo, "run_demo", lambda out, cfg: seen.append((str(out), cfg.preset)))
     for argv in (["demo"], ["demo", "--preset", "tiny"], ["demo", "--preset", "tiny", "--out", "x"]):
         assert main(argv) == 0
     assert seen == [("runs/demo", "taef2"), ("runs/demo-tiny", "tiny"), ("x", "tiny")]

@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldlib.cli import main
-from ldlib.evaluate import (EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, run_evaluation,
+from ldlib.apps.cli import main
+from ldlib.apps.evaluate import (EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, run_evaluation,
                             verdict, write_report)
-from ldlib.export import export_run
-from ldlib.losses import DecoderLoss, LossConfig
-from ldlib.metrics import colour_shift, haarpsi, hf_energy, lpips_model, speckle_ratio, ssim
-from ldlib.pairs import read_manifest, split_by_source
+from ldlib.apps.export import export_run
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.core.metrics import colour_shift, haarpsi, hf_energy, lpips_model, speckle_ratio, ssim
+from ldlib.data.pairs import read_manifest, split_by_source
 from ldlib.presets import get_preset
-from ldlib.datasets import sample_tensor_pairs
-from ldlib.decoder import load_run_codec
-from ldlib.train import TrainConfig, train_decoder
+from ldlib.data.datasets import sample_tensor_pairs
+from ldlib.models.decoder import load_run_codec
+from ldlib.train.decoder import TrainConfig, train_decoder
 
 from conftest import rel_diff
 
@@ -212,7 +212,7 @@ def test_export_wan_roundtrip(tiny_run, tmp_path):
 
 
 def test_export_tae_roundtrip(taef2_codec, tmp_path, lp):
-    from ldlib.codecs import TAECodec
+    from ldlib.models.codecs import TAECodec
 
     data = sample_tensor_pairs(taef2_codec, count=1, hq_size=32, seed=2)
     cfg = TrainConfig(preset="taef2", steps=1, batch=1, warmup_steps=1, lr=1e-3, ema_decay=0.0, val_every=100,
@@ -230,8 +230,8 @@ def test_export_tae_roundtrip(taef2_codec, tmp_path, lp):
 def test_comparison_images_show_the_samples_the_evaluation_scored(tiny_run, lp):
     # Crops titled with a PSNR must be the evaluation's own degraded samples: same noise, same number.
     from ldlib.degrade import parse_degrader
-    from ldlib.evaluate import comparison_images
-    from ldlib.metrics import psnr
+    from ldlib.apps.evaluate import comparison_images
+    from ldlib.core.metrics import psnr
 
     run, codec, data = tiny_run
     ours, _ = load_run_codec(run)
@@ -315,10 +315,10 @@ def test_max_pairs_reports_the_pairs_it_scored(split_run, tiny_pairset, tmp_path
 
 
 def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path, capsys):
-    from ldlib.datasets import TensorPairs
-    from ldlib.latents import default_cache_dir, encode_pairs
-    from ldlib.pairs import PairSpec, build_pairs
-    from ldlib.samples import sample_photos
+    from ldlib.data.datasets import TensorPairs
+    from ldlib.data.latents import default_cache_dir, encode_pairs
+    from ldlib.data.pairs import PairSpec, build_pairs
+    from ldlib.core.samples import sample_photos
 
     run, codec, data = tiny_run
     pairs = tmp_path / "pairs4"

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 
-from ldlib.experiment import DEGRADERS, NAMES, ExperimentConfig, run_experiment
-from ldlib.runs import read_history
-from ldlib.samples import sample_photos
+from ldlib.apps.experiment import DEGRADERS, NAMES, ExperimentConfig, run_experiment
+from ldlib.core.runs import read_history
+from ldlib.core.samples import sample_photos
 
 
 def test_experiment_runs_every_stage_and_resumes(tmp_path, monkeypatch):
-    import ldlib.evaluate
+    import ldlib.apps.evaluate
 
     pictured = []  # the decoders crops.png shows
-    real_comparison = ldlib.evaluate.comparison_images
+    real_comparison = ldlib.apps.evaluate.comparison_images
 
     def comparison(codec, decoders, *args, **kwargs):
         pictured.append(list(decoders))
         return real_comparison(codec, decoders, *args, **kwargs)
 
-    monkeypatch.setattr(ldlib.evaluate, "comparison_images", comparison)
+    monkeypatch.setattr(ldlib.apps.evaluate, "comparison_images", comparison)
     cfg = ExperimentConfig(preset="tiny", photos=str(sample_photos()), crops_per_image=1, decoder_steps=4,
                            proxy_steps=4, teacher_draws=2, eval_sigmas=(0.0, 0.08), gan_warmup=1)
     out = tmp_path / "exp"

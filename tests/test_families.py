@@ -93,7 +93,7 @@ def test_preset_codec_matches_diffusers_and_its_pipeline(kind, tmp_path):
 
 def test_qwen_image_mode_is_exact_both_ways(tmp_path):
     """ldlib's 2-D image mode on AutoencoderKLQwenImage equals diffusers' own 3-D path for one frame."""
-    from ldlib.codecs import QwenImageCodec
+    from ldlib.models.codecs import QwenImageCodec
 
     _save_tiny("qwen-image", tmp_path / "vae")
     vae = _load_diffusers("qwen-image", tmp_path / "vae")
@@ -110,9 +110,9 @@ def test_train_export_reload(kind, tmp_path):
     """One training step through the preset, export (default formats), reload with diffusers alone: same decode."""
     from diffusers import AutoencoderKLWan
 
-    from ldlib.export import export_run
-    from ldlib.single_file import read_state_dict
-    from ldlib.decoder import load_run_codec
+    from ldlib.apps.export import export_run
+    from ldlib.models.single_file import read_state_dict
+    from ldlib.models.decoder import load_run_codec
 
     _save_tiny(kind, tmp_path / "vae")
     codec = get_preset(kind, vae=str(tmp_path / "vae")).load_codec()
@@ -134,7 +134,7 @@ def test_train_export_reload(kind, tmp_path):
                 assert rel_diff(F.pixel_shuffle(v.decode(raw).sample[:, :, 0], 2), expected) < 1e-4
             assert read_state_dict(out / info["files"][-1])["decoder.head.2.weight"].shape[0] == 12
             reloaded = get_preset(kind, vae=str(tmp_path / "vae")).load_codec()  # and ldlib reads the export back
-            from ldlib.decoder import load_decoder
+            from ldlib.models.decoder import load_decoder
 
             back, _ = load_decoder(out, get_preset(kind, vae=str(tmp_path / "vae")))
             assert rel_diff(back.decode(z), expected) < 1e-5 and reloaded.upscale == 1

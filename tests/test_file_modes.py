@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldlib.files import atomic_write_bytes
-from ldlib.images import save_image
+from ldlib.core.files import atomic_write_bytes
+from ldlib.core.images import save_image
 
 
 @contextmanager
@@ -56,11 +56,11 @@ def test_pairs_latents_checkpoints_and_exports_follow_the_umask(tmp_path):
     """Every file of a pair set, a latent cache, a run's checkpoints and a TAE export: readable by the group."""
     from PIL import Image
 
-    from ldlib.codecs import TAECodec, tae_decoder, tae_encoder
-    from ldlib.latents import encode_pairs
-    from ldlib.pairs import PairSpec, build_pairs
+    from ldlib.models.codecs import TAECodec, tae_decoder, tae_encoder
+    from ldlib.data.latents import encode_pairs
+    from ldlib.data.pairs import PairSpec, build_pairs
     from ldlib.presets import get_preset
-    from ldlib.runs import CheckpointManager
+    from ldlib.core.runs import CheckpointManager
 
     mask = 0o027
     want = _plain_open_mode(tmp_path, mask)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldlib.images import (
+from ldlib.core.images import (
     ImageLoadError,
     area_downsample,
     load_image,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldlib.cli import main
-from ldlib.images import load_image
-from ldlib.datasets import PairDataset
-from ldlib.files import shard_files
-from ldlib.latents import LatentCache, encode_pairs
-from ldlib.pairs import PairSpec, build_pairs, read_manifest
+from ldlib.apps.cli import main
+from ldlib.core.images import load_image
+from ldlib.data.datasets import PairDataset
+from ldlib.core.files import shard_files
+from ldlib.data.latents import LatentCache, encode_pairs
+from ldlib.data.pairs import PairSpec, build_pairs, read_manifest
 from ldlib.presets import get_preset
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ldlib.losses import (
+from ldlib.models.losses import (
     DecoderLoss,
     LossConfig,
     PatchDiscriminator,
@@ -15,7 +15,7 @@ from ldlib.losses import (
     hinge_d_loss,
     hinge_g_loss,
 )
-from ldlib.metrics import lpips_model
+from ldlib.core.metrics import lpips_model
 
 from conftest import rel_diff
 
@@ -27,7 +27,7 @@ def lp():
 
 
 def _cached() -> bool:
-    from ldlib.metrics import lpips_backbone_cached
+    from ldlib.core.metrics import lpips_backbone_cached
 
     return lpips_backbone_cached("alex")
 
@@ -109,7 +109,7 @@ def _textbook_gan_step(loss, decoder, last_layer, disc, z, y, step):
 
 def test_gan_step_gradients_equal_the_textbook_two_pass_ones(lp):
     # generator differentiates LPIPS and the discriminator once; the gradients are those of the written-out recipe.
-    from ldlib.bench import _two_pass_loss
+    from ldlib.apps.bench import _two_pass_loss
 
     torch.manual_seed(0)
     decoder = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 12, 3, padding=1),
@@ -142,7 +142,7 @@ def test_gan_step_gradients_equal_the_textbook_two_pass_ones(lp):
 
 def test_gan_step_with_a_bf16_prediction_and_no_double_backward(lp):
     # Under bf16 autocast the prediction is bf16: its gradient comes back through the float copy the losses see.
-    from ldlib.bench import _two_pass_loss
+    from ldlib.apps.bench import _two_pass_loss
 
     torch.manual_seed(0)
     decoder = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 12, 3, padding=1),

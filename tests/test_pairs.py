@@ -18,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldlib.cli import main
-from ldlib.images import load_rgb8
-from ldlib.datasets import PairDataset
-from ldlib.pairs import (
+from ldlib.apps.cli import main
+from ldlib.core.images import load_rgb8
+from ldlib.data.datasets import PairDataset
+from ldlib.data.pairs import (
     PairSpec,
     SkippedInputWarning,
     build_pairs,
@@ -120,7 +120,7 @@ def test_crop_boxes_stay_inside_and_aligned():
 _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import ldlib.pairs as P
+    import ldlib.data.pairs as P
     save = P.save_image
     def slow_save(*args, **kwargs):  # slow writes so the kill lands mid-run, possibly between two files
         time.sleep(0.05)
@@ -308,7 +308,7 @@ def test_folder_tag_tells_photo_folders_of_one_name_apart(tmp_path, monkeypatch)
     # resolved path's sha256.
     import hashlib
 
-    from ldlib.pairs import folder_tag
+    from ldlib.data.pairs import folder_tag
 
     a, b = tmp_path / "a" / "DCIM", tmp_path / "b" / "DCIM"
     for folder in (a, b):

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from conftest import read_only_folder
-from ldlib.cli import main
-from ldlib.pairs import PairSpec, SkippedInputWarning, build_pairs, read_manifest, source_digest
+from ldlib.apps.cli import main
+from ldlib.data.pairs import PairSpec, SkippedInputWarning, build_pairs, read_manifest, source_digest
 
 SPEC = PairSpec(hq_size=32, seed=0)  # source region 64 px, LQ 16 px (two tiny-Wan latent cells)
 
@@ -84,7 +84,7 @@ def test_workers_exit_when_the_build_is_killed(tmp_path):
     for i in range(1, 1500):  # many sources, cheaply: hard links under other names (other pair ids)
         os.link(src / "p0000.png", src / f"p{i:04d}.png")
     out = tmp_path / "out"
-    script = ("import sys, ldlib.pairs as P; "
+    script = ("import sys, ldlib.data.pairs as P; "
               "P.build_pairs(sys.argv[1], sys.argv[2], P.PairSpec(hq_size=32), workers=2, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(src), str(out)], start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -182,7 +182,7 @@ def test_crops_the_codec_cannot_encode_are_refused_up_front(tmp_path, capsys, cr
 
 
 def test_a_failed_first_encode_leaves_no_cache_that_refuses_later(tmp_path, capsys):
-    from ldlib.latents import LatentCache, encode_pairs
+    from ldlib.data.latents import LatentCache, encode_pairs
     from ldlib.presets import get_preset
 
     src = _sources(tmp_path / "src")
@@ -204,7 +204,7 @@ def test_a_failed_first_encode_leaves_no_cache_that_refuses_later(tmp_path, caps
 
 def test_an_identity_only_cache_is_harmless(tmp_path):
     """A cache folder holding identity.json and no latents (left by older versions) is taken over, not refused."""
-    from ldlib.latents import LatentCache, encode_pairs
+    from ldlib.data.latents import LatentCache, encode_pairs
     from ldlib.presets import get_preset
 
     src = _sources(tmp_path / "src")
@@ -357,7 +357,7 @@ def _real_big_png(path: Path, width: int, height: int) -> None:
 
 
 def test_a_100_megapixel_photo_is_a_normal_input(tmp_path):
-    from ldlib.images import open_image
+    from ldlib.core.images import open_image
 
     src = tmp_path / "src"
     src.mkdir()
@@ -374,7 +374,7 @@ def test_a_100_megapixel_photo_is_a_normal_input(tmp_path):
 
 @pytest.mark.parametrize("size", [(30_000, 30_000), (100_000, 100_000)])
 def test_absurd_pixel_counts_are_still_refused(tmp_path, size):
-    from ldlib.images import ImageLoadError, open_image
+    from ldlib.core.images import ImageLoadError, open_image
 
     _png_header_only(tmp_path / "bomb.png", *size)
     mpx = f"{size[0] * size[1] / 1e6:,.0f}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldlib.pca import LatentPCA, load_wan_latents
+from ldlib.core.pca import LatentPCA, load_wan_latents
 
 WAN_LATENTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wan_latents" / "test_latents_wan.pth"
 

@@ -84,7 +84,7 @@ def test_taef2_preset_loads_real_weights(taef2_codec):
 
 
 def test_taef2_default_is_the_shipped_weights(monkeypatch):
-    from ldlib.samples import ASSETS_DIR
+    from ldlib.core.samples import ASSETS_DIR
 
     monkeypatch.delenv(TAEF2_ENV, raising=False)
     assert taef2_dir() == ASSETS_DIR / "taef2"
@@ -97,7 +97,7 @@ def test_shipped_taef2_equals_the_published_pth(tmp_path):
     from safetensors.torch import load_file
 
     from ldlib.presets import SHARED_DIR
-    from ldlib.samples import ASSETS_DIR
+    from ldlib.core.samples import ASSETS_DIR
 
     src = SHARED_DIR / "models" / "taef2"
     if not (src / "taef2_encoder.pth").is_file():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ldlib.degrade import DiffusionDegrader, ProxyDegrader
-from ldlib.proxy import (ProxyNet, ProxyTrainConfig, evaluate_proxy, load_proxy, proxy_loss, save_proxy,
+from ldlib.train.proxy import (ProxyNet, ProxyTrainConfig, evaluate_proxy, load_proxy, proxy_loss, save_proxy,
                          train_proxy)
-from ldlib.latents import LatentCache
+from ldlib.data.latents import LatentCache
 from ldlib.presets import tiny_wan_transformer
-from ldlib.teacher_data import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
+from ldlib.data.teacher_data import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_train_proxy_beats_both_baselines_on_held_out_sources(teacher_dir, tmp_p
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     # Held out by source image: no source in both splits.
     ts = TeacherSet(teacher_dir)
-    from ldlib.pairs import split_by_source
+    from ldlib.data.pairs import split_by_source
 
     train_ids, val_ids = split_by_source(ts.records, 0.34, 0)
     src = {r["id"]: r["source"] for r in ts.records}
@@ -164,7 +164,7 @@ def test_train_proxy_resume_continues_the_same_run(teacher_dir, tmp_path):
 
 
 def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(teacher_dir, tmp_path, monkeypatch):
-    import ldlib.proxy
+    import ldlib.train.proxy
 
     losses = []
 
@@ -172,7 +172,7 @@ def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(teacher_di
         losses.append(proxy_loss(*a, **kw))
         return losses[-1] * float("nan") if len(losses) == 2 else losses[-1]
 
-    monkeypatch.setattr(ldlib.proxy, "proxy_loss", nan_second_call)
+    monkeypatch.setattr(ldlib.train.proxy, "proxy_loss", nan_second_call)
     summary = train_proxy(_small_cfg(steps=4), teacher_dir, tmp_path / "run")
     assert summary["skipped_steps"] == [1]
     assert [h["skipped"] for h in summary["history"]] == [False, True, False, False]

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldlib.cli import main
-from ldlib.datasets import sample_tensor_pairs
-from ldlib.decoder import load_run_codec
-from ldlib.losses import DecoderLoss, LossConfig
-from ldlib.metrics import lpips_model
+from ldlib.apps.cli import main
+from ldlib.data.datasets import sample_tensor_pairs
+from ldlib.models.decoder import load_run_codec
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.core.metrics import lpips_model
 from ldlib.presets import get_preset
-from ldlib.runs import read_history
-from ldlib.train import TrainConfig, train_decoder
+from ldlib.core.runs import read_history
+from ldlib.train.decoder import TrainConfig, train_decoder
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_init_from_trains_with_its_own_optimiser_and_ema_settings(setup, runs, t
 def test_plot_history_draws_each_logged_key_and_says_when_a_panel_has_none(tmp_path):
     import warnings
 
-    from ldlib.runs import plot_history
+    from ldlib.core.runs import plot_history
 
     run = tmp_path / "run"
     run.mkdir()
@@ -280,7 +280,7 @@ def test_plot_history_draws_each_logged_key_and_says_when_a_panel_has_none(tmp_p
 def test_optimizer_state_keeps_the_kernel_choice_of_the_device_it_resumes_on():
     # A checkpoint's param_groups carry fused / foreach; resuming on another device must not inherit them (a CPU
     # state in a CUDA run would lose the fused kernel, a CUDA state on CPU would gain it). Same update either way.
-    from ldlib.runs import load_optimizer_state
+    from ldlib.core.runs import load_optimizer_state
 
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(64, generator=g)
@@ -312,7 +312,7 @@ def test_ema_update_is_diffusers_ema_in_one_lerp_and_shares_its_checkpoints(monk
     from diffusers.training_utils import EMAModel
 
     from conftest import rel_diff
-    from ldlib.runs import build_ema
+    from ldlib.core.runs import build_ema
 
     lerps = []
     real_lerp = torch._foreach_lerp_

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import read_only_folder, rel_diff
-from ldlib import files as folders
-from ldlib.cli import main
-from ldlib.export import export_run
-from ldlib.losses import DecoderLoss, LossConfig
-from ldlib.metrics import lpips_model
+from ldlib.core import files as folders
+from ldlib.apps.cli import main
+from ldlib.apps.export import export_run
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.core.metrics import lpips_model
 from ldlib.presets import get_preset
-from ldlib.datasets import sample_tensor_pairs
-from ldlib.decoder import load_run_codec
-from ldlib.train import TrainConfig, train_decoder
+from ldlib.data.datasets import sample_tensor_pairs
+from ldlib.models.decoder import load_run_codec
+from ldlib.train.decoder import TrainConfig, train_decoder
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_export_through_a_symlink_replaces_the_folder_it_points_to(tiny_run, tmp
 
 
 def test_evaluate_split_all_or_held_out_and_the_report_says_which(tiny_run, tiny_pairset, tmp_path, capsys):
-    from ldlib.datasets import PairDataset
+    from ldlib.data.datasets import PairDataset
 
     run, _ = tiny_run
     pairs = tiny_pairset["pairs"]

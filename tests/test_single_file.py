@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_diff
-from ldlib.codecs import WanCodec
+from ldlib.models.codecs import WanCodec
 from ldlib.presets import TINY_WAN21_VAE_CONFIG, TINY_WAN_VAE_CONFIG, get_preset
-from ldlib.single_file import LayoutError, original_wan_state_dict, published_config, save_original_wan
+from ldlib.models.single_file import LayoutError, original_wan_state_dict, published_config, save_original_wan
 
 
 def _tiny_wan21(seed: int = 0, **overrides):

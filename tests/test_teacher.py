@@ -1,4 +1,4 @@
-"""The trained teacher (ldlib.teacher): degrader == hand-written Euler loop, exact resume, eval recomputed,
+"""The trained teacher (ldlib.train.teacher): degrader == hand-written Euler loop, exact resume, eval recomputed,
 save/load round trip, refusal of another latent space, preset integration and the CLI."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import rel_diff
 from ldlib.degrade import DiffusionDegrader, add_noise, diffusion_degrader
-from ldlib.prompts import prompt_embedding
+from ldlib.models.prompts import prompt_embedding
 from ldlib.presets import TAEF2_TEACHER_ENV, get_preset, taef2_teacher_dir
-from ldlib.teacher import (TeacherConfig, check_teacher_codec, eval_noise, evaluate_teacher, load_split_latents,
+from ldlib.train.teacher import (TeacherConfig, check_teacher_codec, eval_noise, evaluate_teacher, load_split_latents,
                            load_teacher, read_teacher_info, train_teacher, training_sample)
 
 
@@ -117,7 +117,7 @@ def test_eval_json_equals_an_independent_recomputation(tiny_teacher, tiny_pairse
 
 
 def _cache(tiny_pairset):
-    from ldlib.latents import LatentCache
+    from ldlib.data.latents import LatentCache
 
     return LatentCache(tiny_pairset["latents"])
 
@@ -189,7 +189,7 @@ def test_taef2_preset_refuses_a_teacher_of_another_space(tiny_teacher, taef2_cod
 
 
 def test_cli_train_teacher(tiny_pairset, tmp_path, capsys):
-    from ldlib.cli import main
+    from ldlib.apps.cli import main
 
     out = tmp_path / "run"
     args = ["train-teacher", str(tiny_pairset["pairs"]), str(out), "--preset", "tiny", "--steps", "2", "--layers", "1",
@@ -204,7 +204,7 @@ def test_cli_train_teacher(tiny_pairset, tmp_path, capsys):
 
 
 def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(tiny_pairset, tmp_path, monkeypatch):
-    import ldlib.teacher
+    import ldlib.train.teacher
 
     cfg = tiny_config()
     calls = []
@@ -214,7 +214,7 @@ def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(tiny_pairs
         calls.append(1)
         return (x0 * float("nan") if cfg.batch < len(calls) <= 2 * cfg.batch else x0), eps, sigma
 
-    monkeypatch.setattr(ldlib.teacher, "training_sample", nan_at_step_1)
+    monkeypatch.setattr(ldlib.train.teacher, "training_sample", nan_at_step_1)
     summary = train_teacher(cfg, tiny_pairset["pairs"], tmp_path / "run", codec=tiny_pairset["codec"], stop_at=3)
     assert summary["skipped_steps"] == [1] and [h["skipped"] for h in summary["history"]] == [False, True, False]
     written = json.loads((tmp_path / "run" / "summary.json").read_text(),

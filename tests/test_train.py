@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 import ldlib
-from ldlib.losses import DecoderLoss, LossConfig
-from ldlib.metrics import lpips_model
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.core.metrics import lpips_model
 from ldlib.presets import get_preset
-from ldlib.datasets import sample_tensor_pairs
-from ldlib.decoder import TwoXDecoder, load_run_codec
+from ldlib.data.datasets import sample_tensor_pairs
+from ldlib.models.decoder import TwoXDecoder, load_run_codec
 from ldlib.degrade import CachedTeacher, parse_degrader
-from ldlib.profiling import rss_mb
-from ldlib.runs import GlobalBatchSampler, _glibc, config_changes, reused_cpu_memory, sample_generator
-from ldlib.train import TrainConfig, degrade_batch, train_decoder
+from ldlib.core.profiling import rss_mb
+from ldlib.core.runs import GlobalBatchSampler, _glibc, config_changes, reused_cpu_memory, sample_generator
+from ldlib.train.decoder import TrainConfig, degrade_batch, train_decoder
 
 from conftest import rel_diff
 
@@ -261,11 +261,11 @@ def test_bf16_autocast_runs_and_records_precision(setup, tmp_path):
 
 def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
     from ldlib.degrade import diffusion_degrader
-    from ldlib.datasets import PairDataset
-    from ldlib.latents import LatentCache, default_cache_dir, encode_pairs
-    from ldlib.pairs import PairSpec, build_pairs
-    from ldlib.samples import sample_photos
-    from ldlib.teacher_data import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
+    from ldlib.data.datasets import PairDataset
+    from ldlib.data.latents import LatentCache, default_cache_dir, encode_pairs
+    from ldlib.data.pairs import PairSpec, build_pairs
+    from ldlib.core.samples import sample_photos
+    from ldlib.data.teacher_data import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
 
     codec, _, lp = setup
     preset = get_preset("tiny")
@@ -333,7 +333,7 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
     from conftest import rel_diff
 
     from ldlib.degrade import ProxyDegrader
-    from ldlib.proxy import ProxyNet, save_proxy
+    from ldlib.train.proxy import ProxyNet, save_proxy
 
     codec, data, lp = setup
     torch.manual_seed(0)
@@ -354,7 +354,7 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
 def test_gan_steps_train_as_the_textbook_two_pass_steps(setup, tmp_path):
     # The loop with the one-pass GAN gradients (DecoderLoss.generator) against the same loop with the textbook
     # two-pass ones (the bench's baseline): GAN on from step 1, two micro-steps per step, the same run to rounding.
-    from ldlib.bench import _two_pass_loss
+    from ldlib.apps.bench import _two_pass_loss
 
     codec, data, lp = setup
     cfg = _cfg(steps=4, grad_accum=2, checkpoint_every=4)
@@ -505,7 +505,7 @@ def test_nan_skip_between_reads_with_accumulation(setup, tmp_path):
 def test_step_timings_cover_the_step(setup, tmp_path):
     import time
 
-    from ldlib.profiling import StepTimings
+    from ldlib.core.profiling import StepTimings
 
     codec, data, lp = setup
     cfg = _cfg(steps=3, checkpoint_every=100, log_every=2)  # GAN (and the discriminator) on from step 1
@@ -530,10 +530,10 @@ def test_step_timings_cover_the_step(setup, tmp_path):
 def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypatch):
     # update_threads=1 (the CPU default) runs AdamW and the EMA on one thread: element-wise, so bit-identical to
     # all threads; the gradient-norm clipping (a reduction) keeps all threads.
-    import ldlib.train
+    import ldlib.train.decoder
 
     seen = []
-    real_build = ldlib.train.build_ema
+    real_build = ldlib.train.decoder.build_ema
 
     def spied_ema(params, decay):
         ema = real_build(params, decay)
@@ -541,7 +541,7 @@ def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypa
         ema.step = lambda p: seen.append(torch.get_num_threads()) or real_step(p)
         return ema
 
-    monkeypatch.setattr(ldlib.train, "build_ema", spied_ema)
+    monkeypatch.setattr(ldlib.train.decoder, "build_ema", spied_ema)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -562,7 +562,7 @@ def test_single_threaded_updates_give_the_same_weights(setup, tmp_path, monkeypa
 def test_loader_workers_give_the_same_run(setup, tmp_path):
     # Workers only move where a batch is read: same batches in the same order, so the same run, bit for bit on CPU
     # (cuDNN's backward kernels are not deterministic: on CUDA, equal to float rounding).
-    from ldlib.runs import default_device
+    from ldlib.core.runs import default_device
 
     exact = default_device().type == "cpu"
     cfg = dict(steps=2, checkpoint_every=2)
@@ -580,7 +580,7 @@ def test_loader_workers_give_the_same_run(setup, tmp_path):
 
 
 def test_loader_workers_by_device(monkeypatch):
-    from ldlib.runs import loader_workers
+    from ldlib.core.runs import loader_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -617,7 +617,7 @@ def test_device_busy_time_is_the_union_of_spans():
     # Against a 1-microsecond grid in numpy: overlapping, nested, touching and disjoint spans.
     import numpy as np
 
-    from ldlib.bench import _union_seconds
+    from ldlib.apps.bench import _union_seconds
 
     rng = np.random.default_rng(0)
     starts = rng.integers(0, 900, 40)
@@ -635,8 +635,8 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     import ldlib.presets
     from PIL import Image
 
-    from ldlib.bench import _bench_pairset, _shared_photos
-    from ldlib.images import load_rgb8
+    from ldlib.apps.bench import _bench_pairset, _shared_photos
+    from ldlib.core.images import load_rgb8
 
     photos = tmp_path / "shared" / "data" / "photos"
     photos.mkdir(parents=True)
@@ -651,14 +651,14 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "bench" / "photos").iterdir()) == ["a.png"]
     manifest = [json.loads(line) for line in (pairs / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 2 and all(load_rgb8(pairs / m["hq"])[0].shape[:2] == (preset.hq_size,) * 2 for m in manifest)
-    assert len(ldlib.datasets.PairDataset(pairs, latents=latents)) == 2
+    assert len(ldlib.data.datasets.PairDataset(pairs, latents=latents)) == 2
     monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "nowhere")
     assert _shared_photos() == []
 
 
 def test_train_step_bench_smoke(tmp_path):
     # The bench's plumbing at tiny size: real train_decoder runs, the breakdown adds up to the step.
-    from ldlib.bench import NON_MODEL, STEP_GROUPS, bench_train_step
+    from ldlib.apps.bench import NON_MODEL, STEP_GROUPS, bench_train_step
 
     result = bench_train_step("tiny", quick=True, variants={
         "default": {}, "channels_last": {"channels_last": True},
@@ -707,10 +707,10 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
 
     import torch.nn.functional as F
 
-    from ldlib import wan_image
-    from ldlib.bench import _bench_train_config, _model_flops
-    from ldlib.runs import make_accelerator
-    from ldlib.train import _build_models
+    from ldlib.models import wan_image
+    from ldlib.apps.bench import _bench_train_config, _model_flops
+    from ldlib.core.runs import make_accelerator
+    from ldlib.train.decoder import _build_models
 
     cfg = _bench_train_config("tiny", None, 2)
     codec = get_preset("tiny").load_codec()
@@ -800,11 +800,11 @@ def test_reused_cpu_memory_keeps_freed_blocks_and_returns_them_after():
 def test_reused_cpu_memory_is_wired_and_changes_nothing(setup, tmp_path, monkeypatch):
     # The loop enters the block on CPU (the default) and not when switched off, with the same run either way. (The
     # tiny preset's tensors are too small to reach glibc's thresholds: bit-identity at taef2 size is a bench check.)
-    import ldlib.train
+    import ldlib.train.decoder
 
     seen = []
-    real = ldlib.train.reused_cpu_memory
-    monkeypatch.setattr(ldlib.train, "reused_cpu_memory", lambda enabled: seen.append(enabled) or real(enabled))
+    real = ldlib.train.decoder.reused_cpu_memory
+    monkeypatch.setattr(ldlib.train.decoder, "reused_cpu_memory", lambda enabled: seen.append(enabled) or real(enabled))
     cfg = dict(steps=2, checkpoint_every=2)
     on = _run(setup, tmp_path / "on", _cfg(**cfg))
     off = _run(setup, tmp_path / "off", _cfg(reuse_cpu_memory=False, **cfg))

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import rel_diff, train_short_run
-from ldlib.cli import main
-from ldlib.images import area_downsample, load_image, save_image
+from ldlib.apps.cli import main
+from ldlib.core.images import area_downsample, load_image, save_image
 from ldlib.presets import get_preset
-from ldlib.upscale import UpscaleConfig, decode_tiled, encode_tiled, group_norms, run_tiled, tile_spans
+from ldlib.apps.upscale import UpscaleConfig, decode_tiled, encode_tiled, group_norms, run_tiled, tile_spans
 
 
 @pytest.mark.parametrize("size", [1, 5, 7, 9, 32, 33, 47, 64, 65, 100, 107, 257])
@@ -74,7 +74,7 @@ def test_tiled_decode_is_close_to_whole_tiny_wan():
 def test_tiled_decode_is_close_to_whole_taef2(taef2_codec):
     """taef2 (GroupNorm statistics shared), small tiles on a real photo's latents: stated tolerance max 0.3,
     mean 0.025 (8-pixel tiles are far inside TAESD's receptive field; the default 64 does much better)."""
-    from ldlib.samples import sample_photos
+    from ldlib.core.samples import sample_photos
 
     x = load_image(Path(sample_photos()) / "p11_texture_paintbrushes.jpg")
     x = area_downsample(x[..., :2448, :2448], 8)[..., 40:136, 100:228]  # 96 x 128: latents 12 x 16, 2 x 3 tiles
@@ -103,7 +103,7 @@ def _photo(path, h=44, w=60, seed=0):
 
 
 def test_upscale_image_scale_and_compare(tiny_run, tmp_path, capsys):
-    from ldlib.decoder import load_run_codec
+    from ldlib.models.decoder import load_run_codec
 
     img = _photo(tmp_path / "in.png")  # 44 x 60: not a multiple of 8, padded and cropped back
     out = tmp_path / "out"
@@ -171,7 +171,7 @@ def test_upscale_refuses_inputs_whose_outputs_would_overwrite_each_other(tiny_ru
 def test_upscale_never_overwrites_another_inputs_output_of_another_stem(tiny_run, tmp_path, capsys):
     """A 2-latent file x.pt writes x_0_2x.png and x_1_2x.png; an image x_1.png writes x_1_2x.png too. Whichever
     comes second fails with one line naming both, the first one's outputs stay, and the exit code is 1."""
-    from ldlib.decoder import load_run_codec
+    from ldlib.models.decoder import load_run_codec
 
     codec, _ = load_run_codec(tiny_run)
     z = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3))

@@ -1,4 +1,4 @@
-"""Image mode of the Wan VAE (ldlib.wan_image) against diffusers' own AutoencoderKLWan encode/decode."""
+"""Image mode of the Wan VAE (ldlib.models.wan_image) against diffusers' own AutoencoderKLWan encode/decode."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldlib import wan_image
-from ldlib.codecs import WanCodec
+from ldlib.models import wan_image
+from ldlib.models.codecs import WanCodec
 from ldlib.presets import TINY_WAN_VAE_CONFIG, get_preset
 
 diffusers = pytest.importorskip("diffusers")
@@ -165,7 +165,7 @@ def test_codec_and_train_benches_smoke(tmp_path, monkeypatch):
     import functools
     import json
 
-    from ldlib import bench
+    from ldlib.apps import bench
 
     for name, size in (("codec", {"size": 64}), ("train-wan", {"hq": 64})):
         small = functools.partial(bench.BENCHES[name], vae_config=TINY_WAN_VAE_CONFIG, **size)

@@ -30,7 +30,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_bytes, replaced_folder, save_figure
+from ..core.files import atomic_write_bytes, replaced_folder, save_figure
 
 TEACHER_JSON = "teacher.json"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
@@ -104,7 +104,7 @@ class TeacherConfig:
         if not 0 <= self.val_fraction < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"TeacherConfig: need val_fraction and ema_decay in [0, 1), got {self.val_fraction}, "
                              f"{self.ema_decay}")
-        from .runs import check_optimiser_settings
+        from ..core.runs import check_optimiser_settings
 
         check_optimiser_settings("TeacherConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
                                  self.keep_checkpoints)
@@ -174,7 +174,7 @@ def training_sample(latent: torch.Tensor, cfg: TeacherConfig, generator: torch.G
 
 def eval_noise(seed: int, sigma_index: int, latent_index: int, draw: int, shape: Sequence[int]) -> torch.Tensor:
     """The eval noise of one (sigma, held-out latent, draw): fixed by the seed, the same in every run."""
-    from .runs import sample_generator
+    from ..core.runs import sample_generator
 
     g = sample_generator(seed, sigma_index, latent_index, stream=100 + draw)
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
@@ -190,7 +190,7 @@ def evaluate_teacher(
     ``latents``: N x C x H x W held-out clean latents; the noise of each (sigma, latent, draw) is ``eval_noise``.
     The ratio below 1 says by how much one teacher step beats "return x_sigma" (the degrader's lower bound).
     """
-    from .degrade import DiffusionDegrader
+    from ..degrade import DiffusionDegrader
 
     device = next(transformer.parameters()).device
     step = DiffusionDegrader(transformer, prompt_embeds, steps=1, batch_size=batch_size)
@@ -248,7 +248,7 @@ def plot_eval(result: dict, path: str | os.PathLike) -> None:
 def generate(transformer, prompt_embeds: torch.Tensor, count: int, channels: int, size: int, steps: int = 40,
              seed: int = 0) -> torch.Tensor:
     """Latents generated from pure noise: the degrader's Euler loop from sigma 1 to 0 in ``steps`` steps."""
-    from .degrade import DiffusionDegrader
+    from ..degrade import DiffusionDegrader
 
     device = next(transformer.parameters()).device
     noise = torch.randn(count, channels, size, size, generator=torch.Generator().manual_seed(seed))
@@ -258,7 +258,7 @@ def generate(transformer, prompt_embeds: torch.Tensor, count: int, channels: int
 @torch.no_grad()
 def save_samples(codec, latents: torch.Tensor, path: str | os.PathLike, per_row: int = 4) -> None:
     """Decode generated latents with the codec and write them as one PNG grid."""
-    from .images import save_image
+    from ..core.images import save_image
 
     imgs = codec.decode(latents.to(next(codec.parameters()).device)).float().cpu().clamp(-1, 1)
     n, _, h, w = imgs.shape
@@ -334,7 +334,7 @@ def load_prompt_embeds(folder: str | os.PathLike) -> torch.Tensor | None:
 
 def check_teacher_codec(info: dict, identity: dict, folder: str | os.PathLike) -> None:
     """Refuse a teacher trained in another latent space than the codec/latents it is used with."""
-    from .latents import _describe, same_codec
+    from ..data.latents import _describe, same_codec
 
     have = info.get("codec", {})
     if not same_codec(have, identity):
@@ -366,7 +366,7 @@ class _Indexed(torch.utils.data.Dataset):
 def load_split_latents(pairs: str | os.PathLike, cache, val_fraction: float, split_seed: int
                        ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """(train latents, held-out latents, train sources, held-out sources) of a pair set, split by source photo."""
-    from .pairs import read_manifest, split_by_source
+    from ..data.pairs import read_manifest, split_by_source
 
     records = [r for r in read_manifest(pairs) if r["id"] in cache]
     if not records:
@@ -394,10 +394,10 @@ def train_teacher(
     ``stop_at`` ends the run early at that step (an interruption; the schedule still targets ``cfg.steps``); the
     teacher folder, eval and samples are written when the run reaches ``cfg.steps``.
     """
-    from .degrade import DiffusionDegrader
-    from .latents import LatentCache, default_cache_dir
-    from .presets import get_preset
-    from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, json_bytes,
+    from ..degrade import DiffusionDegrader
+    from ..data.latents import LatentCache, default_cache_dir
+    from ..presets import get_preset
+    from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, json_bytes,
                        load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
                        write_config)
 

@@ -25,8 +25,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .images import area_downsample
-from .metrics import high_freq_share, white_noise_hf_share
+from ..core.images import area_downsample
+from ..core.metrics import high_freq_share, white_noise_hf_share
 
 DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
 RECIPE_RANGE = (0.0, 0.12)
@@ -60,9 +60,9 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
     ``pairs_dir``: an existing pair set (``python -m ldlib build-pairs``). Otherwise one is built (resumably) under
     ``work_dir`` from ``photos`` (a folder), or from the photos shipped with ldlib, named by ``pairs.folder_tag``.
     """
-    from .datasets import PairDataset
-    from .pairs import PairSpec, build_pairs, folder_tag
-    from .samples import sample_photos
+    from ..data.datasets import PairDataset
+    from ..data.pairs import PairSpec, build_pairs, folder_tag
+    from ..core.samples import sample_photos
 
     work_dir = Path(work_dir)
     if pairs_dir is None:
@@ -115,7 +115,7 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (non-finite numbers, e.g. the PSNR of identical decodes, become None)."""
-        from .runs import json_ready
+        from ..core.runs import json_ready
 
         return json_ready(asdict(self))
 
@@ -134,7 +134,7 @@ def sigma_sweep(codec, degrader, lq: torch.Tensor, hq: torch.Tensor, config: Swe
     """Degrade the LQ latents at each sigma of config and measure (see the module docstring)."""
     from tqdm.auto import tqdm
 
-    from .metrics import lpips_model, psnr
+    from ..core.metrics import lpips_model, psnr
 
     config = config or SweepConfig()
     bs = config.batch_size
@@ -336,9 +336,9 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
 
     from matplotlib.figure import Figure
 
-    from .degrade import parse_degrader
-    from .files import atomic_write_bytes, save_figure
-    from .presets import get_preset
+    from ..degrade import parse_degrader
+    from ..core.files import atomic_write_bytes, save_figure
+    from ..presets import get_preset
 
     config = config or SweepConfig()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
+from ..core.files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
 
 TEACHER_JSON = "teacher.json"
 
@@ -173,7 +173,7 @@ def generate_teacher(
 
     from .latents import LatentCache
     from .pairs import read_manifest
-    from .runs import default_device
+    from ..core.runs import default_device
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")

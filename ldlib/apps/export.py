@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import atomic_write_bytes
+from ..core.files import atomic_write_bytes
 
 _README_WAN = """# 2x decoder (exported by ldlib)
 
@@ -41,7 +41,7 @@ A TAESD-format decoder whose last conv has 12 output channels: apply `pixel_shuf
 ```python
 import torch
 import torch.nn.functional as F
-from ldlib.codecs import TAECodec
+from ldlib.models.codecs import TAECodec
 
 codec = TAECodec.from_folder("{folder}")
 with torch.no_grad():
@@ -123,7 +123,7 @@ def export_folder(run: str | os.PathLike, out: str | os.PathLike):
     Refuses an out that is the run, holds it or lies in its checkpoints (replacing it would destroy the run), and
     an out holding anything but a previous export (EXPORT_MARKER): its files would be mixed with the export's.
     """
-    from .files import replaced_folder
+    from ..core.files import replaced_folder
 
     r, o = Path(run).resolve(), Path(out).resolve()
     if o == r or o in r.parents:
@@ -169,8 +169,8 @@ def export_run(
 def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path,
                   formats: tuple[str, ...] | list[str] | None = None) -> Path:
     """The export's files, written into out (a staging folder that becomes final)."""
-    from .decoder import load_run_codec, run_checkpoint, run_split
-    from .single_file import LayoutError, original_wan_state_dict, save_original_wan
+    from ..models.decoder import load_run_codec, run_checkpoint, run_split
+    from ..models.single_file import LayoutError, original_wan_state_dict, save_original_wan
 
     run, out = Path(run), Path(out)
     ckpt = run_checkpoint(run, ema)

@@ -2,7 +2,7 @@
 
 - ``ProxyNet``: sigma-conditioned, ``out = x_sigma - sigma * v_hat(x_sigma, sigma)``, so the identity at sigma 0 by
   construction; ``save_proxy`` / ``load_proxy`` (safetensors + JSON).
-- ``train_proxy``: regression on cached teacher outputs (``ldlib.teacher_data``), held out by source photo, on the
+- ``train_proxy``: regression on cached teacher outputs (``ldlib.data.teacher_data``), held out by source photo, on the
   shared run machinery (accelerate, atomic checkpoints, exact resume, TensorBoard).
 - ``evaluate_proxy``: per sigma bin, |P(x_s) - T(x_s)| / |T(x_s) - x0| next to "return x_sigma" and "return x0".
 """
@@ -19,11 +19,11 @@ from typing import Literal, Sequence
 import torch
 import torch.nn as nn
 
-from .files import atomic_write_bytes, save_figure
-from .pairs import split_by_source
-from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, json_bytes,
+from ..core.files import atomic_write_bytes, save_figure
+from ..data.pairs import split_by_source
+from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, json_bytes,
                    load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, write_config)
-from .teacher_data import TeacherDataset, TeacherSet
+from ..data.teacher_data import TeacherDataset, TeacherSet
 
 
 class ProxyNet(nn.Module):
@@ -154,7 +154,7 @@ def proxy_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, fl
 
 def split_teacher_data(teacher: TeacherSet, val_fraction: float, seed: int, latents=None
                        ) -> tuple[TeacherDataset, TeacherDataset]:
-    """(train, held-out) teacher records as datasets, held out by source photo (ldlib.pairs.split_by_source)."""
+    """(train, held-out) teacher records as datasets, held out by source photo (ldlib.data.pairs.split_by_source)."""
     train_ids, val_ids = split_by_source(teacher.records, val_fraction, seed)
     train = TeacherDataset(teacher, latents, sorted(set(train_ids)))
     return train, TeacherDataset(teacher, train.latents, sorted(set(val_ids)))

@@ -176,7 +176,7 @@ class Codec(nn.Module):
 class WanCodec(Codec):
     """AutoencoderKLWan as an image codec (one frame); latents ``(z - latents_mean) / latents_std``.
 
-    ``image_mode=True`` (default) runs encoder and decoder with the 2-D image-mode forward of ``ldlib.wan_image``
+    ``image_mode=True`` (default) runs encoder and decoder with the 2-D image-mode forward of ``ldlib.models.wan_image``
     (the same function for T=1, 2-3x less work, gradients to the same parameters); ``False`` calls diffusers'
     own 3-D modules with their feature cache.
     """
@@ -499,7 +499,7 @@ class TAECodec(Codec):
         """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``."""
         from safetensors.torch import save_file
 
-        from .files import atomic_write_bytes, atomic_write_file
+        from ..core.files import atomic_write_bytes, atomic_write_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -527,7 +527,7 @@ class QwenImageCodec(WanCodec):
 
     Normalisation as Wan's: Qwen-Image pipelines encode the posterior mode and use ``(z - latents_mean) /
     latents_std`` from the VAE config, decoding ``z * latents_std + latents_mean``. Its modules are diffusers'
-    QwenImage* copies of the Wan ones, which ``ldlib.wan_image`` runs in image mode too (exactness tested). The
+    QwenImage* copies of the Wan ones, which ``ldlib.models.wan_image`` runs in image mode too (exactness tested). The
     config has no ``out_channels`` (``input_channels`` sizes both the encoder input and the decoder output), so a
     2x decoder is saved as an ``AutoencoderKLWan`` folder: the same modules and state-dict keys, ``out_channels=12``.
     ``vae`` may be either class (an exported 2x decoder loads as AutoencoderKLWan).
@@ -656,7 +656,7 @@ def load_codec(
     """Load a codec by family from a hub id, a local folder, or one weights file (wan / qwenimage / kl).
 
     Folders and hub ids go through the family's diffusers ``from_pretrained`` (TAESD files for tae); a single file
-    through ``ldlib.single_file`` with ``vae_config`` (a diffusers folder / config.json / dict) as its architecture.
+    through ``ldlib.models.single_file`` with ``vae_config`` (a diffusers folder / config.json / dict) as its architecture.
     """
     source = str(source)
     from .single_file import is_single_file

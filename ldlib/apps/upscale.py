@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .images import IMAGE_SUFFIXES, area_downsample, load_image, save_image
+from ..core.images import IMAGE_SUFFIXES, area_downsample, load_image, save_image
 
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth")
 MAX_SHARED_NORMS = 8  # GroupNorm layers whose statistics tiling shares (each costs one partial pass over the tiles)
@@ -256,7 +256,7 @@ def encode_tiled(codec, images: torch.Tensor, tile: int = 64, overlap: int = 16)
 
 
 def _family_of_preset(name: str, taef2_dir: str | None) -> str:
-    from .presets import get_preset
+    from ..presets import get_preset
 
     try:
         return get_preset(name, taef2_path=taef2_dir).family
@@ -266,7 +266,7 @@ def _family_of_preset(name: str, taef2_dir: str | None) -> str:
 
 def describe_model(model: str | os.PathLike, taef2_dir: str | None = None) -> dict:
     """What a model path is without loading weights: kind (run / export / folder), preset and VAE family."""
-    from .decoder import _export_family, _is_run, read_run_config
+    from ..models.decoder import _export_family, _is_run, read_run_config
 
     path = Path(model)
     if _is_run(path):
@@ -294,7 +294,7 @@ def load_upscaler(
 
     Returns ``(codec2x, original, preset)``. ``preset_name`` defaults to the one the model was trained with.
     """
-    from .presets import get_preset
+    from ..presets import get_preset
 
     desc = describe_model(model, taef2_dir)
     name = preset_name or desc["preset"]
@@ -313,11 +313,11 @@ def load_upscaler(
     preset = get_preset(name, taef2_path=taef2_dir, **overrides)
     original = preset.load_codec()
     if desc["kind"] == "run":
-        from .decoder import load_run_codec
+        from ..models.decoder import load_run_codec
 
         codec, _ = load_run_codec(model)
     else:
-        from .decoder import load_decoder
+        from ..models.decoder import load_decoder
 
         codec, _ = load_decoder(model, preset)
     if codec.upscale != 2:

@@ -121,7 +121,7 @@ class NoiseDegrader(Degrader):
 
 
 class ProxyDegrader(Degrader):
-    """A trained proxy ``net(x_sigma, sigma) -> latents`` standing in for the teacher (``ldlib.proxy``)."""
+    """A trained proxy ``net(x_sigma, sigma) -> latents`` standing in for the teacher (``ldlib.train.proxy``)."""
 
     def __init__(self, net: nn.Module) -> None:
         self.net = net
@@ -146,11 +146,11 @@ class CachedTeacher:
     """
 
     def __init__(self, folder: str | os.PathLike, sigma_max: float, codec=None, sigma_min: float = 0.0) -> None:
-        from .teacher_data import TeacherSet
+        from ..data.teacher_data import TeacherSet
 
         self.teacher = TeacherSet(folder)
         if codec is not None:
-            from .latents import same_codec
+            from ..data.latents import same_codec
 
             if not same_codec(self.teacher.info.get("identity", {}), codec.identity()):
                 raise ValueError(f"{folder}: teacher data was made from another codec's latents than this preset's")
@@ -314,11 +314,11 @@ def diffusion_degrader(
     batch_size: int | None = None,
 ) -> DiffusionDegrader:
     """A preset's teacher: its transformer (bf16 on CUDA) and the cached embedding of prompt ("negative"/"empty")."""
-    from .prompts import prompt_embedding
+    from ..models.prompts import prompt_embedding
 
     dtype = torch.bfloat16 if str(device or "cpu").startswith("cuda") else torch.float32
     if getattr(preset, "trained_teacher", False):  # refuse a teacher of another latent space than the preset's codec
-        from .teacher import check_teacher_codec, read_teacher_info
+        from ..train.teacher import check_teacher_codec, read_teacher_info
 
         if guidance_scale not in (None, 1.0):  # one fixed embedding: the "unconditional" one would be the same
             raise ValueError(f"guidance_scale {guidance_scale}: the {preset.name} teacher was trained on one fixed "
@@ -363,7 +363,7 @@ def parse_degrader(spec: str | None, preset=None, codec=None, sigma_max: float =
             made_by = "train-proxy (notebook 03)" if kind == "proxy" else "`python -m ldlib teacher`"
             raise FileNotFoundError(f"{folder}: {kind} folder not found (made by {made_by})")
         if kind == "proxy":
-            from .proxy import load_proxy
+            from ..train.proxy import load_proxy
 
             return ProxyDegrader(load_proxy(folder, device))
         return CachedTeacher(folder, sigma_max, codec, sigma_min=sigma_min)

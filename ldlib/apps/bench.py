@@ -50,7 +50,7 @@ def run_benches(which: str, out: Path, preset_name: str = "tiny", quick: bool = 
 
     ``train_options``: keyword arguments of ``bench_train_step`` (batches, rounds, only, vae) for the train bench.
     """
-    from .files import atomic_write_bytes
+    from ..core.files import atomic_write_bytes
 
     names = list(BENCHES) if which == "all" else [which]
     unknown = [n for n in names if n not in BENCHES]
@@ -75,9 +75,9 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
 
     import torch
 
-    from .degrade import parse_degrader
-    from .presets import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG, get_preset
-    from .proxy import ProxyNet
+    from ..degrade import parse_degrader
+    from ..presets import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG, get_preset
+    from ..train.proxy import ProxyNet
 
     from diffusers import WanTransformer3DModel
 
@@ -138,7 +138,7 @@ def _batched_proxy(proxy, channels: int, hw: int, quick: bool, batch: int = 8, d
     batch vs one call per sample, interleaved; rows, ratio and the largest difference between the two."""
     import torch
 
-    from .degrade import ProxyDegrader
+    from ..degrade import ProxyDegrader
 
     deg = ProxyDegrader(proxy)
     device = device or torch.device("cpu")
@@ -205,9 +205,9 @@ def bench_pairs(preset_name: str, quick: bool) -> dict:
     import numpy as np
     from PIL import Image
 
-    from .images import list_images, load_rgb8
-    from .pairs import PairSpec, SkippedInputWarning, build_pairs
-    from .presets import SHARED_DIR
+    from ..core.images import list_images, load_rgb8
+    from ..data.pairs import PairSpec, SkippedInputWarning, build_pairs
+    from ..presets import SHARED_DIR
 
     photos = _shared_photos()
     with tempfile.TemporaryDirectory(prefix="ldlib-bench-pairs-") as tmp:
@@ -301,7 +301,7 @@ BENCHES["pairs"] = bench_pairs
 
 
 # ------------------------------------------------------------------------------------------------------------
-# codec / train: Wan VAE image mode (ldlib.wan_image) vs diffusers' 3-D forward, full-size config
+# codec / train: Wan VAE image mode (ldlib.models.wan_image) vs diffusers' 3-D forward, full-size config
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -364,7 +364,7 @@ def bench_codec(preset_name: str, quick: bool, vae_config: dict | None = None, s
     """
     import torch
 
-    from .codecs import WanCodec
+    from ..models.codecs import WanCodec
 
     device = _device()
     size = size or (128 if quick else 256)
@@ -414,8 +414,8 @@ def _train_setup(hq: int, image_mode: bool, device, vae_config: dict | None = No
 
     import torch
 
-    from .codecs import WanCodec
-    from .losses import DecoderLoss, LossConfig
+    from ..models.codecs import WanCodec
+    from ..models.losses import DecoderLoss, LossConfig
 
     codec = WanCodec(_full_wan_vae(seed, vae_config), image_mode=image_mode).to_2x().to(device)
     for m in codec.encoder_modules():
@@ -449,7 +449,7 @@ def _train_memory_child() -> None:
 
     import torch
 
-    from .profiling import peak_memory_since, reset_peak_memory
+    from ..core.profiling import peak_memory_since, reset_peak_memory
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
@@ -470,7 +470,7 @@ def _train_memory(hq: int, image_mode: bool, device, vae_config: dict | None) ->
     import torch
 
     if device.type == "cuda":
-        from .profiling import peak_memory_since, reset_peak_memory
+        from ..core.profiling import peak_memory_since, reset_peak_memory
 
         codec, loss, z, target = _train_setup(hq, image_mode, device, vae_config)
         base = reset_peak_memory(device)
@@ -480,8 +480,8 @@ def _train_memory(hq: int, image_mode: bool, device, vae_config: dict | None) ->
     # A fixed mmap threshold makes glibc return freed large blocks to the OS, so RSS tracks live tensors.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run(
-        [sys.executable, "-c", "from ldlib.bench import _train_memory_child; _train_memory_child()", json.dumps(spec)],
-        capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]),
+        [sys.executable, "-c", "from ldlib.apps.bench import _train_memory_child; _train_memory_child()", json.dumps(spec)],
+        capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[2]),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"bench train: memory probe failed:\n{proc.stderr[-2000:]}")
@@ -497,8 +497,8 @@ def bench_train(preset_name: str, quick: bool, vae_config: dict | None = None, h
     """
     import torch
 
-    from .codecs import WanCodec
-    from .presets import get_preset
+    from ..models.codecs import WanCodec
+    from ..presets import get_preset
 
     device = _device()
     preset = get_preset(preset_name)
@@ -530,7 +530,7 @@ def bench_train(preset_name: str, quick: bool, vae_config: dict | None = None, h
            for k in ("diffusers", "image mode")}
     rows = [{"variant": k, "wall_s": t[k]["wall_s"], "cpu_s": t[k]["cpu_s"], "peak_step_mb": mem[k]}
             for k in ("diffusers", "image mode")]
-    lpips_note = "LPIPS (VGG, ldlib.metrics.lpips_model): torchvision backbone weights cannot be downloaded here, " \
+    lpips_note = "LPIPS (VGG, ldlib.core.metrics.lpips_model): torchvision backbone weights cannot be downloaded here, " \
                  "so unless they are cached its backbone is random (pnet_rand=True); the cost is the same"
     return {
         "title": f"decoder training step (forward + backward, 2x head, L1 + LPIPS-VGG), HQ {hq} px "
@@ -602,8 +602,8 @@ def cpu_bf16_supported() -> bool:
 
 def _shared_photos() -> list[Path]:
     """The real photos in ../shared/data/photos (its image files, not its SOURCES.md), sorted; [] without it."""
-    from .images import IMAGE_SUFFIXES, list_images
-    from .presets import SHARED_DIR
+    from ..core.images import IMAGE_SUFFIXES, list_images
+    from ..presets import SHARED_DIR
 
     folder = SHARED_DIR / "data" / "photos"
     return [p for p in list_images(folder) if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
@@ -613,8 +613,8 @@ def _bench_pairset(root: Path, preset, codec, count: int) -> tuple[Path, Path, s
     """A pair set of ``count`` pairs at the preset's sizes with its latent cache: (pairs, latents, origin)."""
     import warnings
 
-    from .latents import default_cache_dir, encode_pairs
-    from .pairs import PairSpec, SkippedInputWarning, build_pairs
+    from ..data.latents import default_cache_dir, encode_pairs
+    from ..data.pairs import PairSpec, SkippedInputWarning, build_pairs
 
     photos = root / "photos"
     photos.mkdir(parents=True)
@@ -692,9 +692,9 @@ def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, step
 
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from .degrade import NoiseDegrader
-    from .profiling import StepTimings
-    from .train import train_decoder
+    from ..degrade import NoiseDegrader
+    from ..core.profiling import StepTimings
+    from ..train.decoder import train_decoder
 
     cfg = dataclasses.replace(cfg, steps=warmup + 2 * steps + 1)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -721,8 +721,8 @@ def _model_flops(cfg, codec, batch: dict) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    from .runs import make_accelerator
-    from .train import _build_models, _micro_step
+    from ..core.runs import make_accelerator
+    from ..train.decoder import _build_models, _micro_step
 
     acc = make_accelerator(cfg.mixed_precision)
     with warnings.catch_warnings():
@@ -757,7 +757,7 @@ def _matmul_flops_per_s(device, dtype) -> tuple[float, int]:
 def _prefetched(cfg, device) -> int:
     """Batches the loop's DataLoader queues ahead (workers x prefetch_factor 2): steps to run before timing, so that a
     timed step waits on data as it would in a long run instead of taking a batch read during the warm-up."""
-    from .runs import loader_workers
+    from ..core.runs import loader_workers
 
     return 2 * loader_workers(cfg.num_workers, device)
 
@@ -776,7 +776,7 @@ def _skip_read_us(device) -> float:
     """Microseconds of the loop's one host read per optimiser step: all_finite on a device scalar."""
     import torch
 
-    from .runs import all_finite, make_accelerator
+    from ..core.runs import all_finite, make_accelerator
 
     acc = make_accelerator("no" if device.type == "cpu" else "bf16")
     probe = torch.zeros((), device=device)
@@ -795,10 +795,10 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
 
     import torch
 
-    from .losses import LossConfig
-    from .presets import get_preset
-    from .runs import make_accelerator
-    from .train import TrainConfig, _build_models, _optimizer_step
+    from ..models.losses import LossConfig
+    from ..presets import get_preset
+    from ..core.runs import make_accelerator
+    from ..train.decoder import TrainConfig, _build_models, _optimizer_step
 
     cfg = TrainConfig(preset=preset_name, loss=LossConfig(lpips_net="alex", lpips_weight=0.0))
     acc = make_accelerator("auto")
@@ -823,8 +823,8 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
 def _bench_train_config(preset_name: str, vae: str | None, batch: int, **overrides):
     """The TrainConfig every bench train run starts from (LPIPS alex, no warm-up, no validation or checkpoints),
     with a variant's TrainConfig / LossConfig overrides."""
-    from .losses import LossConfig
-    from .train import TrainConfig
+    from ..models.losses import LossConfig
+    from ..train.decoder import TrainConfig
 
     loss_kw = {k: overrides.pop(k) for k in LOSS_OVERRIDES if k in overrides}
     return TrainConfig(preset=preset_name, vae=vae, batch=batch, warmup_steps=0, val_every=10**9,
@@ -838,7 +838,7 @@ def _two_pass_loss(cfg, lpips=None):
     the LPIPS and discriminator backwards run twice."""
     import torch
 
-    from .losses import DecoderLoss, adaptive_gan_weight, hinge_g_loss
+    from ..models.losses import DecoderLoss, adaptive_gan_weight, hinge_g_loss
 
     class TwoPassLoss(DecoderLoss):
         def generator(self, pred, target, step, discriminator=None, last_layer=None, reduce_grads=None):
@@ -868,10 +868,10 @@ def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, thre
 
     import torch
 
-    from .datasets import PairDataset
-    from .degrade import NoiseDegrader
-    from .profiling import StepTimings
-    from .train import train_decoder
+    from ..data.datasets import PairDataset
+    from ..degrade import NoiseDegrader
+    from ..core.profiling import StepTimings
+    from ..train.decoder import train_decoder
 
     torch.set_num_threads(threads)
     timings = StepTimings(_device(), memory=True)
@@ -893,7 +893,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
 
     Every measurement is a real training run (a pair set of real photos with its latent cache, TrainConfig at the
     recipe's defaults with LPIPS alex and the noise degrader; the GAN off, as in the first gan_start steps, unless
-    the variant says "GAN on") timed by ``ldlib.profiling.StepTimings``. Variants run in turn in every round (a
+    the variant says "GAN on") timed by ``ldlib.core.profiling.StepTimings``. Variants run in turn in every round (a
     noisy machine hits all alike); a row is the median over rounds of each run's median step after ``warmup`` steps,
     and ratios are medians over rounds of per-round ratios to the first variant (or the variant's "vs"). Where two
     GAN-on rows and their GAN-off rows ("gan_off") were measured, a ratio also gives what that makes of a whole run
@@ -912,9 +912,9 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
 
     import torch
 
-    from .datasets import PairDataset, collate_pairs
-    from .presets import get_preset
-    from .train import TrainConfig
+    from ..data.datasets import PairDataset, collate_pairs
+    from ..presets import get_preset
+    from ..train.decoder import TrainConfig
 
     device = _device()
     preset = get_preset(preset_name, **({"vae": vae} if vae else {}))

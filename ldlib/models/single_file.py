@@ -157,7 +157,7 @@ def save_original_wan(
     """
     from safetensors.torch import save_file
 
-    from .files import atomic_write_file
+    from ..core.files import atomic_write_file
 
     path = Path(path)
     sd = state_dict if state_dict is not None else original_wan_state_dict(vae)

@@ -3,7 +3,7 @@
 Each command is a ``cmd_<name>(args)`` function plus its parser in ``build_parser``; the work itself lives in the
 ldlib modules, so notebooks and scripts call the same code. Settings that have a config dataclass (TrainConfig,
 ProxyTrainConfig, EvalConfig, SweepConfig, PairSpec, TeacherSpec) get their flags, defaults and help from it
-(``ldlib.config``): each setting is declared once.
+(``ldlib.core.config``): each setting is declared once.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _add_vae(p: argparse.ArgumentParser) -> None:
 
 def _preset(args: argparse.Namespace):
     """The preset named on the command line, with its --taef2-dir / --vae / --vae-config overrides."""
-    from .presets import get_preset, vae_overrides
+    from ..presets import get_preset, vae_overrides
 
     return get_preset(args.preset, taef2_path=args.taef2_dir, **vae_overrides(vars(args)))
 
@@ -51,8 +51,8 @@ def cmd_codec_check(args: argparse.Namespace) -> int:
     """Encode and decode one image with a preset's VAE; print PSNR against the input."""
     import torch
 
-    from .images import area_downsample, load_image, save_image
-    from .metrics import psnr
+    from ..core.images import area_downsample, load_image, save_image
+    from ..core.metrics import psnr
 
     preset = _preset(args)
     codec = preset.load_codec()
@@ -88,7 +88,7 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
     """Build (or resume) a pair set from a folder of photos; print a summary; non-zero when it holds no pair."""
     import warnings
 
-    from .pairs import SkippedInputWarning, build_pairs, format_report
+    from ..data.pairs import SkippedInputWarning, build_pairs, format_report
 
     spec = _pair_spec(args)
     with warnings.catch_warnings():
@@ -106,8 +106,8 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
 
 def _pair_spec(args: argparse.Namespace):
     """The recipe spec at the preset's sizes, with the command line's overrides (no weights are loaded)."""
-    from .config import config_fields
-    from .pairs import PairSpec
+    from ..core.config import config_fields
+    from ..data.pairs import PairSpec
 
     overrides = {name: getattr(args, name) for name, *_ in config_fields(PairSpec) if getattr(args, name) is not None}
     try:
@@ -121,7 +121,7 @@ def _pair_spec(args: argparse.Namespace):
 
 def cmd_encode(args: argparse.Namespace) -> int:
     """Encode every LQ of a pair set with the preset's frozen encoder into a latent cache (resumable)."""
-    from .latents import default_cache_dir, encode_pairs
+    from ..data.latents import default_cache_dir, encode_pairs
 
     preset = _preset(args)
     out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name)
@@ -140,11 +140,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """Run the preset's diffusion degrader on cached latents: targets for training the proxy (resumable)."""
-    from .config import config_from_args
-    from .degrade import diffusion_degrader
-    from .latents import default_cache_dir
-    from .runs import default_device
-    from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
+    from ..core.config import config_from_args
+    from ..degrade import diffusion_degrader
+    from ..data.latents import default_cache_dir
+    from ..core.runs import default_device
+    from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
 
     preset = _preset(args)
     spec = config_from_args(TeacherSpec, args)
@@ -164,7 +164,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Sigma sweep of a degrader on pairs: per-sigma latent error, HF share, PSNR/LPIPS; writes JSON/Markdown/plot."""
     from .analysis import SweepConfig, run_sweep
-    from .config import config_from_args
+    from ..core.config import config_from_args
 
     result = run_sweep(
         args.preset, args.degrader, args.out, pairs_dir=args.pairs, photos=args.photos, n=args.n,
@@ -179,9 +179,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_train_proxy(args: argparse.Namespace) -> int:
     """Train the proxy degrader on teacher data; writes the proxy, OUT/eval.json and OUT/summary.json."""
-    from .config import config_from_args
-    from .proxy import ProxyTrainConfig, train_proxy
-    from .teacher_data import TeacherSet
+    from ..core.config import config_from_args
+    from ..train.proxy import ProxyTrainConfig, train_proxy
+    from ..data.teacher_data import TeacherSet
 
     made_with = TeacherSet(args.teacher).info.get("teacher", {}).get("preset")
     if args.preset and made_with and args.preset != made_with:
@@ -199,8 +199,8 @@ def cmd_train_proxy(args: argparse.Namespace) -> int:
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     """Train the small flow-matching teacher in a preset's latent space; writes the run and OUT/teacher."""
-    from .config import config_from_args
-    from .teacher import TeacherConfig, train_teacher
+    from ..core.config import config_from_args
+    from ..train.teacher import TeacherConfig, train_teacher
 
     cfg = config_from_args(TeacherConfig, args)
     s = train_teacher(cfg, args.pairs, args.out, latents=args.latents, resume=args.resume)
@@ -229,8 +229,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_train_decoder(args: argparse.Namespace) -> int:
     """Train the 2x decoder on a pair set's latent cache; writes checkpoints, tb/ and OUT/summary.json."""
-    from .config import config_from_args
-    from .train import TrainConfig, train_decoder
+    from ..core.config import config_from_args
+    from ..train.decoder import TrainConfig, train_decoder
 
     cfg = config_from_args(TrainConfig, args)
     res = train_decoder(cfg, args.out, pairs=args.pairs, latents=args.latents, resume=args.resume)
@@ -243,7 +243,7 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a 2x decoder (run or export) against decoder+bicubic / +Lanczos per sigma on held-out pairs."""
-    from .config import config_from_args
+    from ..core.config import config_from_args
     from .evaluate import EvalConfig, markdown_table, run_evaluation
 
     cfg = config_from_args(EvalConfig, args)
@@ -265,7 +265,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     """The recipe's experiment: decoders differing only in the degrader, evaluated on held-out photos."""
-    from .config import config_from_args
+    from ..core.config import config_from_args
     from .experiment import ExperimentConfig, run_experiment
 
     run_experiment(args.out, config_from_args(ExperimentConfig, args))
@@ -291,10 +291,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     import resource
     import time
 
-    from .images import ImageLoadError
+    from ..core.images import ImageLoadError
     from .upscale import UpscaleConfig, clashing_inputs, load_upscaler, upscale_file
 
-    from .files import writable_folder
+    from ..core.files import writable_folder
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
                         compare=args.compare)
@@ -326,14 +326,14 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
     from .analysis import SweepConfig
-    from .config import add_config_arguments, comma_tuple
+    from ..core.config import add_config_arguments, comma_tuple
     from .evaluate import EvalConfig
     from .experiment import ExperimentConfig
-    from .pairs import PairSpec
-    from .proxy import ProxyTrainConfig
-    from .teacher import TeacherConfig
-    from .teacher_data import TeacherSpec
-    from .train import TrainConfig
+    from ..data.pairs import PairSpec
+    from ..train.proxy import ProxyTrainConfig
+    from ..train.teacher import TeacherConfig
+    from ..data.teacher_data import TeacherSpec
+    from ..train.decoder import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="python -m ldlib",
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from .files import FolderBusyError
+    from ..core.files import FolderBusyError
 
     try:
         return int(args.func(args) or 0)

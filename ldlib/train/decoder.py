@@ -31,11 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decoder import TwoXDecoder
-from .files import atomic_write_bytes
-from .losses import DecoderLoss, LossConfig, PatchDiscriminator
-from .profiling import NO_TIMINGS, StepTimings
-from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
+from ..models.decoder import TwoXDecoder
+from ..core.files import atomic_write_bytes
+from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
+from ..core.profiling import NO_TIMINGS, StepTimings
+from ..core.runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
                    check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
                    mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
 
@@ -188,7 +188,7 @@ def validation_images(
     original, model2x, val_batch: dict, sigma: float, degrader, seed: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The validation grid and metrics at a fixed sigma: original decoder + bicubic vs ours vs HQ."""
-    from .metrics import psnr
+    from ..core.metrics import psnr
 
     z, hq = val_batch["latent"], val_batch["hq"]
     zd = z
@@ -476,8 +476,8 @@ def _decoder_data(cfg: TrainConfig, codec, pairs, latents, train_set, val_set):
         return train_set, val_set
     if pairs is None:
         raise ValueError("train_decoder: give train_set or pairs")
-    from .datasets import PairDataset
-    from .latents import LatentCache, default_cache_dir
+    from ..data.datasets import PairDataset
+    from ..data.latents import LatentCache, default_cache_dir
 
     cache = LatentCache(latents or default_cache_dir(pairs, cfg.preset), expect=codec)
     train_set, val_set = PairDataset(pairs, latents=cache).split(cfg.val_fraction, cfg.held_out_seed)
@@ -512,11 +512,11 @@ def train_decoder(
     (+ ``latents``) for a pair set on disk, split by source photo. ``codec``: the preset's 1x codec unless given.
     ``degrader``: a ``ldlib.degrade`` degrader, None for none, or "config" to parse ``cfg.degrader``.
     ``stop_at`` ends the run early at that step (a simulated interruption; the schedule still targets ``cfg.steps``).
-    ``timings``: a ``ldlib.profiling.StepTimings`` to fill with each step's pieces (``python -m ldlib bench train``).
+    ``timings``: a ``ldlib.core.profiling.StepTimings`` to fill with each step's pieces (``python -m ldlib bench train``).
     """
-    from .datasets import collate_pairs
-    from .degrade import parse_degrader
-    from .presets import get_preset, vae_overrides
+    from ..data.datasets import collate_pairs
+    from ..degrade import parse_degrader
+    from ..presets import get_preset, vae_overrides
 
     t_start = time.time()
     out = Path(out)

@@ -6,7 +6,7 @@ Methods (each decodes the same degraded latents, same per-sample noise):
 - ``ours`` and any other 2x decoders given by name.
 
 Metrics against HQ, per pair: PSNR, SSIM (scikit-image), LPIPS (lpips package; offline its backbone is random, see
-``ldlib.metrics.lpips_model``), HaarPSI (piq: a perceptual index that needs no downloaded weights), the speckle
+``ldlib.core.metrics.lpips_model``), HaarPSI (piq: a perceptual index that needs no downloaded weights), the speckle
 ratio (high-frequency energy / HQ's: 1 ideal, > 1 grain, < 1 blur) and the colour shift (distance of the mean
 colour from HQ's, in 8-bit levels: fine-tuned decoders are known to drift or desaturate).
 
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_bytes, save_figure
-from .metrics import colour_shift, haarpsi, psnr, speckle_ratio, ssim
-from .runs import sample_generator
+from ..core.files import atomic_write_bytes, save_figure
+from ..core.metrics import colour_shift, haarpsi, psnr, speckle_ratio, ssim
+from ..core.runs import sample_generator
 
 METRICS = ("psnr", "ssim", "lpips", "haarpsi", "speckle", "colour_shift")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "haarpsi": True, "colour_shift": False}
@@ -106,8 +106,8 @@ def evaluate_decoders(
     """
     from tqdm.auto import tqdm
 
-    from .degrade import parse_degrader
-    from .metrics import lpips_model
+    from ..degrade import parse_degrader
+    from ..core.metrics import lpips_model
 
     cfg = cfg or EvalConfig()
     if isinstance(degrader, str) and degrader == "config":
@@ -302,7 +302,7 @@ def _check_latents_fit(model: str | os.PathLike, decoder, info: dict, original, 
 
 def _check_lq_factor(pairs: str | os.PathLike, upscale: int) -> None:
     """Refuse a pair set whose HQ is not ``upscale``x its LQ (pairset.json's lq_factor): its HQ cannot be compared."""
-    from .pairs import PAIRSET_JSON
+    from ..data.pairs import PAIRSET_JSON
 
     path = Path(pairs) / PAIRSET_JSON
     spec = json.loads(path.read_text()).get("spec", {}) if path.is_file() else {}
@@ -329,10 +329,10 @@ def run_evaluation(
     vae_config: str | None = None,
 ) -> dict:
     """Evaluate a trained model (run or export) on a pair set's held-out split (or all of it); write the report."""
-    from .datasets import PairDataset
-    from .decoder import load_decoder
-    from .latents import LatentCache, default_cache_dir
-    from .presets import get_preset
+    from ..data.datasets import PairDataset
+    from ..models.decoder import load_decoder
+    from ..data.latents import LatentCache, default_cache_dir
+    from ..presets import get_preset
 
     cfg = cfg or EvalConfig()
     overrides = {k: v for k, v in (("vae", vae), ("vae_config", vae_config)) if v}  # a local VAE for the preset
@@ -355,10 +355,10 @@ def run_evaluation(
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
     dataset = PairDataset(pairs, latents=cache)
     held_out = dataset.split(vf, seed)[1] if cfg.split == "held-out" else dataset
-    from .metrics import lpips_model
+    from ..core.metrics import lpips_model
 
     lp = lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
-    from .degrade import parse_degrader
+    from ..degrade import parse_degrader
 
     degrader = parse_degrader(cfg.degrader, preset, original, device="cpu")
     rows = evaluate_decoders(original, decoders, held_out, cfg, degrader=degrader, lpips=lp)

@@ -77,7 +77,7 @@ class PromptCache:
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open, save
 
-        from .files import atomic_write_bytes
+        from ..core.files import atomic_write_bytes
 
         path = self.path(model_id, prompt, max_sequence_length)
         if path.is_file():

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, save_figure
+from ..core.files import atomic_write_bytes, save_figure
 
 DEGRADERS = ("none", "noise", "proxy", "teacher")
 NAMES = {"none": "clean-trained", "noise": "noise-trained", "proxy": "proxy-trained", "teacher": "teacher-trained"}
@@ -57,8 +57,8 @@ class ExperimentConfig:
 
 
 def _photos(cfg: ExperimentConfig) -> Path:
-    from .presets import SHARED_DIR
-    from .samples import sample_photos
+    from ..presets import SHARED_DIR
+    from ..core.samples import sample_photos
 
     if cfg.photos:
         return Path(cfg.photos)
@@ -80,8 +80,8 @@ def _fork_point(run: Path, step: int) -> Path:
 
 
 def _train_config(cfg: ExperimentConfig, degrader: str, **over):
-    from .losses import LossConfig
-    from .train import TrainConfig
+    from ..models.losses import LossConfig
+    from ..train.decoder import TrainConfig
 
     loss = LossConfig(lpips_net="alex", lpips_weight=cfg.lpips_weight, gan_weight=0.0)
     if over.pop("gan", False):
@@ -95,17 +95,17 @@ def _train_config(cfg: ExperimentConfig, degrader: str, **over):
 
 def run_experiment(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
     """Every stage (each resumes); writes results.md / results.json / metrics.png / crops.png under out."""
-    from .datasets import PairDataset
-    from .decoder import load_run_codec
-    from .degrade import parse_degrader
+    from ..data.datasets import PairDataset
+    from ..models.decoder import load_run_codec
+    from ..degrade import parse_degrader
     from .evaluate import EvalConfig, evaluate_decoders
-    from .latents import default_cache_dir, encode_pairs
-    from .metrics import lpips_model
-    from .pairs import PairSpec, build_pairs
-    from .presets import get_preset
-    from .proxy import ProxyTrainConfig, train_proxy
-    from .teacher_data import TeacherSpec, describe_teacher, generate_teacher
-    from .train import train_decoder
+    from ..data.latents import default_cache_dir, encode_pairs
+    from ..core.metrics import lpips_model
+    from ..data.pairs import PairSpec, build_pairs
+    from ..presets import get_preset
+    from ..train.proxy import ProxyTrainConfig, train_proxy
+    from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
+    from ..train.decoder import train_decoder
 
     cfg = cfg or ExperimentConfig()
     out = Path(out)

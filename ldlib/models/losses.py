@@ -116,7 +116,7 @@ class DecoderLoss(nn.Module):
         super().__init__()
         self.cfg = cfg or LossConfig()
         if lpips is None and self.cfg.lpips_weight > 0:
-            from .metrics import lpips_model
+            from ..core.metrics import lpips_model
 
             lpips = lpips_model(self.cfg.lpips_net)
         self.lpips = lpips

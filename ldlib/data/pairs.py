@@ -1,4 +1,4 @@
-"""Pair sets: source photos -> (HQ, LQ) crops on disk, exactly the recipe (the torch Dataset is ldlib.datasets).
+"""Pair sets: source photos -> (HQ, LQ) crops on disk, exactly the recipe (the torch Dataset is ldlib.data.datasets).
 
 The recipe (README, "The recipe"): source -> area 1/``pre_downsample`` -> random ``hq_size`` crop (HQ) ->
 area 1/``lq_factor`` (LQ). For speed only the source region under the crop is averaged: with the crop offset a
@@ -45,8 +45,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, in_shard, parse_shard, writable_folder
-from .images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
+from ..core.files import atomic_write_bytes, in_shard, parse_shard, writable_folder
+from ..core.images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
 
 MANIFEST = "manifest.jsonl"
 PAIRSET_JSON = "pairset.json"
@@ -110,7 +110,7 @@ class PairSpec:
         Refuses a size whose LQ the preset's VAE cannot encode (not a multiple of its pixels per latent cell).
         """
         if isinstance(preset, str):
-            from .presets import get_preset
+            from ..presets import get_preset
 
             preset = get_preset(preset)
         base = dict(pre_downsample=preset.pre_downsample, hq_size=preset.hq_size, lq_factor=preset.lq_factor)
@@ -263,7 +263,7 @@ class _ManifestWriter:
             pass
         except OSError as e:
             self.f.close()
-            from .files import FolderBusyError
+            from ..core.files import FolderBusyError
 
             raise FolderBusyError(f"{path}: another build is writing this pair set right now; wait for it to "
                                   "finish or use another OUT folder") from e

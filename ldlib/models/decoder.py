@@ -67,7 +67,7 @@ def run_checkpoint(run: str | os.PathLike, ema: bool = True) -> Path:
     """The newest checkpoint of a run whose (EMA or live) decoder weights read back whole."""
     import sys
 
-    from .runs import CheckpointManager
+    from ..core.runs import CheckpointManager
 
     found = CheckpointManager(Path(run) / "checkpoints").load_intact(
         ["ema" if ema else "decoder"], restore_rng=False, with_objects=False,
@@ -79,8 +79,8 @@ def run_checkpoint(run: str | os.PathLike, ema: bool = True) -> Path:
 
 def load_run_codec(run: str | os.PathLike, ema: bool = True, checkpoint: str | os.PathLike | None = None):
     """The trained 2x codec of a run folder (EMA weights by default) and the run's config (a dict)."""
-    from .presets import get_preset, vae_overrides
-    from .runs import load_safetensors
+    from ..presets import get_preset, vae_overrides
+    from ..core.runs import load_safetensors
 
     run = Path(run)
     cfg = read_run_config(run)
