@@ -1,3 +1,4 @@
 from .apps.cli import main
 
+
 raise SystemExit(main())

@@ -12,6 +12,8 @@ from typing import Iterator
 import pytest
 import torch
 
+from ldlib.build import codec_of
+
 
 # Tests are small; two intra-op threads is what this project's CI machines have anyway.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -22,23 +24,23 @@ def taef2_codec():
     """The real pretrained taef2 codec (the weights shipped in ldlib/assets/taef2)."""
     from ldlib.presets import get_preset
 
-    return get_preset("taef2").load_codec()
+    return codec_of(get_preset("taef2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_pairset(tmp_path_factory) -> dict:
     """A tiny-preset pair set built from the sample photos (2 crops each) with its latent cache: paths and codec."""
+    from ldlib.core.samples import sample_photos
     from ldlib.data.latents import default_cache_dir, encode_pairs
     from ldlib.data.pairs import PairSpec, build_pairs
     from ldlib.presets import get_preset
-    from ldlib.core.samples import sample_photos
 
     root = tmp_path_factory.mktemp("tiny_pairset")
     photos = sample_photos()
     pairs = root / "pairs"
     preset = get_preset("tiny")
     build_pairs(photos, pairs, PairSpec.from_preset(preset, crops_per_image=2), workers=1, progress=False)
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     latents = default_cache_dir(pairs, preset.name)
     encode_pairs(pairs, codec, latents, batch_size=8, progress=False, device="cpu")
     return {"photos": photos, "pairs": pairs, "latents": latents, "preset": preset, "codec": codec}
@@ -82,16 +84,16 @@ def train_short_run(out, preset: str = "tiny", vae: str | None = None, count: in
     """
     import warnings
 
-    from ldlib.models.losses import DecoderLoss, LossConfig
     from ldlib.core.metrics import lpips_model
-    from ldlib.presets import get_preset
     from ldlib.data.datasets import sample_tensor_pairs
+    from ldlib.models.losses import DecoderLoss, LossConfig
+    from ldlib.presets import get_preset
     from ldlib.train.decoder import TrainConfig, train_decoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lp = lpips_model("alex")
-    codec = codec or get_preset(preset, **({"vae": vae} if vae else {})).load_codec()
+    codec = codec or codec_of(get_preset(preset, **({"vae": vae} if vae else {})))
     data = sample_tensor_pairs(codec, count=count, hq_size=32, seed=1)
     cfg = TrainConfig(preset=preset, vae=vae, steps=1, batch=count, warmup_steps=0, lr=1e-3, ema_decay=0.0,
                       val_every=100, val_count=1, loss=LossConfig(lpips_net="alex", gan_start=100))

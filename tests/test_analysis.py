@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from ldlib.apps.analysis import SweepConfig, pair_batch, reference_at, relative_error, sigma_sweep
+from ldlib.build import codec_of
+from ldlib.core.images import area_downsample
 from ldlib.core.metrics import high_freq_share, white_noise_hf_share
 from ldlib.degrade import NoiseDegrader, add_noise
-from ldlib.core.images import area_downsample
 
 
 def test_high_freq_share_closed_forms():
@@ -92,8 +93,8 @@ def test_pair_batch_builds_recipe_pairs(tmp_path):
     assert ids2 == ids and torch.equal(hq2, hq)
     # Built under a folder named for the photo folder (its name and path hash): another folder of the same name
     # gets a pair set of its own.
-    from ldlib.data.pairs import folder_tag
     from ldlib.core.samples import sample_photos
+    from ldlib.data.pairs import folder_tag
 
     assert [p.name for p in tmp_path.iterdir()] == [f"pairs_tiny_128_{folder_tag(sample_photos())}"]
 
@@ -130,7 +131,7 @@ def test_sweep_seeds_in_one_out_measure_the_same_pairs_with_other_noise(tmp_path
     assert notes[0] == notes[1] == [f"preset tiny, 2 pairs: {', '.join(ids)}"]
     assert rows[0][0] == rows[1][0]  # no noise at sigma 0: the same crops give the same numbers
     with torch.no_grad():
-        z = get_preset("tiny").load_codec().encode(lq)
+        z = codec_of(get_preset("tiny")).encode(lq)
     for seed in (0, 1):
         zd = add_noise(z, 0.1, torch.Generator().manual_seed(seed))
         assert rows[seed][1]["rel_err"] == pytest.approx(relative_error(zd, z).mean().item(), rel=1e-5)

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_diff
 from diffusers import AutoencoderKL, AutoencoderKLWan
 
-from ldlib.models.codecs import KLCodec, TAECodec, WanCodec, load_codec, tae_decoder, tae_encoder, upscale_of, widen_conv_out
 from ldlib.core.images import area_downsample, load_image
 from ldlib.core.metrics import psnr
-from ldlib.presets import tiny_wan_vae
+from ldlib.models.codecs import (KLCodec, TAECodec, WanCodec, load_codec, tae_decoder, tae_encoder, upscale_of,
+                                 widen_conv_out)
+from ldlib.models.tiny import tiny_wan_vae
 
-from conftest import rel_diff
 
 ATOL = 1e-4  # float32; the wan codec may compute the same function with 2-D convs
 

@@ -18,16 +18,18 @@ from pathlib import Path
 
 import torch
 
+
 STEPS = 3
 PER_RANK_BATCH = 1
 
 
 def _train(out: Path, batch: int, accelerator=None, steps: int = STEPS, resume: bool = False):
     """Train to `steps` at `batch` per process (or resume to it); the TrainResult."""
-    from ldlib.models.losses import DecoderLoss, LossConfig
+    from ldlib.build import codec_of
     from ldlib.core.metrics import lpips_model
-    from ldlib.presets import get_preset
     from ldlib.data.datasets import sample_tensor_pairs
+    from ldlib.models.losses import DecoderLoss, LossConfig
+    from ldlib.presets import get_preset
     from ldlib.train.decoder import TrainConfig, train_decoder
 
     warnings.simplefilter("ignore")
@@ -37,7 +39,7 @@ def _train(out: Path, batch: int, accelerator=None, steps: int = STEPS, resume: 
         log_every=1, lr=1e-3,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=0, disc_channels=8, disc_layers=2),
     )
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=4, hq_size=32, seed=0)
     return train_decoder(cfg, out, data, None, codec=codec, accelerator=accelerator, resume=resume,
                          loss_fn=DecoderLoss(cfg.loss, lpips=lpips_model("alex")))
@@ -79,6 +81,9 @@ def _worker(out: Path) -> None:
 def test_ddp_two_cpu_processes_match_one(tmp_path):
     from safetensors.torch import load_file
 
+    from ldlib.build import codec_of
+    from ldlib.presets import get_preset
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), str(tmp_path / "ddp")]
@@ -94,8 +99,7 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     assert (tmp_path / "ddp_resume" / "checkpoints" / f"unreadable_step_{STEPS:06d}").is_dir()
 
     single = _run(tmp_path / "single", 2 * PER_RANK_BATCH)
-    init = {n: p for n, p in __import__("ldlib.presets", fromlist=["get_preset"]).get_preset("tiny")
-            .load_codec().to_2x().named_parameters() if n in single}
+    init = {n: p for n, p in codec_of(get_preset("tiny")).to_2x().named_parameters() if n in single}
     moved = max((single[k] - init[k]).abs().max().item() for k in single)
     assert moved > 1e-4, "training did not move the weights: the comparison would be empty"
     # The gradients: step 0 has lr 0 (warm-up), so AdamW's moments after it hold the global batch's gradient at the

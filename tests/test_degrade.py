@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ldlib.degrade import DiffusionDegrader, NoiseDegrader, ProxyDegrader, add_noise, parse_degrader, sigma_grid
-from ldlib.models.prompts import WAN_NEGATIVE_PROMPT, PromptCache, encode_prompt, prompt_embedding
-from ldlib.presets import ByteTokenizer, get_preset, tiny_umt5_encoder, tiny_wan_transformer
+from ldlib.build import parse_degrader, prompt_embedding, text_encoder_of, transformer_of
+from ldlib.degrade import DiffusionDegrader, NoiseDegrader, ProxyDegrader, add_noise, sigma_grid
+from ldlib.models.prompts import WAN_NEGATIVE_PROMPT, PromptCache, encode_prompt
+from ldlib.models.tiny import ByteTokenizer, tiny_umt5_encoder, tiny_wan_transformer
+from ldlib.presets import get_preset
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -172,21 +174,21 @@ def test_prompt_cache_reuses_file(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
 
 
-def test_prompt_embedding_loads_text_encoder_once(tmp_path):
+def test_prompt_embedding_loads_text_encoder_once(tmp_path, monkeypatch):
+    import ldlib.build
+
     preset = get_preset("tiny")
     loads = []
 
-    class CountingPreset:
-        text_encoder_id = preset.text_encoder_id
+    def counting(p, device=None, dtype=torch.float32):
+        loads.append(1)
+        return text_encoder_of(p, device, dtype)
 
-        def load_text_encoder(self, device=None, dtype=torch.float32):
-            loads.append(1)
-            return preset.load_text_encoder(device, dtype)
-
-    e1 = prompt_embedding(CountingPreset(), "negative", cache_dir=tmp_path, max_sequence_length=512)
-    e2 = prompt_embedding(CountingPreset(), "negative", cache_dir=tmp_path, max_sequence_length=512)
+    monkeypatch.setattr(ldlib.build, "text_encoder_of", counting)
+    e1 = prompt_embedding(preset, "negative", cache_dir=tmp_path, max_sequence_length=512)
+    e2 = prompt_embedding(preset, "negative", cache_dir=tmp_path, max_sequence_length=512)
     assert len(loads) == 1 and torch.equal(e1, e2) and e1.shape == (1, 512, 32)
-    tok, enc = preset.load_text_encoder()
+    tok, enc = text_encoder_of(preset)
     torch.testing.assert_close(e1, encode_prompt(WAN_NEGATIVE_PROMPT, tok, enc))
 
 
@@ -236,7 +238,7 @@ def test_degrade_samples_equals_each_sample_alone(latents):
 
 
 def _random_proxy():
-    from ldlib.train.proxy import ProxyNet
+    from ldlib.models.proxy import ProxyNet
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)
@@ -295,7 +297,7 @@ def test_degrader_vocabulary_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="teacher folder not found"):
         parse_degrader(f"teacher:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="no diffusion transformer"):
-        get_preset("tiny", transformer=None).load_transformer()
+        transformer_of(get_preset("tiny", transformer=None))
 
 
 def test_prompt_embedding_from_a_pipeline_folder(tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from ldlib.data.datasets import PairDataset
 from ldlib.apps.demo import DemoConfig, run_demo, write_page
 from ldlib.core.images import list_images
-from ldlib.presets import get_preset
 from ldlib.core.samples import sample_photos
+from ldlib.data.datasets import PairDataset
+from ldlib.presets import get_preset
 
 
 def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):

@@ -9,21 +9,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_diff
 from PIL import Image
 
 from ldlib.apps.cli import main
 from ldlib.apps.evaluate import (EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, run_evaluation,
-                            verdict, write_report)
+                                 verdict, write_report)
 from ldlib.apps.export import export_run
-from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.build import codec_of, load_run_codec
 from ldlib.core.metrics import colour_shift, haarpsi, hf_energy, lpips_model, speckle_ratio, ssim
-from ldlib.data.pairs import read_manifest, split_by_source
-from ldlib.presets import get_preset
 from ldlib.data.datasets import sample_tensor_pairs
-from ldlib.models.decoder import load_run_codec
+from ldlib.data.pairs import read_manifest, split_by_source
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.presets import get_preset
 from ldlib.train.decoder import TrainConfig, train_decoder
-
-from conftest import rel_diff
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def lp():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, lp):
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
     cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
                       loss=LossConfig(lpips_net="alex", gan_start=100))
@@ -229,8 +228,8 @@ def test_export_tae_roundtrip(taef2_codec, tmp_path, lp):
 
 def test_comparison_images_show_the_samples_the_evaluation_scored(tiny_run, lp):
     # Crops titled with a PSNR must be the evaluation's own degraded samples: same noise, same number.
-    from ldlib.degrade import parse_degrader
     from ldlib.apps.evaluate import comparison_images
+    from ldlib.build import parse_degrader
     from ldlib.core.metrics import psnr
 
     run, codec, data = tiny_run
@@ -315,10 +314,10 @@ def test_max_pairs_reports_the_pairs_it_scored(split_run, tiny_pairset, tmp_path
 
 
 def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path, capsys):
+    from ldlib.core.samples import sample_photos
     from ldlib.data.datasets import TensorPairs
     from ldlib.data.latents import default_cache_dir, encode_pairs
     from ldlib.data.pairs import PairSpec, build_pairs
-    from ldlib.core.samples import sample_photos
 
     run, codec, data = tiny_run
     pairs = tmp_path / "pairs4"

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_diff, train_short_run
+
 from ldlib.apps.cli import main
 from ldlib.apps.export import export_run
-from ldlib.presets import TINY_WAN21_VAE_CONFIG, get_preset
+from ldlib.models.tiny import TINY_WAN21_VAE_CONFIG
+from ldlib.presets import get_preset
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def test_wan_file_round_trip(wan21_run, tmp_path):
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+    from ldlib.build import load_run_codec
     from ldlib.models.single_file import read_state_dict
-    from ldlib.models.decoder import load_run_codec
 
     run, data = wan21_run
     out = export_run(run, tmp_path / "export")

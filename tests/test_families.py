@@ -9,9 +9,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_diff, train_short_run
-from ldlib.presets import TINY_WAN21_VAE_CONFIG, get_preset
+
+from ldlib.build import codec_of
+from ldlib.models.tiny import TINY_WAN21_VAE_CONFIG
+from ldlib.presets import get_preset
+
 
 KL_TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -68,7 +71,7 @@ def test_preset_codec_matches_diffusers_and_its_pipeline(kind, tmp_path):
     _save_tiny(kind, tmp_path / "vae")
     preset = get_preset(kind, vae=str(tmp_path / "vae"))
     assert preset.family == FAMILY[kind] and preset.vae_subfolder is None
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     vae = _load_diffusers(kind, tmp_path / "vae")
     x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -111,11 +114,11 @@ def test_train_export_reload(kind, tmp_path):
     from diffusers import AutoencoderKLWan
 
     from ldlib.apps.export import export_run
+    from ldlib.build import load_run_codec
     from ldlib.models.single_file import read_state_dict
-    from ldlib.models.decoder import load_run_codec
 
     _save_tiny(kind, tmp_path / "vae")
-    codec = get_preset(kind, vae=str(tmp_path / "vae")).load_codec()
+    codec = codec_of(get_preset(kind, vae=str(tmp_path / "vae")))
     _, data = train_short_run(tmp_path / "run", kind, str(tmp_path / "vae"), count=1, codec=codec)
     out = export_run(tmp_path / "run", tmp_path / "export")
     info = json.loads((out / "ldlib_export.json").read_text())
@@ -133,8 +136,8 @@ def test_train_export_reload(kind, tmp_path):
             for v in (vae, single):
                 assert rel_diff(F.pixel_shuffle(v.decode(raw).sample[:, :, 0], 2), expected) < 1e-4
             assert read_state_dict(out / info["files"][-1])["decoder.head.2.weight"].shape[0] == 12
-            reloaded = get_preset(kind, vae=str(tmp_path / "vae")).load_codec()  # and ldlib reads the export back
-            from ldlib.models.decoder import load_decoder
+            reloaded = codec_of(get_preset(kind, vae=str(tmp_path / "vae")))  # and ldlib reads the export back
+            from ldlib.build import load_decoder
 
             back, _ = load_decoder(out, get_preset(kind, vae=str(tmp_path / "vae")))
             assert rel_diff(back.decode(z), expected) < 1e-5 and reloaded.upscale == 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldlib.build import codec_of
 from ldlib.core.files import atomic_write_bytes
 from ldlib.core.images import save_image
 
@@ -56,11 +57,11 @@ def test_pairs_latents_checkpoints_and_exports_follow_the_umask(tmp_path):
     """Every file of a pair set, a latent cache, a run's checkpoints and a TAE export: readable by the group."""
     from PIL import Image
 
-    from ldlib.models.codecs import TAECodec, tae_decoder, tae_encoder
+    from ldlib.core.runs import CheckpointManager
     from ldlib.data.latents import encode_pairs
     from ldlib.data.pairs import PairSpec, build_pairs
+    from ldlib.models.codecs import TAECodec, tae_decoder, tae_encoder
     from ldlib.presets import get_preset
-    from ldlib.core.runs import CheckpointManager
 
     mask = 0o027
     want = _plain_open_mode(tmp_path, mask)
@@ -69,7 +70,7 @@ def test_pairs_latents_checkpoints_and_exports_follow_the_umask(tmp_path):
         src.mkdir()
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(src / "a.png")
         build_pairs(src, tmp_path / "pairs", PairSpec(hq_size=32), workers=1, progress=False)
-        encode_pairs(tmp_path / "pairs", get_preset("tiny").load_codec(), tmp_path / "pairs" / "lat", progress=False,
+        encode_pairs(tmp_path / "pairs", codec_of(get_preset("tiny")), tmp_path / "pairs" / "lat", progress=False,
                      device="cpu")
         ckpt = CheckpointManager(tmp_path / "run" / "checkpoints").save(
             1, {"decoder": {"w": torch.ones(2)}}, {"opt": {"state": {}}}, {"note": "x"})

@@ -7,17 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldlib.core.images import (
-    ImageLoadError,
-    area_downsample,
-    load_image,
-    load_rgb8,
-    open_image,
-    rgb8,
-    save_image,
-    to_tensor,
-    to_uint8,
-)
+from ldlib.core.images import (ImageLoadError, area_downsample, load_image, load_rgb8, open_image, rgb8, save_image,
+                               to_tensor, to_uint8)
 
 
 def _rng_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from ldlib.apps.cli import main
+from ldlib.build import codec_of
+from ldlib.core.files import shard_files
 from ldlib.core.images import load_image
 from ldlib.data.datasets import PairDataset
-from ldlib.core.files import shard_files
 from ldlib.data.latents import LatentCache, encode_pairs
 from ldlib.data.pairs import PairSpec, build_pairs, read_manifest
 from ldlib.presets import get_preset
@@ -33,7 +34,7 @@ def pairs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def codec():
-    return get_preset("tiny").load_codec()
+    return codec_of(get_preset("tiny"))
 
 
 def test_latents_are_the_codec_encode_keyed_by_id(pairs, codec, tmp_path):
@@ -83,7 +84,7 @@ def test_encode_resumes_and_shards_do_not_collide(pairs, codec, tmp_path):
 def test_another_codec_is_refused(pairs, codec, tmp_path):
     out = tmp_path / "lat"
     encode_pairs(pairs, codec, out, progress=False)
-    other = get_preset("tiny", seed=1).load_codec()  # same architecture, other weights
+    other = codec_of(get_preset("tiny", seed=1))  # same architecture, other weights
     assert other.identity()["encoder_sha256"] != codec.identity()["encoder_sha256"]
     with pytest.raises(ValueError, match="never mixed"):
         encode_pairs(pairs, other, out, progress=False)

@@ -6,18 +6,11 @@ import lpips as lpips_pkg
 import pytest
 import torch
 import torch.nn as nn
-
-from ldlib.models.losses import (
-    DecoderLoss,
-    LossConfig,
-    PatchDiscriminator,
-    adaptive_gan_weight,
-    hinge_d_loss,
-    hinge_g_loss,
-)
-from ldlib.core.metrics import lpips_model
-
 from conftest import rel_diff
+
+from ldlib.core.metrics import lpips_model
+from ldlib.models.losses import (DecoderLoss, LossConfig, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss,
+                                 hinge_g_loss)
 
 
 @pytest.fixture(scope="module")

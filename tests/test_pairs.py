@@ -21,15 +21,9 @@ from PIL import Image
 from ldlib.apps.cli import main
 from ldlib.core.images import load_rgb8
 from ldlib.data.datasets import PairDataset
-from ldlib.data.pairs import (
-    PairSpec,
-    SkippedInputWarning,
-    build_pairs,
-    crop_box,
-    pair_id,
-    read_manifest,
-    split_by_source,
-)
+from ldlib.data.pairs import (PairSpec, SkippedInputWarning, build_pairs, crop_box, pair_id, read_manifest,
+                              split_by_source)
+
 
 SPEC = PairSpec(hq_size=32, crops_per_image=2, seed=3)  # source region 64 px, LQ 16 px
 

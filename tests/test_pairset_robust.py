@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_only_folder
 from PIL import Image
 
-from conftest import read_only_folder
 from ldlib.apps.cli import main
+from ldlib.build import codec_of
 from ldlib.data.pairs import PairSpec, SkippedInputWarning, build_pairs, read_manifest, source_digest
+
 
 SPEC = PairSpec(hq_size=32, seed=0)  # source region 64 px, LQ 16 px (two tiny-Wan latent cells)
 
@@ -175,7 +177,7 @@ def test_crops_the_codec_cannot_encode_are_refused_up_front(tmp_path, capsys, cr
     assert not out.exists()
     from ldlib.presets import get_preset
 
-    assert get_preset("tiny").spatial_factor == get_preset("tiny").load_codec().spatial_factor == 8
+    assert get_preset("tiny").spatial_factor == codec_of(get_preset("tiny")).spatial_factor == 8
     # The nearest encodable size works end to end (build, then encode).
     assert main(_build_cli(src, out, "--preset", "tiny", "--hq-size", "96")) == 0
     assert main(["encode", str(out), "--preset", "tiny", "--device", "cpu", "--quiet"]) == 0
@@ -197,7 +199,7 @@ def test_a_failed_first_encode_leaves_no_cache_that_refuses_later(tmp_path, caps
     assert not (cache / "identity.json").exists() and not list(cache.glob("*.safetensors"))
     # The rerun, with the file repaired and another codec (a differently seeded tiny VAE), works.
     lq.write_bytes(good)
-    codec = get_preset("tiny", seed=7).load_codec()
+    codec = codec_of(get_preset("tiny", seed=7))
     result = encode_pairs(pairs, codec, cache, progress=False, device="cpu")
     assert result["encoded"] == 2 and LatentCache(cache, expect=codec).ids == {r["id"] for r in read_manifest(pairs)}
 
@@ -215,13 +217,13 @@ def test_an_identity_only_cache_is_harmless(tmp_path):
     (cache / "identity.json").write_text(json.dumps({
         "identity": {"family": "tae", "latent_channels": 32, "spatial_factor": 8, "encoder_sha256": "0" * 64},
         "pairset": {"hq_size": 512}, "dtype": "float32"}))
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     assert encode_pairs(pairs, codec, cache, progress=False, device="cpu")["encoded"] == 2
     assert LatentCache(cache, expect=codec).identity == codec.identity()
     assert json.loads((cache / "identity.json").read_text())["pairset"]["hq_size"] == 32
     # With latents in it, another codec is refused as before.
     with pytest.raises(ValueError, match="latents of different VAEs are never mixed"):
-        encode_pairs(pairs, get_preset("tiny", seed=7).load_codec(), cache, progress=False, device="cpu")
+        encode_pairs(pairs, codec_of(get_preset("tiny", seed=7)), cache, progress=False, device="cpu")
 
 
 # --- item 10: symlinked photo folders ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from ldlib.core.pca import LatentPCA, load_wan_latents
 
+
 WAN_LATENTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wan_latents" / "test_latents_wan.pth"
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldlib.presets import PRESETS, TAEF2_ENV, get_preset, taef2_dir, tiny_wan_transformer, tiny_wan_vae
+from ldlib.build import codec_of, transformer_of
+from ldlib.models.tiny import tiny_wan_transformer, tiny_wan_vae
+from ldlib.presets import PRESETS, TAEF2_ENV, get_preset, taef2_dir
 
 
 def test_every_named_preset_resolves(monkeypatch, tmp_path):
@@ -57,7 +59,7 @@ def test_tiny_models_are_seeded():
 
 def test_tiny_preset_codec_shapes():
     p = get_preset("tiny")
-    codec = p.load_codec()
+    codec = codec_of(p)
     x = torch.zeros(1, 3, p.lq_size, p.lq_size)
     with torch.no_grad():
         z = codec.encode(x)
@@ -70,10 +72,10 @@ def test_hub_style_preset_loads_through_from_pretrained(tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     transformer.save_pretrained(tmp_path / "transformer")
     p = get_preset("wan2.1-1.3b", vae=str(tmp_path), transformer=str(tmp_path))
-    codec = p.load_codec()
+    codec = codec_of(p)
     assert codec.family == "wan" and codec.latent_channels == 16
     assert torch.equal(codec.vae.decoder.conv_out.weight, vae.decoder.conv_out.weight)
-    model = p.load_transformer()
+    model = transformer_of(p)
     assert torch.equal(model.proj_out.weight, transformer.proj_out.weight)
 
 
@@ -96,8 +98,8 @@ def test_shipped_taef2_equals_the_published_pth(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from ldlib.presets import SHARED_DIR
     from ldlib.core.samples import ASSETS_DIR
+    from ldlib.presets import SHARED_DIR
 
     src = SHARED_DIR / "models" / "taef2"
     if not (src / "taef2_encoder.pth").is_file():

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from ldlib.degrade import DiffusionDegrader, ProxyDegrader
-from ldlib.train.proxy import (ProxyNet, ProxyTrainConfig, evaluate_proxy, load_proxy, proxy_loss, save_proxy,
-                         train_proxy)
 from ldlib.data.latents import LatentCache
-from ldlib.presets import tiny_wan_transformer
 from ldlib.data.teacher_data import TeacherDataset, TeacherSet, TeacherSpec, generate_teacher, record_seed
+from ldlib.degrade import DiffusionDegrader, ProxyDegrader
+from ldlib.models.proxy import ProxyNet, load_proxy, save_proxy
+from ldlib.models.tiny import tiny_wan_transformer
+from ldlib.train.proxy import ProxyTrainConfig, evaluate_proxy, proxy_loss, train_proxy
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,18 @@ import torch
 from safetensors.torch import load_file
 
 from ldlib.apps.cli import main
-from ldlib.data.datasets import sample_tensor_pairs
-from ldlib.models.decoder import load_run_codec
-from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.build import codec_of, load_run_codec
 from ldlib.core.metrics import lpips_model
-from ldlib.presets import get_preset
 from ldlib.core.runs import read_history
+from ldlib.data.datasets import sample_tensor_pairs
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.presets import get_preset
 from ldlib.train.decoder import TrainConfig, train_decoder
 
 
 @pytest.fixture(scope="module")
 def setup():
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=4, hq_size=32, seed=0)
     with pytest.warns(UserWarning, match="LPIPS"):
         lp = lpips_model("alex")
@@ -309,9 +309,9 @@ def test_ema_update_is_diffusers_ema_in_one_lerp_and_shares_its_checkpoints(monk
     # decay schedule (warm-up, then the cap), against diffusers' own EMAModel.step; its state dict loads into a plain
     # EMAModel and back, and a resumed average steps on as the uninterrupted one.
     import numpy as np
+    from conftest import rel_diff
     from diffusers.training_utils import EMAModel
 
-    from conftest import rel_diff
     from ldlib.core.runs import build_ema
 
     lerps = []

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_only_folder, rel_diff
-from ldlib.core import files as folders
+
 from ldlib.apps.cli import main
 from ldlib.apps.export import export_run
-from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.build import codec_of, load_run_codec
+from ldlib.core import files as folders
 from ldlib.core.metrics import lpips_model
-from ldlib.presets import get_preset
 from ldlib.data.datasets import sample_tensor_pairs
-from ldlib.models.decoder import load_run_codec
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.presets import get_preset
 from ldlib.train.decoder import TrainConfig, train_decoder
 
 
@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lp = lpips_model("alex")
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
     cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
                       loss=LossConfig(lpips_net="alex", gan_start=100))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_diff
+
+from ldlib.build import codec_of
 from ldlib.models.codecs import WanCodec
-from ldlib.presets import TINY_WAN21_VAE_CONFIG, TINY_WAN_VAE_CONFIG, get_preset
 from ldlib.models.single_file import LayoutError, original_wan_state_dict, published_config, save_original_wan
+from ldlib.models.tiny import TINY_WAN21_VAE_CONFIG, TINY_WAN_VAE_CONFIG
+from ldlib.presets import get_preset
 
 
 def _tiny_wan21(seed: int = 0, **overrides):
@@ -109,7 +111,7 @@ def test_preset_accepts_an_original_layout_file(tmp_path, suffix):
         torch.save(original_wan_state_dict(vae), path)  # read back with weights_only=True
     preset = get_preset("wan2.1-1.3b", vae=str(path), vae_config=str(tmp_path / "cfg"))
     assert preset.vae_subfolder is None
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     assert isinstance(codec.vae, AutoencoderKLWan) and codec.upscale == 1
     x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = WanCodec(vae)
@@ -122,11 +124,11 @@ def test_single_file_without_matching_config_says_what_to_pass(tmp_path):
     path = save_original_wan(_tiny_wan21(), tmp_path / "tiny.safetensors")
     # No --vae-config: the published Wan 2.1 config (base_dim 96) does not fit a tiny file.
     with pytest.raises(ValueError, match="--vae-config"):
-        get_preset("wan2.1-1.3b", vae=str(path)).load_codec()
+        codec_of(get_preset("wan2.1-1.3b", vae=str(path)))
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="broken.safetensors"):
-        get_preset("wan2.1-1.3b", vae=str(bad)).load_codec()
+        codec_of(get_preset("wan2.1-1.3b", vae=str(bad)))
 
 
 def test_single_file_pickles_are_read_weights_only(tmp_path):
@@ -136,4 +138,4 @@ def test_single_file_pickles_are_read_weights_only(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"decoder.head.2.weight": torch.zeros(3), "x": collections.Counter("abc")}, path)
     with pytest.raises(ValueError, match="evil.pth"):
-        get_preset("wan2.1-1.3b", vae=str(path)).load_codec()
+        codec_of(get_preset("wan2.1-1.3b", vae=str(path)))

@@ -8,14 +8,16 @@ import math
 
 import pytest
 import torch
+from conftest import rel_diff
 from safetensors.torch import load_file
 
-from conftest import rel_diff
-from ldlib.degrade import DiffusionDegrader, add_noise, diffusion_degrader
-from ldlib.models.prompts import prompt_embedding
+from ldlib.build import (check_teacher_codec, codec_of, diffusion_degrader, has_trained_teacher, prompt_embedding,
+                         transformer_of)
+from ldlib.degrade import DiffusionDegrader, add_noise
+from ldlib.models.teacher import load_teacher, read_teacher_info
 from ldlib.presets import TAEF2_TEACHER_ENV, get_preset, taef2_teacher_dir
-from ldlib.train.teacher import (TeacherConfig, check_teacher_codec, eval_noise, evaluate_teacher, load_split_latents,
-                           load_teacher, read_teacher_info, train_teacher, training_sample)
+from ldlib.train.teacher import (TeacherConfig, eval_noise, evaluate_teacher, load_split_latents, train_teacher,
+                                 training_sample)
 
 
 def tiny_config(**overrides) -> TeacherConfig:
@@ -144,7 +146,7 @@ def test_load_teacher_round_trip(tiny_teacher, tiny_pairset):
 def test_teacher_of_another_latent_space_is_refused(tiny_teacher, tiny_pairset):
     folder = tiny_teacher["folder"]
     info = read_teacher_info(folder)
-    other = get_preset("tiny", seed=1).load_codec().identity()  # same architecture, other encoder weights
+    other = codec_of(get_preset("tiny", seed=1)).identity()  # same architecture, other encoder weights
     with pytest.raises(ValueError) as e:
         check_teacher_codec(info, other, folder)
     msg = str(e.value)
@@ -158,7 +160,7 @@ def test_teacher_of_another_latent_space_is_refused(tiny_teacher, tiny_pairset):
 def test_preset_uses_the_teacher_folder_and_its_fixed_prompt(tiny_teacher, tiny_pairset, tmp_path):
     folder = tiny_teacher["folder"]
     preset = get_preset("tiny", transformer=str(folder))
-    assert preset.trained_teacher
+    assert has_trained_teacher(preset)
     deg = diffusion_degrader(preset, steps=2, prompt="a text that does not apply")
     transformer, emb, _ = load_teacher(folder)
     assert torch.equal(deg.prompt_embeds, emb)
@@ -179,7 +181,7 @@ def test_taef2_teacher_resolution(monkeypatch, tmp_path):
     preset = get_preset("taef2", taef2_teacher=tmp_path / "missing")
     assert preset.transformer == str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="missing.*train-teacher"):
-        preset.load_transformer()
+        transformer_of(preset)
 
 
 def test_taef2_preset_refuses_a_teacher_of_another_space(tiny_teacher, taef2_codec):

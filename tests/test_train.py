@@ -9,25 +9,25 @@ import threading
 
 import pytest
 import torch
+from conftest import rel_diff
 from safetensors.torch import load_file
 
 import ldlib
-from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.build import codec_of, load_run_codec, parse_degrader
 from ldlib.core.metrics import lpips_model
-from ldlib.presets import get_preset
-from ldlib.data.datasets import sample_tensor_pairs
-from ldlib.models.decoder import TwoXDecoder, load_run_codec
-from ldlib.degrade import CachedTeacher, parse_degrader
 from ldlib.core.profiling import rss_mb
 from ldlib.core.runs import GlobalBatchSampler, _glibc, config_changes, reused_cpu_memory, sample_generator
+from ldlib.data.datasets import sample_tensor_pairs
+from ldlib.degrade import CachedTeacher
+from ldlib.models.decoder import TwoXDecoder
+from ldlib.models.losses import DecoderLoss, LossConfig
+from ldlib.presets import get_preset
 from ldlib.train.decoder import TrainConfig, degrade_batch, train_decoder
-
-from conftest import rel_diff
 
 
 @pytest.fixture(scope="module")
 def setup():
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=4, hq_size=32, seed=0)
     with pytest.warns(UserWarning, match="LPIPS") if True else None:
         lp = lpips_model("alex")
@@ -260,11 +260,11 @@ def test_bf16_autocast_runs_and_records_precision(setup, tmp_path):
 
 
 def test_teacher_degrader_uses_cached_targets(setup, tmp_path):
-    from ldlib.degrade import diffusion_degrader
+    from ldlib.build import diffusion_degrader
+    from ldlib.core.samples import sample_photos
     from ldlib.data.datasets import PairDataset
     from ldlib.data.latents import LatentCache, default_cache_dir, encode_pairs
     from ldlib.data.pairs import PairSpec, build_pairs
-    from ldlib.core.samples import sample_photos
     from ldlib.data.teacher_data import TeacherSet, TeacherSpec, describe_teacher, generate_teacher
 
     codec, _, lp = setup
@@ -333,7 +333,7 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
     from conftest import rel_diff
 
     from ldlib.degrade import ProxyDegrader
-    from ldlib.train.proxy import ProxyNet, save_proxy
+    from ldlib.models.proxy import ProxyNet, save_proxy
 
     codec, data, lp = setup
     torch.manual_seed(0)
@@ -632,9 +632,9 @@ def test_device_busy_time_is_the_union_of_spans():
 def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypatch):
     # ../shared/data/photos holds a SOURCES.md beside the photos: the bench's pair set links images only (it once
     # linked SOURCES.md as its one "photo" at batch 1 and failed on an empty pair set).
-    import ldlib.presets
     from PIL import Image
 
+    import ldlib.presets
     from ldlib.apps.bench import _bench_pairset, _shared_photos
     from ldlib.core.images import load_rgb8
 
@@ -646,7 +646,7 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "shared")
     assert _shared_photos() == [photos / "a.png", photos / "b.jpg"]
     preset = get_preset("tiny")
-    pairs, latents, origin = _bench_pairset(tmp_path / "bench", preset, preset.load_codec(), count=2)
+    pairs, latents, origin = _bench_pairset(tmp_path / "bench", preset, codec_of(preset), count=2)
     assert origin == "../shared/data/photos"
     assert sorted(p.name for p in (tmp_path / "bench" / "photos").iterdir()) == ["a.png"]
     manifest = [json.loads(line) for line in (pairs / "manifest.jsonl").read_text().splitlines()]
@@ -707,13 +707,13 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
 
     import torch.nn.functional as F
 
-    from ldlib.models import wan_image
     from ldlib.apps.bench import _bench_train_config, _model_flops
     from ldlib.core.runs import make_accelerator
+    from ldlib.models import wan_image
     from ldlib.train.decoder import _build_models
 
     cfg = _bench_train_config("tiny", None, 2)
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     g = torch.Generator().manual_seed(0)
     batch = {"latent": torch.randn(2, 16, 8, 8, generator=g), "hq": torch.rand(2, 3, 128, 128, generator=g) * 2 - 1}
     counted = _model_flops(cfg, codec, batch)

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import rel_diff, train_short_run
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import rel_diff, train_short_run
 from ldlib.apps.cli import main
+from ldlib.apps.upscale import UpscaleConfig, decode_tiled, encode_tiled, group_norms, run_tiled, tile_spans
+from ldlib.build import codec_of
 from ldlib.core.images import area_downsample, load_image, save_image
 from ldlib.presets import get_preset
-from ldlib.apps.upscale import UpscaleConfig, decode_tiled, encode_tiled, group_norms, run_tiled, tile_spans
 
 
 @pytest.mark.parametrize("size", [1, 5, 7, 9, 32, 33, 47, 64, 65, 100, 107, 257])
@@ -65,7 +66,7 @@ def _tiled_vs_whole(codec, z, tile=12, overlap=6):
 
 def test_tiled_decode_is_close_to_whole_tiny_wan():
     """Tiny Wan (random weights, global attention in the middle block): stated tolerance max 0.25, mean 0.02."""
-    codec = get_preset("tiny").load_codec().to_2x()
+    codec = codec_of(get_preset("tiny")).to_2x()
     z = torch.randn(1, 16, 20, 26, generator=torch.Generator().manual_seed(1))
     mx, mean = _tiled_vs_whole(codec, z)
     assert mx < 0.25 and mean < 0.02, (mx, mean)
@@ -103,7 +104,7 @@ def _photo(path, h=44, w=60, seed=0):
 
 
 def test_upscale_image_scale_and_compare(tiny_run, tmp_path, capsys):
-    from ldlib.models.decoder import load_run_codec
+    from ldlib.build import load_run_codec
 
     img = _photo(tmp_path / "in.png")  # 44 x 60: not a multiple of 8, padded and cropped back
     out = tmp_path / "out"
@@ -123,12 +124,12 @@ def test_upscale_image_scale_and_compare(tiny_run, tmp_path, capsys):
     codec, _ = load_run_codec(tiny_run)
     x = F.pad(load_image(img), (0, 4, 0, 4), mode="replicate")
     with torch.no_grad():
-        expect = decode_tiled(codec, encode_tiled(get_preset("tiny").load_codec(), x, 8, 4), 4, 2)[..., :88, :120]
+        expect = decode_tiled(codec, encode_tiled(codec_of(get_preset("tiny")), x, 8, 4), 4, 2)[..., :88, :120]
     assert (two - expect).abs().max().item() <= 1 / 127.5 + 1e-6
 
 
 def test_upscale_latent_files_normalised_and_raw(tiny_run, tmp_path):
-    codec = get_preset("tiny").load_codec()
+    codec = codec_of(get_preset("tiny"))
     z = torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(2))
     save_file({"latents": z[0]}, str(tmp_path / "norm.safetensors"))
     torch.save(codec.denormalise(z).unsqueeze(2), tmp_path / "raw.pt")  # Wan's N x C x 1 x h x w
@@ -171,7 +172,7 @@ def test_upscale_refuses_inputs_whose_outputs_would_overwrite_each_other(tiny_ru
 def test_upscale_never_overwrites_another_inputs_output_of_another_stem(tiny_run, tmp_path, capsys):
     """A 2-latent file x.pt writes x_0_2x.png and x_1_2x.png; an image x_1.png writes x_1_2x.png too. Whichever
     comes second fails with one line naming both, the first one's outputs stay, and the exit code is 1."""
-    from ldlib.models.decoder import load_run_codec
+    from ldlib.build import load_run_codec
 
     codec, _ = load_run_codec(tiny_run)
     z = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -179,7 +180,7 @@ def test_upscale_never_overwrites_another_inputs_output_of_another_stem(tiny_run
     torch.save(z, latents)
     image = _photo(tmp_path / "x_1.png", h=48, w=48)  # a multiple of 16: no padding
     with torch.no_grad():
-        z_image = encode_tiled(get_preset("tiny").load_codec(), load_image(image), 128, 32)
+        z_image = encode_tiled(codec_of(get_preset("tiny")), load_image(image), 128, 32)
         expect = {"latent": decode_tiled(codec, z[1:2]), "image": decode_tiled(codec, z_image)}
     for order, first in (([latents, image], "latent"), ([image, latents], "image")):
         out = tmp_path / f"out_{first}_first"

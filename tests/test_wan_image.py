@@ -8,12 +8,17 @@ import torch.nn.functional as F
 
 from ldlib.models import wan_image
 from ldlib.models.codecs import WanCodec
-from ldlib.presets import TINY_WAN_VAE_CONFIG, get_preset
+from ldlib.models.tiny import TINY_WAN_VAE_CONFIG
+from ldlib.presets import get_preset
+
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
 
 from conftest import rel_diff
+
+from ldlib.build import codec_of
+
 
 # float32 results of the same function summed in another order agree to a few float32 epsilons of their scale:
 # 1e-4 relative leaves two orders of magnitude for other CPUs' kernels; a wrong path differs by O(1).
@@ -62,7 +67,7 @@ def _assert_matches_diffusers(vae, size: int, batch: int = 2) -> None:
 
 
 def test_tiny_preset_encode_decode_match_diffusers():
-    vae = get_preset("tiny").load_codec().vae
+    vae = codec_of(get_preset("tiny")).vae
     _assert_matches_diffusers(vae, 64)
 
 

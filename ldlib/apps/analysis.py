@@ -25,8 +25,10 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from ..build import codec_of, has_trained_teacher, vocabulary
 from ..core.images import area_downsample
 from ..core.metrics import high_freq_share, white_noise_hf_share
+
 
 DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
 RECIPE_RANGE = (0.0, 0.12)
@@ -60,9 +62,9 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
     ``pairs_dir``: an existing pair set (``python -m ldlib build-pairs``). Otherwise one is built (resumably) under
     ``work_dir`` from ``photos`` (a folder), or from the photos shipped with ldlib, named by ``pairs.folder_tag``.
     """
+    from ..core.samples import sample_photos
     from ..data.datasets import PairDataset
     from ..data.pairs import PairSpec, build_pairs, folder_tag
-    from ..core.samples import sample_photos
 
     work_dir = Path(work_dir)
     if pairs_dir is None:
@@ -336,7 +338,7 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
 
     from matplotlib.figure import Figure
 
-    from ..degrade import parse_degrader
+    from ..build import parse_degrader
     from ..core.files import atomic_write_bytes, save_figure
     from ..presets import get_preset
 
@@ -345,13 +347,13 @@ def run_sweep(preset_name: str = "tiny", degrader: str = "noise", out: str | os.
     preset = get_preset(preset_name, taef2_path=taef2_path)
     out = Path(out)
     hq, lq, ids = pair_batch(preset, pairs_dir, photos, n=n, seed=config.pair_seed, work_dir=out)
-    codec = preset.load_codec(device)
+    codec = codec_of(preset, device)
     deg = parse_degrader(degrader, preset, codec, steps=steps, prompt=prompt, device=device)
     if deg is None:
-        raise ValueError("a sweep needs a degrader: noise | diffusion | proxy:DIR")
+        raise ValueError(f"a sweep needs a degrader: {vocabulary(live=True, degrading=True)}")
     result = sigma_sweep(codec, deg, lq.to(device), hq.to(device), config)
     result.notes.append(f"preset {preset.name}, {len(ids)} pairs: {', '.join(ids)}")
-    what = "the teacher's fixed prompt embedding" if getattr(preset, "trained_teacher", False) else f"prompt {prompt!r}"
+    what = "the teacher's fixed prompt embedding" if has_trained_teacher(preset) else f"prompt {prompt!r}"
     result.notes.append(f"degrader {degrader}" + (f": {steps} Euler step(s), {what}" if degrader == "diffusion" else ""))
     atomic_write_bytes(out / "sweep.json", json.dumps(result.to_dict(), indent=2).encode())
     atomic_write_bytes(out / "sweep.md", (result.markdown() + "\n\n" + "\n".join(f"- {t}" for t in result.notes)

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..build import codec_of
+
 
 def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time (s) of fn() over repeats, after warmup calls."""
@@ -74,12 +76,12 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
     import contextlib
 
     import torch
-
-    from ..degrade import parse_degrader
-    from ..presets import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG, get_preset
-    from ..train.proxy import ProxyNet
-
     from diffusers import WanTransformer3DModel
+
+    from ..build import parse_degrader
+    from ..models.proxy import ProxyNet
+    from ..models.tiny import TINY_WAN_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG
+    from ..presets import get_preset
 
     torch.manual_seed(0)
     device, sync = _device(), _sync(_device())
@@ -87,7 +89,7 @@ def bench_degrade(preset_name: str, quick: bool) -> dict:
     rows, ratios = [], {}
     # The shipped taef2 teacher on 32 x 32 x 32 latents (a 256 px LQ), through the degrader the loop uses.
     taef2 = get_preset("taef2")
-    teacher_t = parse_degrader("diffusion", taef2, taef2.load_codec(), steps=1).to(device)
+    teacher_t = parse_degrader("diffusion", taef2, codec_of(taef2), steps=1).to(device)
     proxy_t = ProxyNet(channels=32).eval().to(device)
     # Real Wan size: a 256 px LQ -> 16 x 32 x 32 latent, 512 text tokens of width 4096 (UMT5-XXL).
     cfg, text_len, hw = (TINY_WAN_TRANSFORMER_CONFIG, 16, 8) if quick else (WAN21_1_3B_TRANSFORMER_CONFIG, 512, 32)
@@ -692,8 +694,8 @@ def _outside_kernels(cfg, out: Path, train_set, codec, device, warmup: int, step
 
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from ..degrade import NoiseDegrader
     from ..core.profiling import StepTimings
+    from ..degrade import NoiseDegrader
     from ..train.decoder import train_decoder
 
     cfg = dataclasses.replace(cfg, steps=warmup + 2 * steps + 1)
@@ -795,16 +797,16 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
 
     import torch
 
+    from ..core.runs import make_accelerator
     from ..models.losses import LossConfig
     from ..presets import get_preset
-    from ..core.runs import make_accelerator
     from ..train.decoder import TrainConfig, _build_models, _optimizer_step
 
     cfg = TrainConfig(preset=preset_name, loss=LossConfig(lpips_net="alex", lpips_weight=0.0))
     acc = make_accelerator("auto")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = _build_models(cfg, get_preset(preset_name).load_codec(), acc, None)
+        m = _build_models(cfg, codec_of(get_preset(preset_name)), acc, None)
     params = list(m.params) + list(m.disc.parameters())
     g = torch.Generator().manual_seed(0)
     grads = [(torch.randn(p.shape, generator=g) * 1e-3).to(p.device) for p in params]
@@ -868,9 +870,9 @@ def _timed_train_run(cfg, out: Path, pairs: Path, latents: Path, skip: int, thre
 
     import torch
 
+    from ..core.profiling import StepTimings
     from ..data.datasets import PairDataset
     from ..degrade import NoiseDegrader
-    from ..core.profiling import StepTimings
     from ..train.decoder import train_decoder
 
     torch.set_num_threads(threads)
@@ -936,7 +938,7 @@ def bench_train_step(preset_name: str, quick: bool, batches: tuple[int, ...] | N
     recipe = TrainConfig()  # a run at the recipe's step counts
     recipe_note = f"{recipe.steps} steps, the GAN on from step {recipe.loss.gan_start}"
     rated = [k for k, v in measured.items() if not UNRATED_OVERRIDES & set(v)]  # rows that get a FLOP rate
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     rows, ratios, per_round, raw, kernels, flops, rates = [], {}, {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="ldlib-bench-train-") as tmp:
         tmp = Path(tmp)

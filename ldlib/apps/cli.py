@@ -14,10 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from ..build import codec_of, has_trained_teacher, vocabulary
+from ..presets import PRESET_HELP, PRESETS
+
 
 def _add_preset(p: argparse.ArgumentParser, default: str = "tiny") -> None:
-    p.add_argument("--preset", default=default, help="tiny | taef2 | wan2.1-1.3b | wan2.1-14b | qwen-image | flux2 | "
-                                                     "flux1 | sdxl (default: %(default)s)")
+    p.add_argument("--preset", default=default, choices=PRESETS, metavar="PRESET",
+                   help=f"{PRESET_HELP} (default: %(default)s)")
     p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: the packaged weights, or $LDLIB_TAEF2_DIR)")
 
 
@@ -55,7 +58,7 @@ def cmd_codec_check(args: argparse.Namespace) -> int:
     from ..core.metrics import psnr
 
     preset = _preset(args)
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     x = load_image(args.image)
     f = codec.spatial_factor
     size = args.size or min(x.shape[-2:]) // f * f
@@ -126,7 +129,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     preset = _preset(args)
     out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name)
     result = encode_pairs(
-        args.pairs, preset.load_codec(), out, batch_size=args.batch_size, shard_size=args.shard_size,
+        args.pairs, codec_of(preset), out, batch_size=args.batch_size, shard_size=args.shard_size,
         shard=args.shard, device=args.device, progress=not args.quiet,
     )
     ident = result["identity"]
@@ -140,10 +143,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """Run the preset's diffusion degrader on cached latents: targets for training the proxy (resumable)."""
+    from ..build import diffusion_degrader
     from ..core.config import config_from_args
-    from ..degrade import diffusion_degrader
-    from ..data.latents import default_cache_dir
     from ..core.runs import default_device
+    from ..data.latents import default_cache_dir
     from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
 
     preset = _preset(args)
@@ -157,14 +160,14 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     )
     print(f"teacher {result['out']}: {result['computed']} computed now, {result['already_done']} already done "
           f"(sigma ~ U[0, {spec.sigma_max}], {spec.steps} Euler steps, "
-          f"{'fixed prompt embedding' if preset.trained_teacher else f'prompt {spec.prompt!r}'})")
+          f"{'fixed prompt embedding' if has_trained_teacher(preset) else f'prompt {spec.prompt!r}'})")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Sigma sweep of a degrader on pairs: per-sigma latent error, HF share, PSNR/LPIPS; writes JSON/Markdown/plot."""
-    from .analysis import SweepConfig, run_sweep
     from ..core.config import config_from_args
+    from .analysis import SweepConfig, run_sweep
 
     result = run_sweep(
         args.preset, args.degrader, args.out, pairs_dir=args.pairs, photos=args.photos, n=args.n,
@@ -180,8 +183,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_train_proxy(args: argparse.Namespace) -> int:
     """Train the proxy degrader on teacher data; writes the proxy, OUT/eval.json and OUT/summary.json."""
     from ..core.config import config_from_args
-    from ..train.proxy import ProxyTrainConfig, train_proxy
     from ..data.teacher_data import TeacherSet
+    from ..train.proxy import ProxyTrainConfig, train_proxy
 
     made_with = TeacherSet(args.teacher).info.get("teacher", {}).get("preset")
     if args.preset and made_with and args.preset != made_with:
@@ -291,10 +294,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     import resource
     import time
 
+    from ..core.files import writable_folder
     from ..core.images import ImageLoadError
     from .upscale import UpscaleConfig, clashing_inputs, load_upscaler, upscale_file
-
-    from ..core.files import writable_folder
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
                         compare=args.compare)
@@ -325,15 +327,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
-    from .analysis import SweepConfig
     from ..core.config import add_config_arguments, comma_tuple
-    from .evaluate import EvalConfig
-    from .experiment import ExperimentConfig
     from ..data.pairs import PairSpec
-    from ..train.proxy import ProxyTrainConfig
-    from ..train.teacher import TeacherConfig
     from ..data.teacher_data import TeacherSpec
     from ..train.decoder import TrainConfig
+    from ..train.proxy import ProxyTrainConfig
+    from ..train.teacher import TeacherConfig
+    from .analysis import SweepConfig
+    from .evaluate import EvalConfig
+    from .experiment import ExperimentConfig
 
     parser = argparse.ArgumentParser(
         prog="python -m ldlib",
@@ -389,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", default=None, help="an existing pair set (default: build one under --out)")
     src.add_argument("--photos", default=None, help="build pairs from this photo folder (default: sample photos)")
-    p.add_argument("--degrader", default="noise", help="noise | diffusion | proxy:DIR (default: %(default)s)")
+    p.add_argument("--degrader", default="noise",
+                   help=f"{vocabulary(live=True, degrading=True)} (default: %(default)s)")
     p.add_argument("--n", type=int, default=8, help="number of pairs (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1, help="teacher Euler steps (diffusion only; default: %(default)s)")
     p.add_argument("--prompt", default="negative", help="teacher prompt: negative | empty | TEXT (default: %(default)s; "
@@ -401,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-proxy", help="train the cheap proxy of the diffusion degrader on teacher data")
     p.add_argument("teacher", help="teacher data folder (from `teacher`)")
     p.add_argument("out", help="run folder: proxy.safetensors + proxy.json, eval.json, checkpoints, tb/")
-    p.add_argument("--preset", default=None, help="check that the teacher data was made with this preset")
+    p.add_argument("--preset", default=None, choices=PRESETS, metavar="PRESET",
+                   help="check that the teacher data was made with this preset")
     p.add_argument("--latents", default=None, help="latent cache (default: the one the teacher data was made from)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
     add_config_arguments(p, ProxyTrainConfig, title="training (ProxyTrainConfig)")
@@ -455,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upscale", help="decode images or latent files at 2x with a trained decoder (tiled), PNG out")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or latent files (.safetensors / .pt)")
     p.add_argument("--model", required=True, help="a train-decoder run folder (EMA weights) or an exported decoder")
-    p.add_argument("--preset", default=None, help="the VAE the latents belong to (default: the model's preset)")
+    p.add_argument("--preset", default=None, choices=PRESETS, metavar="PRESET",
+                   help=f"the VAE the latents belong to: {PRESET_HELP} (default: the model's preset)")
     p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: $LDLIB_TAEF2_DIR, else the shipped weights)")
     _add_vae(p)
     p.add_argument("--out", default="runs/upscale", help="output folder (default: %(default)s)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..build import codec_of
 from ..core.files import atomic_write_bytes, save_figure
 
 
@@ -57,21 +58,20 @@ def _resume(run: Path) -> bool:
 
 def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None = None) -> dict:
     """Run every stage; write pictures, reports, the exported decoder and ``out/index.html``; returns a summary."""
-    from .analysis import SweepConfig, degraders_figure, plot_sweeps, sigma_sweep
+    from ..build import load_run_codec, parse_degrader
+    from ..core.pca import LatentPCA
+    from ..core.samples import sample_photos
     from ..data.datasets import PairDataset
-    from ..models.decoder import load_run_codec
-    from ..degrade import parse_degrader
+    from ..data.latents import default_cache_dir, encode_pairs
+    from ..data.pairs import PairSpec, build_pairs, plot_pairs
+    from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
+    from ..models.losses import LossConfig
+    from ..presets import get_preset
+    from ..train.decoder import TrainConfig, train_decoder
+    from ..train.proxy import ProxyTrainConfig, train_proxy
+    from .analysis import SweepConfig, degraders_figure, plot_sweeps, sigma_sweep
     from .evaluate import EvalConfig, comparison_images, crops_figure, run_evaluation
     from .export import export_run
-    from ..data.latents import default_cache_dir, encode_pairs
-    from ..models.losses import LossConfig
-    from ..data.pairs import PairSpec, build_pairs, plot_pairs
-    from ..core.pca import LatentPCA
-    from ..presets import get_preset
-    from ..train.proxy import ProxyTrainConfig, train_proxy
-    from ..core.samples import sample_photos
-    from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
-    from ..train.decoder import TrainConfig, train_decoder
 
     cfg = cfg or DemoConfig.for_preset(preset_name or "taef2")
     t0 = time.time()
@@ -79,7 +79,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     preset = get_preset(cfg.preset)
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     photos = sample_photos()
 
     def say(stage: str, msg: str) -> None:

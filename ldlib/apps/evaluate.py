@@ -28,9 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..build import codec_of, vocabulary
 from ..core.files import atomic_write_bytes, save_figure
 from ..core.metrics import colour_shift, haarpsi, psnr, speckle_ratio, ssim
 from ..core.runs import sample_generator
+
 
 METRICS = ("psnr", "ssim", "lpips", "haarpsi", "speckle", "colour_shift")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "haarpsi": True, "colour_shift": False}
@@ -48,7 +50,7 @@ class EvalConfig:
     """What to evaluate: sigmas, degrader, batch size, seed, LPIPS network, which and how many pairs."""
 
     sigmas: tuple[float, ...] = field(default=(0.0, 0.04, 0.08, 0.12), metadata={"help": "sigmas, comma-separated"})
-    degrader: str = field(default="noise", metadata={"help": "how held-out latents are degraded: none | noise | diffusion | proxy:DIR"})
+    degrader: str = field(default="noise", metadata={"help": f"how held-out latents are degraded: {vocabulary(live=True)}"})
     batch: int = field(default=4, metadata={"help": "pairs per decode"})
     seed: int = field(default=0, metadata={"help": "noise seed (the same draws for every method)"})
     lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="alex", metadata={"help": "LPIPS backbone (training defaults to vgg)"})
@@ -106,7 +108,7 @@ def evaluate_decoders(
     """
     from tqdm.auto import tqdm
 
-    from ..degrade import parse_degrader
+    from ..build import parse_degrader
     from ..core.metrics import lpips_model
 
     cfg = cfg or EvalConfig()
@@ -329,15 +331,15 @@ def run_evaluation(
     vae_config: str | None = None,
 ) -> dict:
     """Evaluate a trained model (run or export) on a pair set's held-out split (or all of it); write the report."""
+    from ..build import load_decoder
     from ..data.datasets import PairDataset
-    from ..models.decoder import load_decoder
     from ..data.latents import LatentCache, default_cache_dir
     from ..presets import get_preset
 
     cfg = cfg or EvalConfig()
     overrides = {k: v for k, v in (("vae", vae), ("vae_config", vae_config)) if v}  # a local VAE for the preset
     preset = get_preset(preset_name, taef2_path=taef2_dir, **overrides)
-    original = preset.load_codec()
+    original = codec_of(preset)
     ours, info = load_decoder(model, preset)
     _check_latents_fit(model, ours, info, original, preset)
     vf = val_fraction if val_fraction is not None else info.get("val_fraction")
@@ -358,7 +360,7 @@ def run_evaluation(
     from ..core.metrics import lpips_model
 
     lp = lpips_model(cfg.lpips_net, seed=cfg.lpips_seed)
-    from ..degrade import parse_degrader
+    from ..build import parse_degrader
 
     degrader = parse_degrader(cfg.degrader, preset, original, device="cpu")
     rows = evaluate_decoders(original, decoders, held_out, cfg, degrader=degrader, lpips=lp)

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..build import codec_of
 from ..core.files import atomic_write_bytes, save_figure
+
 
 DEGRADERS = ("none", "noise", "proxy", "teacher")
 NAMES = {"none": "clean-trained", "noise": "noise-trained", "proxy": "proxy-trained", "teacher": "teacher-trained"}
@@ -57,8 +59,8 @@ class ExperimentConfig:
 
 
 def _photos(cfg: ExperimentConfig) -> Path:
-    from ..presets import SHARED_DIR
     from ..core.samples import sample_photos
+    from ..presets import SHARED_DIR
 
     if cfg.photos:
         return Path(cfg.photos)
@@ -95,17 +97,16 @@ def _train_config(cfg: ExperimentConfig, degrader: str, **over):
 
 def run_experiment(out: str | Path, cfg: ExperimentConfig | None = None) -> dict:
     """Every stage (each resumes); writes results.md / results.json / metrics.png / crops.png under out."""
-    from ..data.datasets import PairDataset
-    from ..models.decoder import load_run_codec
-    from ..degrade import parse_degrader
-    from .evaluate import EvalConfig, evaluate_decoders
-    from ..data.latents import default_cache_dir, encode_pairs
+    from ..build import load_run_codec, parse_degrader
     from ..core.metrics import lpips_model
+    from ..data.datasets import PairDataset
+    from ..data.latents import default_cache_dir, encode_pairs
     from ..data.pairs import PairSpec, build_pairs
-    from ..presets import get_preset
-    from ..train.proxy import ProxyTrainConfig, train_proxy
     from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
+    from ..presets import get_preset
     from ..train.decoder import train_decoder
+    from ..train.proxy import ProxyTrainConfig, train_proxy
+    from .evaluate import EvalConfig, evaluate_decoders
 
     cfg = cfg or ExperimentConfig()
     out = Path(out)
@@ -123,7 +124,7 @@ def run_experiment(out: str | Path, cfg: ExperimentConfig | None = None) -> dict
         print(f"[experiment] {stage}: {state['seconds'][stage] / 60:.1f} min", flush=True)
 
     preset = get_preset(cfg.preset)
-    codec = preset.load_codec()
+    codec = codec_of(preset)
     t0 = time.time()
     pairs = out / "pairs"
     build_pairs(_photos(cfg), pairs, PairSpec.from_preset(preset, crops_per_image=cfg.crops_per_image, seed=cfg.seed),
@@ -194,7 +195,7 @@ def write_results(out: Path, state: dict, held_out, codec, decoders: dict, teach
     """results.json, results.md (tables and the paired answers), metrics.png and crops.png."""
     from matplotlib.figure import Figure
 
-    from .evaluate import BASELINES, DESCRIPTION, comparison_images, compare, crops_figure
+    from .evaluate import BASELINES, DESCRIPTION, compare, comparison_images, crops_figure
 
     results = state["results"]
     methods = list(dict.fromkeys(r["method"] for r in results["teacher"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..core.files import atomic_write_bytes
 
+
 _README_WAN = """# 2x decoder (exported by ldlib)
 
 An `AutoencoderKLWan` whose decoder's last conv has 12 output channels (the "Wan2.1 VAE upscale 2x" format):
@@ -169,7 +170,7 @@ def export_run(
 def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path,
                   formats: tuple[str, ...] | list[str] | None = None) -> Path:
     """The export's files, written into out (a staging folder that becomes final)."""
-    from ..models.decoder import load_run_codec, run_checkpoint, run_split
+    from ..build import load_run_codec, run_checkpoint, run_split
     from ..models.single_file import LayoutError, original_wan_state_dict, save_original_wan
 
     run, out = Path(run), Path(out)

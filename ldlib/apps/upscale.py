@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..build import codec_of
 from ..core.images import IMAGE_SUFFIXES, area_downsample, load_image, save_image
+
 
 LATENT_SUFFIXES = (".safetensors", ".pt", ".pth")
 MAX_SHARED_NORMS = 8  # GroupNorm layers whose statistics tiling shares (each costs one partial pass over the tiles)
@@ -266,10 +268,10 @@ def _family_of_preset(name: str, taef2_dir: str | None) -> str:
 
 def describe_model(model: str | os.PathLike, taef2_dir: str | None = None) -> dict:
     """What a model path is without loading weights: kind (run / export / folder), preset and VAE family."""
-    from ..models.decoder import _export_family, _is_run, read_run_config
+    from ..build import export_family, is_run, read_run_config
 
     path = Path(model)
-    if _is_run(path):
+    if is_run(path):
         cfg = read_run_config(path)
         name = cfg.get("preset", "tiny")
         return {"kind": "run", "preset": name, "family": _family_of_preset(name, taef2_dir),
@@ -279,7 +281,7 @@ def describe_model(model: str | os.PathLike, taef2_dir: str | None = None) -> di
         return {"kind": "export", "preset": info.get("preset"), "family": info.get("family"),
                 "vae": info.get("vae"), "vae_config": info.get("vae_config")}
     if path.is_dir() and (path / "config.json").is_file():
-        return {"kind": "folder", "preset": None, "family": _export_family(path), "vae": None, "vae_config": None}
+        return {"kind": "folder", "preset": None, "family": export_family(path), "vae": None, "vae_config": None}
     raise FileNotFoundError(f"{path}: neither a training run, an ldlib export nor a decoder folder")
 
 
@@ -311,13 +313,13 @@ def load_upscaler(
         )
     overrides = {k: v for k, v in (("vae", vae), ("vae_config", vae_config)) if v}
     preset = get_preset(name, taef2_path=taef2_dir, **overrides)
-    original = preset.load_codec()
+    original = codec_of(preset)
     if desc["kind"] == "run":
-        from ..models.decoder import load_run_codec
+        from ..build import load_run_codec
 
         codec, _ = load_run_codec(model)
     else:
-        from ..models.decoder import load_decoder
+        from ..build import load_decoder
 
         codec, _ = load_decoder(model, preset)
     if codec.upscale != 2:

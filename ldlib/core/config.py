@@ -20,6 +20,7 @@ import types
 import typing
 from typing import Any, Literal
 
+
 NOT_GIVEN = None  # what an absent flag parses to: the dataclass default then applies
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from .files import atomic_write_bytes
 
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
 

@@ -108,9 +108,8 @@ def reused_cpu_memory(enabled: bool = True) -> Iterator[bool]:
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1):
     """An Accelerator for this process: bf16 autocast on CUDA by default, fp32 on CPU; DDP when launched so."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 

@@ -143,22 +143,3 @@ def collate_pairs(items: list[dict]) -> dict:
     if "id" in items[0]:
         out["id"] = [it["id"] for it in items]
     return out
-
-
-def prepare_pairs(photos: str | os.PathLike, out: str | os.PathLike, preset, crops_per_image: int = 1, seed: int = 0,
-                  workers: int = 1, device: str | None = "cpu", **spec) -> PairDataset:
-    """Build (or resume) a pair set from photos at the preset's sizes and encode its latents; the dataset over both.
-
-    ``spec`` overrides PairSpec fields (e.g. ``hq_size``). Both steps only do what is missing, so calling this again
-    costs a manifest read.
-    """
-    from .latents import default_cache_dir, encode_pairs
-    from .pairs import PairSpec, build_pairs
-
-    report = build_pairs(photos, out, PairSpec.from_preset(preset, crops_per_image=crops_per_image, seed=seed, **spec),
-                         workers=workers, progress=False)
-    if report["pairs_total"] == 0:
-        raise ValueError(f"no pair could be cut from {photos} (see {Path(out) / 'report.json'})")
-    cache = default_cache_dir(out, preset.name)
-    encode_pairs(out, preset.load_codec(), cache, progress=False, device=device)
-    return PairDataset(out, latents=cache)

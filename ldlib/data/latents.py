@@ -26,6 +26,7 @@ import torch
 from ..core.files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
 from .pairs import PAIRSET_JSON, read_manifest
 
+
 IDENTITY_JSON = "identity.json"
 # What must agree for two latents to be interchangeable; "source" (a path or hub id) may differ for the same weights.
 IDENTITY_KEYS = ("family", "latent_channels", "spatial_factor", "encoder_sha256")

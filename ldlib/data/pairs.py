@@ -48,6 +48,7 @@ import torch
 from ..core.files import atomic_write_bytes, in_shard, parse_shard, writable_folder
 from ..core.images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
 
+
 MANIFEST = "manifest.jsonl"
 PAIRSET_JSON = "pairset.json"
 FORMAT_VERSION = 1

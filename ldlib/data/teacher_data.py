@@ -26,6 +26,7 @@ import torch
 
 from ..core.files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
 
+
 TEACHER_JSON = "teacher.json"
 
 
@@ -171,9 +172,9 @@ def generate_teacher(
     """Run the degrader's denoiser on regenerated x_sigma for every record out lacks; returns counts."""
     from tqdm.auto import tqdm
 
+    from ..core.runs import default_device
     from .latents import LatentCache
     from .pairs import read_manifest
-    from ..core.runs import default_device
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")

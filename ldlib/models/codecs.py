@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 FAMILIES = ("wan", "kl", "tae", "qwenimage", "flux2")
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+
 # Wan's generic negative prompt (Wan-Video/Wan2.1, wan/configs/shared_config.py, sample_neg_prompt), verbatim.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -101,32 +102,3 @@ class PromptCache:
 def prompt_cache_dir() -> Path:
     """Where prompt embeddings are cached: $LDLIB_CACHE, else ~/.cache/ldlib."""
     return Path(os.environ.get("LDLIB_CACHE") or Path.home() / ".cache" / "ldlib") / "prompt_embeds"
-
-
-def prompt_embedding(
-    preset,
-    prompt: str = "negative",
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    max_sequence_length: int = 512,
-) -> torch.Tensor:
-    """The preset's 1 x L x D embedding of a prompt ("empty", "negative" or text), from the cache when present.
-
-    A trained teacher (the taef2 preset's) has one fixed embedding in its folder: prompt does not apply to it.
-    """
-    fixed = preset.fixed_prompt_embeds() if hasattr(preset, "fixed_prompt_embeds") else None
-    if fixed is not None:
-        return fixed
-    text = resolve_prompt(prompt)
-
-    def encode(p: str) -> torch.Tensor:
-        # Loaded here, on a cache miss only: UMT5-XXL is ~11 GB in bf16.
-        dtype = torch.bfloat16 if str(device or "cpu").startswith("cuda") else torch.float32
-        tokenizer, text_encoder = preset.load_text_encoder(device=device, dtype=dtype)
-        try:
-            return encode_prompt(p, tokenizer, text_encoder, max_sequence_length)
-        finally:
-            del text_encoder
-
-    cache = PromptCache(cache_dir if cache_dir is not None else prompt_cache_dir())
-    return cache.get(preset.text_encoder_id, text, encode, max_sequence_length)

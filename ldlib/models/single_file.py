@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 # Residual block: diffusers' attribute names -> the original nn.Sequential indices (RMS_norm, SiLU, conv, ...).

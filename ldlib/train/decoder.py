@@ -31,20 +31,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.decoder import TwoXDecoder
+from ..build import VOCABULARY, codec_of
 from ..core.files import atomic_write_bytes
-from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
 from ..core.profiling import NO_TIMINGS, StepTimings
 from ..core.runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
-                   check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
-                   mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
+                         check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
+                         mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
+from ..models.decoder import TwoXDecoder
+from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
+from ..presets import PRESET_HELP
 
 
 @dataclass
 class TrainConfig:
     """Decoder training settings; the defaults are the recipe's (README, "The recipe")."""
 
-    preset: str = field(default="tiny", metadata={"help": "tiny | taef2 | wan2.1-1.3b | wan2.1-14b"})
+    preset: str = field(default="tiny", metadata={"help": PRESET_HELP})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     vae: str | None = field(default=None, metadata={"help": "local VAE replacing the preset's: a diffusers folder or "
                                                             "one .safetensors/.pth (original Wan layout for wan2.1-*, qwen-image)"})
@@ -62,7 +64,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     sigma_min: float = field(default=0.0, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
     sigma_max: float = field(default=0.12, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
-    degrader: str = field(default="noise", metadata={"help": "none | noise | diffusion | proxy:DIR | teacher:DIR"})
+    degrader: str = field(default="noise", metadata={"help": VOCABULARY})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of the decoder weights (what export uses)"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
@@ -514,8 +516,8 @@ def train_decoder(
     ``stop_at`` ends the run early at that step (a simulated interruption; the schedule still targets ``cfg.steps``).
     ``timings``: a ``ldlib.core.profiling.StepTimings`` to fill with each step's pieces (``python -m ldlib bench train``).
     """
+    from ..build import parse_degrader
     from ..data.datasets import collate_pairs
-    from ..degrade import parse_degrader
     from ..presets import get_preset, vae_overrides
 
     t_start = time.time()
@@ -524,7 +526,7 @@ def train_decoder(
     device = acc.device
     preset = get_preset(cfg.preset, taef2_path=cfg.taef2_dir, **vae_overrides(cfg))
     if codec is None:
-        codec = preset.load_codec()
+        codec = codec_of(preset)
     degrader_name = cfg.degrader
     if isinstance(degrader, str) and degrader == "config":
         degrader = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,

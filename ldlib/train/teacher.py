@@ -30,12 +30,9 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..build import codec_of
 from ..core.files import atomic_write_bytes, replaced_folder, save_figure
-
-TEACHER_JSON = "teacher.json"
-PROMPT_EMBEDS = "prompt_embeds.safetensors"
-TEACHER_SUBDIR = "teacher"
-TRAIN_COMMAND = "python -m ldlib train-teacher PAIRS OUT --preset taef2"
+from ..models.teacher import TEACHER_JSON, TEACHER_SUBDIR, TRAIN_COMMAND, load_teacher, save_teacher
 
 
 @dataclass
@@ -271,81 +268,6 @@ def save_samples(codec, latents: torch.Tensor, path: str | os.PathLike, per_row:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# teacher folders
-# ------------------------------------------------------------------------------------------------------------
-
-
-def save_teacher(transformer, prompt_embeds: torch.Tensor, folder: str | os.PathLike, info: dict) -> Path:
-    """Write a teacher folder: the transformer in fp16 (save_pretrained), the prompt embedding, teacher.json.
-
-    Writes into folder as it is; ``train_teacher`` gives it a staging folder that replaces OUT/teacher whole.
-    """
-    from safetensors.torch import load_file, save
-
-    folder = Path(folder)
-    transformer.save_pretrained(str(folder), safe_serialization=True)
-    # fp16 on disk halves the size (the shipped folder must stay small); load_teacher upcasts to float32.
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    atomic_write_bytes(weights, save(half, metadata={"format": "pt"}))
-    atomic_write_bytes(folder / PROMPT_EMBEDS, save({"prompt_embeds": prompt_embeds.detach().float().cpu().contiguous()}))
-    atomic_write_bytes(folder / TEACHER_JSON, json.dumps(info, indent=2).encode())
-    return folder
-
-
-def is_teacher_folder(path: str | os.PathLike | None) -> bool:
-    """Whether path is a folder written by save_teacher (it holds teacher.json)."""
-    return path is not None and (Path(path) / TEACHER_JSON).is_file()
-
-
-def read_teacher_info(folder: str | os.PathLike) -> dict:
-    """teacher.json of a teacher folder, or a clear error saying how to make one."""
-    folder = Path(folder)
-    if not (folder / TEACHER_JSON).is_file():
-        raise FileNotFoundError(
-            f"{folder}: no trained teacher there ({TEACHER_JSON} missing); train one with `{TRAIN_COMMAND}` and "
-            f"use OUT/{TEACHER_SUBDIR} (for the taef2 preset: set $LDLIB_TAEF2_TEACHER to it)"
-        )
-    return json.loads((folder / TEACHER_JSON).read_text())
-
-
-def load_teacher(folder: str | os.PathLike, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32):
-    """(transformer in eval mode, 1 x L x D prompt embedding, teacher.json) of a teacher folder."""
-    from diffusers import WanTransformer3DModel
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    info = read_teacher_info(folder)
-    model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype)
-    emb = load_file(str(folder / PROMPT_EMBEDS))["prompt_embeds"].float()
-    return model.eval().to(device or "cpu"), emb, info
-
-
-def load_prompt_embeds(folder: str | os.PathLike) -> torch.Tensor | None:
-    """The fixed prompt embedding of a teacher folder (None when the folder has none)."""
-    path = Path(folder) / PROMPT_EMBEDS
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["prompt_embeds"].float()
-
-
-def check_teacher_codec(info: dict, identity: dict, folder: str | os.PathLike) -> None:
-    """Refuse a teacher trained in another latent space than the codec/latents it is used with."""
-    from ..data.latents import _describe, same_codec
-
-    have = info.get("codec", {})
-    if not same_codec(have, identity):
-        raise ValueError(
-            f"{folder}: this teacher was trained in the latent space of {_describe(have)}, but the codec/latents it "
-            f"is used with are {_describe(identity)}; a teacher only works in its own latent space "
-            f"(train one for this codec with `python -m ldlib train-teacher`)"
-        )
-
-
-# ------------------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------------------
 
@@ -394,19 +316,19 @@ def train_teacher(
     ``stop_at`` ends the run early at that step (an interruption; the schedule still targets ``cfg.steps``); the
     teacher folder, eval and samples are written when the run reaches ``cfg.steps``.
     """
-    from ..degrade import DiffusionDegrader
-    from ..data.latents import LatentCache, default_cache_dir
-    from ..presets import get_preset
     from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, json_bytes,
-                       load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
-                       write_config)
+                             load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
+                             write_config)
+    from ..data.latents import LatentCache, default_cache_dir
+    from ..degrade import DiffusionDegrader
+    from ..presets import get_preset
 
     t_start = time.time()
     out = Path(out)
     acc = accelerator or make_accelerator(cfg.mixed_precision)
     device = acc.device
     if codec is None:
-        codec = get_preset(cfg.preset, taef2_path=cfg.taef2_dir).load_codec()
+        codec = codec_of(get_preset(cfg.preset, taef2_path=cfg.taef2_dir))
     identity = codec.identity()
     cache = LatentCache(latents or default_cache_dir(pairs, cfg.preset), expect=identity)
     train_x, val_x, train_sources, val_sources = load_split_latents(pairs, cache, cfg.val_fraction, cfg.split_seed)
