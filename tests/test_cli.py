@@ -39,3 +39,26 @@ def test_bench_train_options_are_refused_elsewhere_and_unknown_variants_named(ca
     assert main(["bench", "train", "--quick", "--variants", "after (new defaults), no such"]) == 2
     err = capsys.readouterr().err
     assert "'no such'" in err and "'after (new defaults)'" in err  # names the unknown one and the choices
+
+
+
+def test_registries_drive_every_preset_and_degrader_flag():
+    """Every --preset with a fixed set takes the registry's names; every --degrader help is the vocabulary's."""
+    from ldlib.apps.cli import build_parser
+    from ldlib.build import VOCABULARY, vocabulary
+    from ldlib.presets import PRESET_HELP, PRESETS
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = (VOCABULARY, vocabulary(live=True), vocabulary(live=True, degrading=True))
+    presets = degraders = 0
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if "--preset" in action.option_strings and action.choices is not None:
+                assert tuple(action.choices) == PRESETS, name
+                presets += 1
+            if "--degrader" in action.option_strings:
+                assert any(h in action.help for h in helps), (name, action.help)
+                degraders += 1
+    assert presets >= 5 and degraders >= 3
+    train_help = " ".join(commands["train-decoder"].format_help().split())
+    assert PRESET_HELP in train_help  # the TrainConfig flag's help is the registry's list

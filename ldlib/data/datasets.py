@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from ..core.images import area_downsample, load_image, load_rgb8, to_tensor
+from ..core.samples import sample_paths
 from .latents import LatentCache
 from .pairs import PAIRSET_JSON, read_manifest, split_by_source
 
@@ -113,8 +114,6 @@ class TensorPairs(torch.utils.data.Dataset):
 @torch.no_grad()
 def sample_tensor_pairs(codec, count: int = 8, hq_size: int = 64, seed: int = 0) -> TensorPairs:
     """In-memory pairs from random crops of the bundled sample photos: recipe HQ/LQ (area 0.5x twice), LQ latents."""
-    from ..core.samples import sample_paths
-
     g = torch.Generator().manual_seed(seed)
     paths = sample_paths()
     sources: dict[int, torch.Tensor] = {}

@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 
 from ..core.files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
+from ..core.images import load_image
+from ..core.runs import default_device
 from .pairs import PAIRSET_JSON, read_manifest
 
 
@@ -144,9 +146,6 @@ def encode_pairs(
     Batched, without gradients, on ``device`` (default: CUDA when present; the codec is moved there). Every ``shard_size`` pairs become one
     safetensors file, written atomically: a killed run resumes at the first chunk not on disk.
     """
-    from ..core.images import load_image
-    from ..core.runs import default_device
-
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     pairs_root = Path(pairs_root)

@@ -45,8 +45,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..core.files import atomic_write_bytes, in_shard, parse_shard, writable_folder
+from ..core.files import FolderBusyError, atomic_write_bytes, in_shard, parse_shard, writable_folder
 from ..core.images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
+from ..presets import get_preset
 
 
 MANIFEST = "manifest.jsonl"
@@ -111,8 +112,6 @@ class PairSpec:
         Refuses a size whose LQ the preset's VAE cannot encode (not a multiple of its pixels per latent cell).
         """
         if isinstance(preset, str):
-            from ..presets import get_preset
-
             preset = get_preset(preset)
         base = dict(pre_downsample=preset.pre_downsample, hq_size=preset.hq_size, lq_factor=preset.lq_factor)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -264,8 +263,6 @@ class _ManifestWriter:
             pass
         except OSError as e:
             self.f.close()
-            from ..core.files import FolderBusyError
-
             raise FolderBusyError(f"{path}: another build is writing this pair set right now; wait for it to "
                                   "finish or use another OUT folder") from e
         _repair_tail(path)

@@ -25,6 +25,9 @@ from typing import Sequence
 import torch
 
 from ..core.files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
+from ..core.runs import default_device
+from .latents import LatentCache
+from .pairs import read_manifest
 
 
 TEACHER_JSON = "teacher.json"
@@ -128,8 +131,6 @@ class TeacherDataset(torch.utils.data.Dataset):
     """Items ``{key, id, sigma, x0, x_sigma, target}`` of a teacher folder, x_sigma regenerated from the latents."""
 
     def __init__(self, teacher: TeacherSet | str | os.PathLike, latents=None, ids: Sequence[str] | None = None) -> None:
-        from .latents import LatentCache
-
         self.teacher = teacher if isinstance(teacher, TeacherSet) else TeacherSet(teacher)
         if latents is None:  # the cache the teacher data was made from
             latents = self.teacher.info["latents"]
@@ -172,9 +173,6 @@ def generate_teacher(
     """Run the degrader's denoiser on regenerated x_sigma for every record out lacks; returns counts."""
     from tqdm.auto import tqdm
 
-    from ..core.runs import default_device
-    from .latents import LatentCache
-    from .pairs import read_manifest
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")

@@ -25,6 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.files import atomic_write_bytes, atomic_write_file
+from . import wan_image
+from .single_file import config_dict, is_single_file, load_single_file_vae, published_config
+
 
 FAMILIES = ("wan", "kl", "tae", "qwenimage", "flux2")
 
@@ -224,16 +228,12 @@ class WanCodec(Codec):
     def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
         # Pipelines encode with the posterior mode (deterministic), as we do.
         if self.image_mode:
-            from . import wan_image
-
             return wan_image.encode_mode(self.vae, images)
         posterior = self.vae.encode(images.unsqueeze(2)).latent_dist
         return posterior.mode().squeeze(2)
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         if self.image_mode:
-            from . import wan_image
-
             return wan_image.decode(self.vae, z)  # unclamped, like the path below
         # diffusers' _decode for T=1 without its final clamp (see Codec.decode).
         vae = self.vae
@@ -500,7 +500,6 @@ class TAECodec(Codec):
         """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``."""
         from safetensors.torch import save_file
 
-        from ..core.files import atomic_write_bytes, atomic_write_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -660,8 +659,6 @@ def load_codec(
     through ``ldlib.models.single_file`` with ``vae_config`` (a diffusers folder / config.json / dict) as its architecture.
     """
     source = str(source)
-    from .single_file import is_single_file
-
     if family != "tae" and is_single_file(source):
         return _load_single_file_codec(family, source, vae_config, torch_dtype)
     if family == "wan":
@@ -696,7 +693,6 @@ def _load_single_file_codec(family: str, path: str, vae_config, torch_dtype: tor
     """A codec from one weights file: original-layout Wan / Qwen-Image files, or LDM-layout AutoencoderKL files."""
     from diffusers import AutoencoderKLWan
 
-    from .single_file import load_single_file_vae, published_config
 
     if family == "wan":
         vae = load_single_file_vae(AutoencoderKLWan, path, vae_config, published_config(AutoencoderKLWan), torch_dtype)
@@ -710,8 +706,6 @@ def _load_single_file_codec(family: str, path: str, vae_config, torch_dtype: tor
         default["in_channels"] = default.pop("input_channels", 3)
         cfg = vae_config
         if cfg is not None:
-            from .single_file import config_dict
-
             cfg = config_dict(cfg, AutoencoderKLQwenImage)
             if "input_channels" in cfg:
                 cfg["in_channels"] = cfg.pop("input_channels")

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..core.metrics import lpips_model
+
 
 @dataclass
 class LossConfig:
@@ -116,8 +118,6 @@ class DecoderLoss(nn.Module):
         super().__init__()
         self.cfg = cfg or LossConfig()
         if lpips is None and self.cfg.lpips_weight > 0:
-            from ..core.metrics import lpips_model
-
             lpips = lpips_model(self.cfg.lpips_net)
         self.lpips = lpips
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..core.files import atomic_write_bytes
+
 
 # Wan's generic negative prompt (Wan-Video/Wan2.1, wan/configs/shared_config.py, sample_neg_prompt), verbatim.
 WAN_NEGATIVE_PROMPT = (
@@ -78,7 +80,6 @@ class PromptCache:
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open, save
 
-        from ..core.files import atomic_write_bytes
 
         path = self.path(model_id, prompt, max_sequence_length)
         if path.is_file():

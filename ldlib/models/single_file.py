@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_write_file
+
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
@@ -158,7 +160,6 @@ def save_original_wan(
     """
     from safetensors.torch import save_file
 
-    from ..core.files import atomic_write_file
 
     path = Path(path)
     sd = state_dict if state_dict is not None else original_wan_state_dict(vae)

@@ -31,15 +31,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..build import VOCABULARY, codec_of
+from ..build import VOCABULARY, codec_of, parse_degrader
 from ..core.files import atomic_write_bytes
+from ..core.metrics import psnr
 from ..core.profiling import NO_TIMINGS, StepTimings
 from ..core.runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
                          check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
                          mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
+from ..data.datasets import PairDataset, collate_pairs
+from ..data.latents import LatentCache, default_cache_dir
 from ..models.decoder import TwoXDecoder
 from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
-from ..presets import PRESET_HELP
+from ..presets import PRESET_HELP, get_preset, vae_overrides
 
 
 @dataclass
@@ -190,8 +193,6 @@ def validation_images(
     original, model2x, val_batch: dict, sigma: float, degrader, seed: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The validation grid and metrics at a fixed sigma: original decoder + bicubic vs ours vs HQ."""
-    from ..core.metrics import psnr
-
     z, hq = val_batch["latent"], val_batch["hq"]
     zd = z
     if degrader is not None and sigma > 0:
@@ -478,9 +479,6 @@ def _decoder_data(cfg: TrainConfig, codec, pairs, latents, train_set, val_set):
         return train_set, val_set
     if pairs is None:
         raise ValueError("train_decoder: give train_set or pairs")
-    from ..data.datasets import PairDataset
-    from ..data.latents import LatentCache, default_cache_dir
-
     cache = LatentCache(latents or default_cache_dir(pairs, cfg.preset), expect=codec)
     train_set, val_set = PairDataset(pairs, latents=cache).split(cfg.val_fraction, cfg.held_out_seed)
     if len(train_set) == 0:
@@ -516,10 +514,6 @@ def train_decoder(
     ``stop_at`` ends the run early at that step (a simulated interruption; the schedule still targets ``cfg.steps``).
     ``timings``: a ``ldlib.core.profiling.StepTimings`` to fill with each step's pieces (``python -m ldlib bench train``).
     """
-    from ..build import parse_degrader
-    from ..data.datasets import collate_pairs
-    from ..presets import get_preset, vae_overrides
-
     t_start = time.time()
     out = Path(out)
     acc = accelerator or make_accelerator(cfg.mixed_precision, cfg.grad_accum)

@@ -2,7 +2,7 @@
 
 Where no real diffusion model can be loaded (offline, CPU), ldlib trains its own in the latent space of a real
 pretrained autoencoder (taef2). It is the same model class as the Wan teacher, called the same way
-(``DiffusionDegrader.velocity``: latents as one frame, ``timestep = 1000 * sigma``, one fixed prompt embedding)
+(``models.velocity.flow_velocity``: latents as one frame, ``timestep = 1000 * sigma``, one fixed prompt embedding)
 under the same convention: ``x_s = (1 - s) x0 + s eps``, velocity ``v = eps - x0``.
 
 A teacher folder (``OUT/teacher`` of ``train_teacher``; what the taef2 preset loads)::
@@ -32,7 +32,16 @@ import torch.nn.functional as F
 
 from ..build import codec_of
 from ..core.files import atomic_write_bytes, replaced_folder, save_figure
+from ..core.images import save_image
+from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
+                         check_optimiser_settings, json_bytes, load_optimizer_state, make_accelerator, mean_terms,
+                         mix_seed, open_run, sample_generator, write_config)
+from ..data.latents import LatentCache, default_cache_dir
+from ..data.pairs import read_manifest, split_by_source
+from ..degrade import DiffusionDegrader
 from ..models.teacher import TEACHER_JSON, TEACHER_SUBDIR, TRAIN_COMMAND, load_teacher, save_teacher
+from ..models.velocity import flow_velocity
+from ..presets import get_preset
 
 
 @dataclass
@@ -101,8 +110,6 @@ class TeacherConfig:
         if not 0 <= self.val_fraction < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"TeacherConfig: need val_fraction and ema_decay in [0, 1), got {self.val_fraction}, "
                              f"{self.ema_decay}")
-        from ..core.runs import check_optimiser_settings
-
         check_optimiser_settings("TeacherConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
                                  self.keep_checkpoints)
 
@@ -171,8 +178,6 @@ def training_sample(latent: torch.Tensor, cfg: TeacherConfig, generator: torch.G
 
 def eval_noise(seed: int, sigma_index: int, latent_index: int, draw: int, shape: Sequence[int]) -> torch.Tensor:
     """The eval noise of one (sigma, held-out latent, draw): fixed by the seed, the same in every run."""
-    from ..core.runs import sample_generator
-
     g = sample_generator(seed, sigma_index, latent_index, stream=100 + draw)
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
 
@@ -187,8 +192,6 @@ def evaluate_teacher(
     ``latents``: N x C x H x W held-out clean latents; the noise of each (sigma, latent, draw) is ``eval_noise``.
     The ratio below 1 says by how much one teacher step beats "return x_sigma" (the degrader's lower bound).
     """
-    from ..degrade import DiffusionDegrader
-
     device = next(transformer.parameters()).device
     step = DiffusionDegrader(transformer, prompt_embeds, steps=1, batch_size=batch_size)
     rows = []
@@ -245,8 +248,6 @@ def plot_eval(result: dict, path: str | os.PathLike) -> None:
 def generate(transformer, prompt_embeds: torch.Tensor, count: int, channels: int, size: int, steps: int = 40,
              seed: int = 0) -> torch.Tensor:
     """Latents generated from pure noise: the degrader's Euler loop from sigma 1 to 0 in ``steps`` steps."""
-    from ..degrade import DiffusionDegrader
-
     device = next(transformer.parameters()).device
     noise = torch.randn(count, channels, size, size, generator=torch.Generator().manual_seed(seed))
     return DiffusionDegrader(transformer, prompt_embeds, steps=steps).denoise(noise.to(device), 1.0).float().cpu()
@@ -255,8 +256,6 @@ def generate(transformer, prompt_embeds: torch.Tensor, count: int, channels: int
 @torch.no_grad()
 def save_samples(codec, latents: torch.Tensor, path: str | os.PathLike, per_row: int = 4) -> None:
     """Decode generated latents with the codec and write them as one PNG grid."""
-    from ..core.images import save_image
-
     imgs = codec.decode(latents.to(next(codec.parameters()).device)).float().cpu().clamp(-1, 1)
     n, _, h, w = imgs.shape
     rows = math.ceil(n / per_row)
@@ -288,8 +287,6 @@ class _Indexed(torch.utils.data.Dataset):
 def load_split_latents(pairs: str | os.PathLike, cache, val_fraction: float, split_seed: int
                        ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """(train latents, held-out latents, train sources, held-out sources) of a pair set, split by source photo."""
-    from ..data.pairs import read_manifest, split_by_source
-
     records = [r for r in read_manifest(pairs) if r["id"] in cache]
     if not records:
         raise ValueError(f"{cache.folder}: holds no latent of the pairs in {pairs}; run `python -m ldlib encode` first")
@@ -316,13 +313,6 @@ def train_teacher(
     ``stop_at`` ends the run early at that step (an interruption; the schedule still targets ``cfg.steps``); the
     teacher folder, eval and samples are written when the run reaches ``cfg.steps``.
     """
-    from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, json_bytes,
-                             load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, sample_generator,
-                             write_config)
-    from ..data.latents import LatentCache, default_cache_dir
-    from ..degrade import DiffusionDegrader
-    from ..presets import get_preset
-
     t_start = time.time()
     out = Path(out)
     acc = accelerator or make_accelerator(cfg.mixed_precision)
@@ -360,7 +350,10 @@ def train_teacher(
     write_config(out, acc, config)
     model_w, opt = acc.prepare(model, opt)
     # The training forward is the degrader's own call of the transformer (same hidden layout, timestep, prompt).
-    velocity = DiffusionDegrader(model_w, emb.to(device)).velocity
+    emb_device = emb.to(device)
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return flow_velocity(model_w, x, sigma, emb_device)
 
     stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     sampler = GlobalBatchSampler(len(train_x), cfg.batch, acc.num_processes, acc.process_index, cfg.seed, step, stop)
