@@ -18,12 +18,12 @@ from typing import Literal, Sequence
 import torch
 
 from ..core.files import atomic_write_bytes, save_figure
-from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings,
-                         json_bytes, load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run,
-                         write_config)
+from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, json_bytes,
+                         load_optimizer_state, make_accelerator, mix_seed, open_run, write_config)
 from ..data.pairs import split_by_source
 from ..data.teacher_data import TeacherDataset, TeacherSet
 from ..models.proxy import ProxyNet, save_proxy
+from .loop import Progress, guarded_update, resume_progress, run_steps, summary_fields
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -121,61 +121,43 @@ def train_proxy(
         net = ProxyNet(channels=channels, width=cfg.width, blocks=cfg.blocks).to(device)
     opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                  cfg.warmup_steps, cfg.steps)
-    step, skipped = 0, []
-    found = ckpts.load_intact(["proxy"], warn=acc.print) if resume else None
-    if found is not None:
-        latest, tensors, objects, state = found
+
+    def restore(tensors: dict, objects: dict, state: dict) -> None:
         net.load_state_dict(tensors["proxy"])
         load_optimizer_state(opt, objects["opt"])
         sched.load_state_dict(objects["sched"])
-        step, skipped = int(state["step"]), list(state.get("skipped", []))
-        acc.print(f"resumed from {latest} at step {step}")
+
+    progress = resume_progress(ckpts, acc, ["proxy"], restore) if resume else Progress()
     write_config(out, acc, config)
     net_w, opt = acc.prepare(net, opt)
 
-    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch, acc.num_processes, acc.process_index, cfg.seed, step, stop)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
-    log = RunLogger(out, acc, total=stop, initial=step, desc="train-proxy")
-    history: list[dict] = []
-    for batch in loader:
+    def one_step(batch: dict, step: int) -> dict:
         x_sigma, target = batch["x_sigma"].to(device), batch["target"].to(device)
         sigma = batch["sigma"].to(device)
         with acc.autocast():
             pred = net_w(x_sigma, sigma)
         loss = proxy_loss(pred, target, sigma, cfg.sigma_floor)
-        lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() below moves it on)
-        ok = all_finite(acc, loss)
-        if ok:
-            acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(net_w.parameters(), cfg.max_grad_norm)
-            opt.step()
-        else:
-            skipped.append(step)
-            acc.print(f"step {step}: non-finite loss, step skipped")
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "lr": lr, "skipped": not ok}
-        history.append(rec)
-        log.history(rec)
-        if step % cfg.log_every == 0:
-            log.scalars(step, {"loss": rec["loss"], "lr": rec["lr"]})
-        step += 1
-        log.advance(1, {"loss": rec["loss"]})
-        if step % cfg.checkpoint_every == 0 or step == stop:
-            ckpts.save(step, {"proxy": acc.unwrap_model(net_w).state_dict()},
-                       {"opt": opt.optimizer.state_dict(), "sched": sched.state_dict()}, {"skipped": skipped})
-    log.close()
+        lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() moves it on)
+        ok = guarded_update(acc, loss, progress, net_w.parameters(), opt, sched, cfg.max_grad_norm)
+        return {"step": step, "loss": float(loss.detach()), "lr": lr, "skipped": not ok}
+
+    def save() -> None:
+        ckpts.save(progress.step, {"proxy": acc.unwrap_model(net_w).state_dict()},
+                   {"opt": opt.optimizer.state_dict(), "sched": sched.state_dict()}, {"skipped": progress.skipped})
+
+    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch, acc.num_processes, acc.process_index, cfg.seed,
+                                 progress.step, stop)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
+    log = RunLogger(out, acc, total=stop, initial=progress.step, desc="train-proxy")
+    run_steps(loader, progress, stop, one_step, log, cfg.log_every, cfg.checkpoint_every, save, ("loss", "lr"))
     acc.wait_for_everyone()
     trained = acc.unwrap_model(net_w)
-    summary: dict = {"out": str(out), "teacher": str(teacher), "steps_done": step, "steps_target": cfg.steps,
-                     "finished": step >= cfg.steps, "skipped_steps": skipped, "device": str(device),
+    summary: dict = {**summary_fields(out, progress, cfg.steps, device, t_start, 20, asdict(cfg)),
+                     "teacher": str(teacher),
                      "train_sources": len({r["source"] for r in train_set.records}),
                      "val_sources": len({r["source"] for r in val_set.records}),
-                     "train_records": len(train_set), "val_records": len(val_set),
-                     "final_loss_mean_last_steps": mean_terms(history, last=20).get("loss"),
-                     "wall_seconds_this_run": time.time() - t_start, "config": asdict(cfg)}
+                     "train_records": len(train_set), "val_records": len(val_set)}
     if acc.is_main_process:
         save_proxy(trained, out, extra={"teacher": ts.info.get("teacher"), "spec": ts.info["spec"], "identity": ts.info["identity"]})
         if len(val_set):
@@ -185,7 +167,7 @@ def train_proxy(
             summary["eval"] = result["overall"]
             summary["beats_baselines"] = result["beats_baselines"]
         atomic_write_bytes(out / "summary.json", json_bytes(summary))
-    summary["history"] = history
+    summary["history"] = progress.history
     return summary
 
 

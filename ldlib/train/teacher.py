@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from ..build import codec_of
 from ..core.files import atomic_write_bytes, replaced_folder, save_figure
 from ..core.images import save_image
-from ..core.runs import (GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
-                         check_optimiser_settings, json_bytes, load_optimizer_state, make_accelerator, mean_terms,
-                         mix_seed, open_run, sample_generator, write_config)
+from ..core.runs import (GlobalBatchSampler, RunLogger, build_ema, build_optimizer, check_optimiser_settings,
+                         json_bytes, load_optimizer_state, make_accelerator, mix_seed, open_run, sample_generator,
+                         write_config)
 from ..data.latents import LatentCache, default_cache_dir
 from ..data.pairs import read_manifest, split_by_source
 from ..degrade import DiffusionDegrader
 from ..models.teacher import TEACHER_JSON, TEACHER_SUBDIR, TRAIN_COMMAND, load_teacher, save_teacher
 from ..models.velocity import flow_velocity
 from ..presets import get_preset
+from .loop import Progress, guarded_update, resume_progress, run_steps, summary_fields
 
 
 @dataclass
@@ -335,30 +336,27 @@ def train_teacher(
     ema.to(device)
     opt, sched = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule, cfg.warmup_steps,
                                  cfg.steps)
-    step, skipped = 0, []
-    found = ckpts.load_intact(["teacher", "ema"], warn=acc.print) if resume else None
-    if found is not None:
-        latest, tensors, objects, state = found
+
+    def restore(tensors: dict, objects: dict, state: dict) -> None:
         model.load_state_dict(tensors["teacher"])
         ema_state = dict(state["ema"])
         ema_state["shadow_params"] = [tensors["ema"][n].to(device) for n in names]
         ema.load_state_dict(ema_state)
         load_optimizer_state(opt, objects["opt"])
         sched.load_state_dict(objects["sched"])
-        step, skipped = int(state["step"]), list(state.get("skipped", []))
-        acc.print(f"resumed from {latest} at step {step}")
+
+    progress = resume_progress(ckpts, acc, ["teacher", "ema"], restore) if resume else Progress()
     write_config(out, acc, config)
     model_w, opt = acc.prepare(model, opt)
-    # The training forward is the degrader's own call of the transformer (same hidden layout, timestep, prompt).
+    # The training forward is the degrader's call of the transformer (flow_velocity: same hidden layout, timestep,
+    # prompt embedding).
     emb_device = emb.to(device)
 
-    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return flow_velocity(model_w, x, sigma, emb_device)
-
     stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    sampler = GlobalBatchSampler(len(train_x), cfg.batch, acc.num_processes, acc.process_index, cfg.seed, step, stop)
+    sampler = GlobalBatchSampler(len(train_x), cfg.batch, acc.num_processes, acc.process_index, cfg.seed,
+                                 progress.step, stop)
     loader = torch.utils.data.DataLoader(_Indexed(train_x), batch_sampler=sampler, num_workers=cfg.num_workers)
-    log = RunLogger(out, acc, total=stop, initial=step, desc="train-teacher")
+    log = RunLogger(out, acc, total=stop, initial=progress.step, desc="train-teacher")
     n_params = sum(p.numel() for p in params)
     acc.print(f"teacher: {n_params / 1e6:.2f}M parameters, {len(train_x)} train latents ({len(train_sources)} "
               f"photos), {len(val_x)} held out ({', '.join(Path(s).name for s in val_sources)})")
@@ -370,10 +368,10 @@ def train_teacher(
 
     def save_checkpoint() -> None:
         ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        ckpts.save(step, {"teacher": acc.unwrap_model(model_w).state_dict(),
-                          "ema": {n: t for n, t in zip(names, ema.shadow_params)}},
+        ckpts.save(progress.step, {"teacher": acc.unwrap_model(model_w).state_dict(),
+                                   "ema": {n: t for n, t in zip(names, ema.shadow_params)}},
                    {"opt": opt.optimizer.state_dict(), "sched": sched.state_dict()},
-                   {"skipped": skipped, "ema": ema_meta, "preset": cfg.preset})
+                   {"skipped": progress.skipped, "ema": ema_meta, "preset": cfg.preset})
 
     def quick_eval() -> dict[str, float]:
         """The in-training held-out check of the EMA teacher: its ratio at the eval sigmas up to 0.3."""
@@ -381,16 +379,14 @@ def train_teacher(
                                  [s for s in cfg.eval_sigmas if s <= 0.3] or cfg.eval_sigmas[:1], seed=cfg.seed)
         return {f"val_ratio_{r['sigma']:g}": r["ratio"] for r in quick["rows"]}
 
-    if step > 0 and step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
+    if progress.step > 0 and progress.step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
         # The run that reached this step logged its check here, and this logger hides its events from this step on
         # (purge_step): log it again, the same numbers (the EMA is the checkpoint's), outside the RNG streams the
         # run goes on with. (history.jsonl keeps it: it is in the record of the step before.)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            log.scalars(step, quick_eval(), prefix="val")
+            log.scalars(progress.step, quick_eval(), prefix="val")
 
-    history: list[dict] = []
-    t_loop, done_now = time.time(), 0
-    for batch in loader:
+    def one_step(batch: dict, step: int) -> dict:
         global_idx = sampler.global_batch(step)
         mine = global_idx[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
         x0s, epss, sig = [], [], []
@@ -401,47 +397,31 @@ def train_teacher(
         sigma = torch.tensor(sig, dtype=torch.float32, device=device)
         s4 = sigma.view(-1, 1, 1, 1)
         with acc.autocast():
-            v = velocity((1 - s4) * x0 + s4 * eps, sigma)
+            v = flow_velocity(model_w, (1 - s4) * x0 + s4 * eps, sigma, emb_device)
         loss = F.mse_loss(v.float(), eps - x0)
-        lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() below moves it on)
-        ok = all_finite(acc, loss)
-        if ok:
-            acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(model_w.parameters(), cfg.max_grad_norm)
-            opt.step()
-            ema.step(params)
-        else:
-            skipped.append(step)
-            acc.print(f"step {step}: non-finite loss, step skipped")
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        rec = {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": lr,
-               "skipped": not ok}
-        step += 1
-        done_now += 1
-        if step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
+        lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() moves it on)
+        ok = guarded_update(acc, loss, progress, model_w.parameters(), opt, sched, cfg.max_grad_norm,
+                            after_update=lambda: ema.step(params))
+        return {"step": step, "loss": float(loss.detach()), "sigma_mean": float(sigma.mean()), "lr": lr,
+                "skipped": not ok}
+
+    def held_out_check(rec: dict) -> None:
+        if progress.step % cfg.eval_every == 0 and acc.is_main_process and len(val_x):
             rec.update(quick_eval())
-            log.scalars(step, {k: v for k, v in rec.items() if k.startswith("val_")}, prefix="val")
-        history.append(rec)
-        log.history(rec)
-        if rec["step"] % cfg.log_every == 0:
-            log.scalars(rec["step"], {"loss": rec["loss"], "lr": rec["lr"], "sigma_mean": rec["sigma_mean"]})
-        log.advance(1, {"loss": rec["loss"]})
-        if step % cfg.checkpoint_every == 0 or step == stop:
-            save_checkpoint()
-    log.close()
+            log.scalars(progress.step, {k: v for k, v in rec.items() if k.startswith("val_")}, prefix="val")
+
+    t_loop, start = time.time(), progress.step
+    run_steps(loader, progress, stop, one_step, log, cfg.log_every, cfg.checkpoint_every, save_checkpoint,
+              ("loss", "lr", "sigma_mean"), after_step=held_out_check)
     acc.wait_for_everyone()
+    step, done_now = progress.step, progress.step - start
     elapsed = time.time() - t_loop
     summary: dict = {
-        "out": str(out), "pairs": str(pairs), "latents": str(cache.folder), "steps_done": step,
-        "steps_target": cfg.steps, "finished": step >= cfg.steps, "skipped_steps": skipped, "device": str(device),
-        "processes": acc.num_processes, "parameters": n_params, "train_latents": len(train_x),
-        "val_latents": len(val_x), "train_sources": train_sources, "held_out_sources": val_sources,
+        **summary_fields(out, progress, cfg.steps, device, t_start, 50, asdict(cfg)),
+        "pairs": str(pairs), "latents": str(cache.folder), "processes": acc.num_processes, "parameters": n_params,
+        "train_latents": len(train_x), "val_latents": len(val_x), "train_sources": train_sources,
+        "held_out_sources": val_sources, "train_seconds_this_run": elapsed,
         "steps_per_s_this_run": done_now / elapsed if elapsed > 0 and done_now else None,
-        "train_seconds_this_run": elapsed,
-        "final_loss_mean_last_steps": mean_terms(history, last=50).get("loss"),
-        "config": asdict(cfg),
     }
     if step >= cfg.steps and acc.is_main_process:
         info = {
@@ -471,5 +451,5 @@ def train_teacher(
     summary["wall_seconds_this_run"] = time.time() - t_start
     if acc.is_main_process:
         atomic_write_bytes(out / "summary.json", json_bytes(summary))
-    summary["history"] = history
+    summary["history"] = progress.history
     return summary
