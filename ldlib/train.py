@@ -20,17 +20,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .codecs import HEAD_INITS
 from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
@@ -91,6 +93,16 @@ class TrainConfig:
     # train, H200); on a CPU it is a few % of the step and workers would compete with the model for the cores.
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, on CUDA "
                                                                      "min(8, CPUs per process - 1); same batches either way)"})
+    # Measured on held-out photos (README, "The 2x head's start"): the fitted head starts above decoder+bicubic,
+    # the nearest copy about 1 dB below it.
+    head_init: str = field(default="least-squares", metadata={"help": "start of the 12-channel head: least-squares "
+                                                                      "(fitted on training latents and HQ) | nearest "
+                                                                      "(the original head repeated: nearest 2x)"})
+    head_fit_pairs: int = field(default=64, metadata={"help": "training pairs the least-squares head is fitted on"})
+    head_fit_degraded: bool = field(default=True, metadata={"help": "fit the head on latents degraded like the "
+                                                                     "training ones (sigma ~ U[sigma_min, sigma_max])"})
+    head_ridge: float = field(default=1e-4, metadata={"help": "ridge of the head fit, relative to the normal "
+                                                               "equations' mean diagonal"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
     init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
                                                           "(RUN/checkpoints/step_N): weights, EMA, optimiser "
@@ -125,6 +137,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.val_sigma must be in [0, 1], got {self.val_sigma}")
         if self.max_grad_norm < 0:  # the loop clips only when > 0: a negative value would silently mean "off"
             raise ValueError(f"TrainConfig.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"TrainConfig.head_init must be one of {' | '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if self.head_fit_pairs < 1:
+            raise ValueError(f"TrainConfig.head_fit_pairs must be >= 1, got {self.head_fit_pairs}")
+        if not (math.isfinite(self.head_ridge) and self.head_ridge >= 0):
+            raise ValueError(f"TrainConfig.head_ridge must be a finite number >= 0, got {self.head_ridge}")
 
     @property
     def held_out_seed(self) -> int:
@@ -226,11 +244,30 @@ class _Models:
     sched_d: Any
 
 
-def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> _Models:
-    """The 2x decoder (initialised as nearest-2x of codec's decoder), discriminator, loss, EMA and optimisers."""
+def head_fit_batches(cfg: TrainConfig, train_set, degrader, device: torch.device, batch: int = 2
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(latents, HQ) batches of cfg.head_fit_pairs seeded training pairs, degraded as training degrades them."""
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 12)))
+    chosen = order[: cfg.head_fit_pairs].tolist()
+    for start in range(0, len(chosen), batch):
+        idx = chosen[start : start + batch]
+        items = [train_set[i] for i in idx]
+        z = torch.stack([it["latent"] for it in items]).float().to(device)
+        if degrader is not None and cfg.head_fit_degraded:
+            gens = [sample_generator(cfg.seed, 0, i, stream=4) for i in idx]
+            lo, hi = cfg.sigma_min, cfg.sigma_max
+            sigma = torch.tensor([lo + (hi - lo) * torch.rand((), generator=g).item() for g in gens])
+            z = degrader.degrade_samples(z, sigma, gens, [it.get("id") for it in items])[0]
+        yield z, torch.stack([it["hq"] for it in items]).float()
+
+
+def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None, fit_data=None) -> _Models:
+    """The 2x decoder (its head as cfg.head_init, fitted on fit_data), discriminator, loss, EMA and optimisers."""
     device = acc.device
     original = codec.eval().to(device)
-    model = TwoXDecoder(codec.to_2x()).to(device)
+    # The fit only for a new run: a resumed or continued run loads its head from the checkpoint.
+    model = TwoXDecoder(codec.to_2x(cfg.head_init if fit_data is not None else "nearest", fit_data, cfg.head_ridge))
+    model = model.to(device)
     model.train()
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
@@ -542,8 +579,17 @@ def train_decoder(
         acc.print(f"{degrader_name}: {degrader.coverage(ids):.0%} of {len(ids)} training pairs can be degraded "
                   f"(a record with sigma in [{cfg.sigma_min}, {cfg.sigma_max}]); the rest train clean")
 
-    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
-    m = _build_models(cfg, codec, acc, loss_fn)
+    prior = out / "config.json"
+    if resume and prior.is_file():
+        with contextlib.suppress(ValueError):  # open_run names an unreadable config.json
+            if "head_init" not in json.loads(prior.read_text()):
+                cfg = dataclasses.replace(cfg, head_init="nearest")  # a run from before the choice started so
+    ckpts, found = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
+    fit_data = None
+    if cfg.head_init == "least-squares" and found is None and not cfg.init_from:
+        acc.print(f"fitting the 2x head on {min(cfg.head_fit_pairs, len(train_set))} training pairs (least squares)")
+        fit_data = head_fit_batches(cfg, train_set, degrader, device)
+    m = _build_models(cfg, codec, acc, loss_fn, fit_data)
     step, skipped = _resume(m, ckpts, acc) if resume else (0, [])
     if step == 0 and cfg.init_from:
         step, skipped = _start_from(m, cfg, acc)
