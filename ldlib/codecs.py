@@ -49,30 +49,30 @@ def widen_conv_out(conv: nn.Module, factor: int = 2) -> nn.Module:
 HEAD_INITS = ("nearest", "least-squares")
 
 
-def _patch_identity_conv(conv: nn.Module) -> nn.Module:
-    """A copy of conv whose outputs are its input's k x k neighbourhoods (one channel per tap), then 1 and 0.
+def _pass_through_conv(conv: nn.Module) -> nn.Module:
+    """A copy of conv that outputs its input unchanged (an identity centre tap), then a channel of 1 and one of 0.
 
-    Run inside the decoder in place of ``conv``, it yields exactly the features the real conv combines, with the
-    real conv's own padding (causal in time for Wan); the two constant channels expose the affine map the codec
-    applies after the conv (TAE: ``x * 2 - 1``), so the fit needs no per-family knowledge.
+    Run inside the decoder in place of ``conv``, it yields the features the real conv sees whatever the family's
+    forward (Wan's image mode calls ``F.conv2d`` on the weights, which a forward hook would miss); the two constant
+    channels expose the affine map the codec applies after the conv (TAE: ``x * 2 - 1``), so the fit needs no
+    per-family knowledge.
     """
     kh, kw = conv.kernel_size[-2:]
-    if any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation) or conv.groups != 1:
-        raise ValueError(f"least-squares head: conv_out must be a plain stride-1 conv, got {conv}")
+    # Wan's causal convs pad by hand (_padding = w, w, h, h, t, 0); the others through nn.Conv's own padding.
+    pad = (conv._padding[2], conv._padding[0]) if hasattr(conv, "_padding") else tuple(conv.padding[-2:])
+    plain = all(s == 1 for s in conv.stride) and all(d == 1 for d in conv.dilation) and conv.groups == 1
+    if not plain or conv.padding_mode != "zeros" or pad != (kh // 2, kw // 2):
+        raise ValueError(f"least-squares head: conv_out must be a stride-1 conv with 'same' zero padding, got {conv}")
     c = conv.in_channels
-    taps = c * kh * kw
     new = copy.deepcopy(conv)
-    weight = torch.zeros((taps + 2,) + tuple(conv.weight.shape[1:]), dtype=torch.float32)
-    eye = torch.eye(taps).view(taps, c, kh, kw)
-    if weight.dim() == 5:  # Wan's causal Conv3d sees one frame (T=1) through its last temporal tap only
-        weight[:taps, :, -1] = eye
-    else:
-        weight[:taps] = eye
-    new.weight = nn.Parameter(weight.to(conv.weight))
-    bias = torch.zeros(taps + 2, dtype=conv.weight.dtype, device=conv.weight.device)
-    bias[taps] = 1.0
-    new.bias = nn.Parameter(bias)
-    new.out_channels = taps + 2
+    weight = torch.zeros((c + 2,) + tuple(conv.weight.shape[1:]), dtype=conv.weight.dtype, device=conv.weight.device)
+    # Wan's causal Conv3d sees one frame (T=1) through its last temporal tap only.
+    kernel = weight[:c, :, -1] if weight.dim() == 5 else weight[:c]
+    kernel[:, :, kh // 2, kw // 2] = torch.eye(c, dtype=weight.dtype)
+    bias = torch.zeros(c + 2, dtype=conv.weight.dtype, device=conv.weight.device)
+    bias[c] = 1.0
+    new.weight, new.bias = nn.Parameter(weight), nn.Parameter(bias)
+    new.out_channels = c + 2
     return new
 
 
@@ -83,10 +83,10 @@ def fit_head_2x(codec: "Codec", batches: Iterable[tuple[torch.Tensor, torch.Tens
 
     ``batches`` yields (normalised latents, HQ images in [-1, 1] at 2x the decode's size). The target of the 12
     output channels is ``pixel_unshuffle(HQ, 2)`` mapped back through the codec's output affine; each output pixel
-    sees its conv's k x k neighbourhood of C features plus a constant. The normal equations are accumulated in
-    float64; ``ridge`` is relative to the mean of their diagonal. The returned weight has the 2x conv's shape (for a
-    Wan Conv3d the fit fills the last temporal tap, the only one an image reaches; the others keep the nearest
-    copy of the original head).
+    sees its conv's k x k neighbourhood of C features plus a constant. The normal equations are summed over
+    batches in float64; ``ridge`` is relative to the mean of their diagonal. The returned weight has the 2x conv's
+    shape (for a Wan Conv3d the fit fills the last temporal tap, the only one an image reaches; the others keep the
+    nearest copy of the original head).
     """
     conv = codec.conv_out
     if codec.upscale != 1:
@@ -97,27 +97,32 @@ def fit_head_2x(codec: "Codec", batches: Iterable[tuple[torch.Tensor, torch.Tens
     kh, kw = conv.kernel_size[-2:]
     taps = conv.in_channels * kh * kw
     probe = copy.deepcopy(codec).eval()
-    probe._set_conv_out(_patch_identity_conv(conv))
+    probe._set_conv_out(_pass_through_conv(conv))
     gram = torch.zeros(taps + 1, taps + 1, dtype=torch.float64)
     cross = torch.zeros(taps + 1, 4 * colours, dtype=torch.float64)
     seen = 0
-    device = probe.decoder_parameters()[0].device
+    like = probe.decoder_parameters()[0]
     for latents, hq in batches:
-        out = probe._decode_raw(probe.denormalise(latents.to(device).float())).double()
+        out = probe._decode_raw(probe.denormalise(latents.to(like.device, torch.float32)))
         if hq.shape[-2:] != (2 * out.shape[-2], 2 * out.shape[-1]):
             raise ValueError(f"fit_head_2x: HQ is {tuple(hq.shape[-2:])}, the decode {tuple(out.shape[-2:])}: "
                              "HQ must be 2x the decode")
-        one, zero = out[:, taps : taps + 1], out[:, taps + 1 : taps + 2]  # a * 1 + b and a * 0 + b
+        c = conv.in_channels
+        one, zero = out[:, c : c + 1], out[:, c + 1 : c + 2]  # a * 1 + b and a * 0 + b
         scale = one - zero
         if not torch.allclose(scale, scale.flatten()[0].expand_as(scale)) or scale.flatten()[0].abs() < 1e-12:
             raise ValueError("fit_head_2x: the codec's output is not an affine map of conv_out (cannot fit it)")
         a, b = scale.flatten()[0], zero.flatten()[0]
-        feats = (out[:, :taps] - b) / a
-        target = (F.pixel_unshuffle(hq.to(out.device).double(), 2) - b) / a
+        # Each output pixel's k x k neighbourhood of features, ordered (channel, row, column) as a conv weight is.
+        feats = F.unfold((out[:, :c] - b) / a, (kh, kw), padding=(kh // 2, kw // 2))
+        feats = feats.view(len(out), taps, *out.shape[-2:])
+        target = (F.pixel_unshuffle(hq.to(out), 2) - b) / a
         x = torch.cat([feats, torch.ones_like(feats[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, taps + 1)
         y = target.permute(0, 2, 3, 1).reshape(-1, 4 * colours)
-        gram += (x.T @ x).cpu()
-        cross += (x.T @ y).cpu()
+        # One batch's products in the decoder's precision (float32: half the time of float64, a relative error far
+        # below the ridge), summed over batches in float64.
+        gram += (x.T @ x).cpu().double()
+        cross += (x.T @ y).cpu().double()
         seen += len(latents)
     if seen == 0:
         raise ValueError("fit_head_2x: no training latents to fit on")

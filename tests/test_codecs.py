@@ -223,11 +223,12 @@ def test_least_squares_head_recovers_a_head_that_made_hq(name, wan, kl):
 @torch.no_grad()
 def test_least_squares_head_matches_numpy_ridge_regression():
     # An independent computation: the last conv's input taken with a forward hook, 3x3 neighbourhoods cut with
-    # numpy, the ridge normal equations solved by numpy against pixel_unshuffle of HQ mapped into [0, 1].
-    codec = _random_tae()
+    # numpy, the ridge normal equations solved by numpy against pixel_unshuffle of HQ mapped into [0, 1]. A float64
+    # codec: the fit's products are in the decoder's precision, which is then the only rounding either side.
+    codec = _random_tae().double()
     g = torch.Generator().manual_seed(7)
     z = torch.randn(3, 4, 4, 4, generator=g)
-    hq = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    hq = torch.rand(3, 3, 64, 64, generator=g, dtype=torch.float64) * 2 - 1
     ridge = 1e-2
     weight, bias = fit_head_2x(codec, [(z, hq)], ridge=ridge)
 
@@ -246,8 +247,8 @@ def test_least_squares_head_matches_numpy_ridge_regression():
     gram += np.eye(len(gram)) * ridge * np.diag(gram).mean()
     sol = np.linalg.solve(gram, x.T @ y)
     expected_w = sol[:-1].T.reshape(12, c, 3, 3)
-    assert rel_diff(weight, torch.from_numpy(expected_w)) < 1e-4
-    assert rel_diff(bias, torch.from_numpy(sol[-1])) < 1e-4
+    assert rel_diff(weight, torch.from_numpy(expected_w)) < 1e-9
+    assert rel_diff(bias, torch.from_numpy(sol[-1])) < 1e-9
 
 
 @torch.no_grad()
