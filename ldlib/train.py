@@ -579,12 +579,15 @@ def train_decoder(
         acc.print(f"{degrader_name}: {degrader.coverage(ids):.0%} of {len(ids)} training pairs can be degraded "
                   f"(a record with sigma in [{cfg.sigma_min}, {cfg.sigma_max}]); the rest train clean")
 
+    checked = cfg.to_dict()
     prior = out / "config.json"
     if resume and prior.is_file():
         with contextlib.suppress(ValueError):  # open_run names an unreadable config.json
             if "head_init" not in json.loads(prior.read_text()):
-                cfg = dataclasses.replace(cfg, head_init="nearest")  # a run from before the choice started so
-    ckpts, found = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
+                # A run from before the head choice: it started from the nearest copy and has no head_* settings.
+                cfg = dataclasses.replace(cfg, head_init="nearest")
+                checked = {k: v for k, v in cfg.to_dict().items() if not k.startswith("head_")}
+    ckpts, found = open_run(out, acc, resume, cfg.keep_checkpoints, checked)
     fit_data = None
     if cfg.head_init == "least-squares" and found is None and not cfg.init_from:
         acc.print(f"fitting the 2x head on {min(cfg.head_fit_pairs, len(train_set))} training pairs (least squares)")

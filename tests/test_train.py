@@ -818,3 +818,42 @@ def test_reused_cpu_memory_is_wired_and_changes_nothing(setup, tmp_path, monkeyp
         assert all(torch.equal(a[k], b[k]) for k in a) or not on_cpu, name
     # Speed-only settings may change when a run resumes.
     assert config_changes(_cfg(reuse_cpu_memory=False, update_threads=0).to_dict(), _cfg().to_dict()) == []
+
+
+def test_least_squares_start_is_fitted_once_and_recorded(setup, tmp_path, monkeypatch):
+    # A new run starts from the head fitted on its training pairs (the step-0 weights are exactly to_2x's fit on the
+    # same batches); config.json records the choice; resuming loads the checkpoint and never refits.
+    import ldlib.codecs
+    from ldlib.train import head_fit_batches
+
+    codec, data, lp = setup
+    cfg = _cfg(steps=2, checkpoint_every=1, head_fit_pairs=3, lr=1e-12, warmup_steps=0, ema_decay=0.0)
+    run = tmp_path / "run"
+    res = _run(setup, run, cfg, stop_at=1)
+    assert json.loads((run / "config.json").read_text())["head_init"] == "least-squares"
+    degrader = parse_degrader(cfg.degrader)
+    expected = codec.to_2x("least-squares", head_fit_batches(cfg, data, degrader, torch.device("cpu")), cfg.head_ridge)
+    # lr 1e-12: one step moves the head by ~1e-12 of its scale, so it still shows the fit (the nearest copy is far).
+    head = res.codec2x.conv_out.weight.detach()
+    assert rel_diff(head, expected.conv_out.weight) < 1e-6
+    assert rel_diff(codec.to_2x().conv_out.weight, expected.conv_out.weight) > 1e-2
+
+    def refit(*a, **k):
+        raise AssertionError("resume refitted the head")
+
+    monkeypatch.setattr(ldlib.codecs, "fit_head_2x", refit)
+    res2 = _run(setup, run, cfg, resume=True)
+    assert res2.step == 2
+
+
+def test_a_run_from_before_the_head_choice_resumes_as_nearest(setup, tmp_path):
+    cfg = _cfg(steps=2, checkpoint_every=1, head_init="nearest")
+    run = tmp_path / "run"
+    _run(setup, run, cfg, stop_at=1)
+    old = json.loads((run / "config.json").read_text())
+    for key in ("head_init", "head_fit_pairs", "head_fit_degraded", "head_ridge"):
+        old.pop(key)
+    (run / "config.json").write_text(json.dumps(old))
+    res = _run(setup, run, _cfg(steps=2, checkpoint_every=1), resume=True)  # today's default: least-squares
+    assert res.step == 2
+    assert json.loads((run / "config.json").read_text())["head_init"] == "nearest"
