@@ -215,6 +215,52 @@ class FolderBusyError(RuntimeError):
     """Another process is writing the folder right now; the message names it."""
 
 
+def lock_exclusive(f, busy: Callable[[], str]) -> None:
+    """Take an advisory exclusive lock (fcntl.flock) on the open file f, or raise FolderBusyError(busy()).
+
+    The kernel releases it when the file is closed or the process dies (kill -9 included): no stale lock to clean
+    up. Not POSIX (no fcntl): no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        raise FolderBusyError(busy()) from e
+
+
+LOCK_FILE = ".ldlib.lock"
+
+
+def lock_folder(folder: str | os.PathLike, what: str):
+    """Lock folder for this process (``lock_exclusive`` on folder/.ldlib.lock, which names the holder); the open file.
+
+    Close it to release. The loser gets FolderBusyError: one line naming the folder and the holder (host, pid, since).
+    """
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    f = open(path, "a+")
+
+    def busy() -> str:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return f"{folder}: {holder} is writing this {what} right now; wait for it to finish, or choose another folder"
+
+    lock_exclusive(f, busy)
+    # The holder's identity, for the loser's message (only the lock holder writes it).
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    f.flush()
+    return f
+
+
 def _not_writable(path: Path) -> bool:
     return not os.access(path, os.W_OK | os.X_OK)
 

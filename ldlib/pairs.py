@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, in_shard, parse_shard, writable_folder
+from .files import atomic_write_bytes, in_shard, lock_exclusive, parse_shard, writable_folder
 from .images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
 
 MANIFEST = "manifest.jsonl"
@@ -255,18 +255,14 @@ class _ManifestWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.f = open(path, "ab")
-        try:
-            import fcntl
 
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock, the per-shard files still keep machines apart
-            pass
-        except OSError as e:
+        def busy() -> str:
             self.f.close()
-            from .files import FolderBusyError
+            return (f"{path}: another build is writing this pair set right now; wait for it to finish or use "
+                    "another OUT folder")
 
-            raise FolderBusyError(f"{path}: another build is writing this pair set right now; wait for it to "
-                                  "finish or use another OUT folder") from e
+        # Not POSIX: no lock, the per-shard files still keep machines apart.
+        lock_exclusive(self.f, busy)
         _repair_tail(path)
 
     def append(self, records: Iterable[dict]) -> None:

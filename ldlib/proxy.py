@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .files import atomic_write_bytes, save_figure
 from .pairs import split_by_source
-from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, json_bytes,
+from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, holds_run_lock, json_bytes,
                    load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, write_config)
 from .teacher_data import TeacherDataset, TeacherSet
 
@@ -160,6 +160,7 @@ def split_teacher_data(teacher: TeacherSet, val_fraction: float, seed: int, late
     return train, TeacherDataset(teacher, train.latents, sorted(set(val_ids)))
 
 
+@holds_run_lock
 def train_proxy(
     cfg: ProxyTrainConfig,
     teacher: str | os.PathLike,

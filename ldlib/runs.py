@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .files import atomic_write_bytes, atomic_write_file
+from .files import atomic_write_bytes, atomic_write_file, lock_folder
 
 
 def default_device() -> torch.device:
@@ -414,8 +414,51 @@ def config_changes(have: dict, want: dict, allowed: Sequence[str] = RESUMABLE_KE
     return out
 
 
+# Run folders this process holds the lock of (open_run takes it, holds_run_lock's wrapper lets it go).
+_RUN_LOCKS: dict[Path, Any] = {}
+
+
+def lock_run(out: Path, accelerator=None) -> None:
+    """Make this process the one writer of run folder out (main process; an advisory lock, released on death).
+
+    Two trainings on one folder would remove each other's checkpoint folders and interleave history.jsonl; the
+    second one gets FolderBusyError naming the folder and the holder. Taking it again in this process replaces
+    this process's own earlier lock (a notebook that reruns a cell after an error).
+    """
+    if accelerator is not None and not accelerator.is_main_process:
+        return
+    key = Path(out).resolve()
+    release_run(key)
+    _RUN_LOCKS[key] = lock_folder(key, "run folder")
+
+
+def release_run(out: Path) -> None:
+    """Let go of this process's lock on run folder out, if it holds one."""
+    f = _RUN_LOCKS.pop(Path(out).resolve(), None)
+    if f is not None:
+        f.close()
+
+
+def holds_run_lock(fn):
+    """Decorator of a training loop: the run-folder locks it takes (open_run) are released when it returns or raises."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_RUN_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_RUN_LOCKS) - before:
+                release_run(key)
+
+    return wrapper
+
+
 def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> tuple[CheckpointManager, Path | None]:
     """Check a run folder before anything is written: (its checkpoints, the folder to resume from or None).
+
+    Takes the run folder's lock first (``lock_run``): a second writer is refused before it reads anything.
 
     Refuses a folder that holds a run unless resuming; when resuming, refuses settings that differ from the run's
     config.json except those in RESUMABLE_KEYS (one line listing each change), so the file never records settings
@@ -423,6 +466,7 @@ def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> t
     ``write_config`` once the set-up has succeeded.
     """
     out = Path(out)
+    lock_run(out, accelerator)
     ckpts = CheckpointManager(out / "checkpoints", accelerator, keep=keep)
     has_run = (out / "checkpoints" / "latest.json").is_file() or any((out / "checkpoints").glob("step_*"))
     if not resume and has_run:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write_bytes, replaced_folder, save_figure
+from .runs import holds_run_lock
 
 TEACHER_JSON = "teacher.json"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
@@ -379,6 +380,7 @@ def load_split_latents(pairs: str | os.PathLike, cache, val_fraction: float, spl
     return cache.get_many(sorted(train_ids)).float(), val, train_sources, val_sources
 
 
+@holds_run_lock
 def train_teacher(
     cfg: TeacherConfig,
     pairs: str | os.PathLike,

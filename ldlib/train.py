@@ -35,7 +35,7 @@ from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
 from .profiling import NO_TIMINGS, StepTimings
-from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
+from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, holds_run_lock,
                    check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
                    mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
 
@@ -491,6 +491,7 @@ def _decoder_data(cfg: TrainConfig, codec, pairs, latents, train_set, val_set):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@holds_run_lock
 def train_decoder(
     cfg: TrainConfig,
     out: str | os.PathLike,

@@ -262,3 +262,50 @@ def test_evaluate_split_all_or_held_out_and_the_report_says_which(tiny_run, tiny
         md = (out / "eval.md").read_text()
         assert ("all pairs of the pair set" in md) == (split == "all")
         assert f"{len(expect)} pairs from {len(expect.sources)}" in md
+
+
+_HOLD_RUN = """
+import sys
+from pathlib import Path
+from accelerate import Accelerator
+from ldlib.runs import open_run
+open_run(Path(sys.argv[1]), Accelerator(cpu=True), False, 2, {})  # what every training loop does first
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_run_folder_has_one_writer_and_the_loser_is_told_who(tiny_pairset, tmp_path, capsys):
+    """A second training on a run folder that another process is training in is refused, naming folder and holder;
+    the lock goes with the holder (no stale lock)."""
+    import os
+
+    from ldlib.files import FolderBusyError
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "holding"  # readiness, not a sleep
+        cfg = TrainConfig(preset="tiny", steps=1, batch=2, warmup_steps=0, val_every=100, val_count=1,
+                          loss=LossConfig(lpips_weight=0, gan_start=100))
+        with pytest.raises(FolderBusyError) as e:
+            train_decoder(cfg, run, pairs=tiny_pairset["pairs"], latents=tiny_pairset["latents"],
+                          codec=tiny_pairset["codec"])
+        assert str(run) in str(e.value) and f"pid {holder.pid}" in str(e.value)
+        assert not (run / "checkpoints").exists() and not (run / "history.jsonl").exists()  # the loser wrote nothing
+        code, err = _cli(["train-decoder", str(tiny_pairset["pairs"]), str(run), "--preset", "tiny", "--steps", "1",
+                          "--batch", "2", "--lpips-weight", "0", "--latents", str(tiny_pairset["latents"])], capsys)
+        assert code == 2
+        _one_error_line(err, str(run), f"pid {holder.pid}")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+    # the holder is gone: its lock went with it
+    res = train_decoder(cfg, run, pairs=tiny_pairset["pairs"], latents=tiny_pairset["latents"], codec=tiny_pairset["codec"])
+    assert res.step == 1 and (run / "checkpoints" / "step_000001").is_dir()
+    # and this process let go of it when the run ended: a resume in another process is not refused
+    take = "import sys; from pathlib import Path; from ldlib.runs import lock_run; lock_run(Path(sys.argv[1])); print('holding')"
+    again = subprocess.run([sys.executable, "-c", take, str(run)], input="",
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert again.returncode == 0 and "holding" in again.stdout, again.stderr
