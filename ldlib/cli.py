@@ -247,6 +247,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, markdown_table, run_evaluation
 
     cfg = config_from_args(EvalConfig, args)
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.split_seed is not None and args.split_seed < 0:
+        raise ValueError(f"--split-seed must be >= 0, got {args.split_seed}")
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     vae, vae_config = args.vae, args.vae_config
     if vae is None:  # a run trained on a local VAE evaluates against that VAE
@@ -326,7 +330,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
     from .analysis import SweepConfig
-    from .config import add_config_arguments, comma_tuple
+    from .config import add_config_arguments, comma_tuple, finite_float
     from .evaluate import EvalConfig
     from .experiment import ExperimentConfig
     from .pairs import PairSpec
@@ -431,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
-    p.add_argument("--val-fraction", type=float, default=None,
+    p.add_argument("--val-fraction", type=finite_float("--val-fraction"), default=None,
                    help="held-out share of the source photos (default: what the run or export recorded)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the held-out split (default: what the run or export recorded)")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -34,6 +36,45 @@ def _base_type(tp) -> tuple[Any, bool]:
         rest = [a for a in args if a is not type(None)]
         return (rest[0] if len(rest) == 1 else tp), True
     return tp, False
+
+
+def finite(value: float, what: str) -> float:
+    """value as a float when it is a finite number; else ValueError naming what (a flag, variable or field)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what}: {value!r} is not a finite number")
+    return number
+
+
+def check_finite(cfg) -> None:
+    """ValueError naming the first float field (or float in a tuple field) of a config dataclass that is NaN or inf.
+
+    Every config calls it first in ``__post_init__``: a comparison such as ``lr > 0`` is true for inf and false
+    for nothing that NaN would fail, so range checks alone let non-finite values through.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for item in items:
+            if isinstance(item, float):
+                finite(item, f"{type(cfg).__name__}.{f.name}")
+
+
+def check_sigmas(sigmas, what: str) -> None:
+    """ValueError naming what unless sigmas is a non-empty list of finite numbers in [0, 1] (1: pure noise)."""
+    if not sigmas:
+        raise ValueError(f"{what}: give at least one sigma")
+    for s in sigmas:
+        if not 0 <= finite(s, what) <= 1:
+            raise ValueError(f"{what}: sigma {s} is outside [0, 1] (0: clean, 1: pure noise)")
+
+
+def flag_names(message: str) -> str:
+    """A config's error message with each ``Class.field`` it names written as the command-line flag ``--field``."""
+    return re.sub(r"\b[A-Z]\w*(?:Config|Spec)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def _default(f: dataclasses.Field):
@@ -78,11 +119,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
             kwargs.update(choices=typing.get_args(base), type=type(typing.get_args(base)[0]))
         elif typing.get_origin(base) is tuple:
             kwargs.update(type=comma_tuple(typing.get_args(base), f"--{name.replace('_', '-')}"), metavar="A,B,...")
-        elif base in (int, float, str):
+        elif base is float:
+            kwargs["type"] = finite_float(f"--{name.replace('_', '-')}")
+        elif base in (int, str):
             kwargs["type"] = base
         else:
             raise TypeError(f"{cls.__name__}.{name}: no command-line form for type {tp}")
         target.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def finite_float(flag: str):
+    """An argparse type: a finite float (NaN and inf refused at parse time, naming the flag)."""
+
+    def parse(text: str) -> float:
+        try:
+            return finite(text, flag)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def comma_tuple(items: tuple, flag: str):
@@ -92,8 +147,11 @@ def comma_tuple(items: tuple, flag: str):
     def parse(text: str) -> tuple:
         try:
             values = tuple(kind(t) for t in text.split(",") if t.strip())
+            if kind is float:
+                values = tuple(finite(v, flag) for v in values)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a comma-separated list of {kind.__name__}")
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a comma-separated list of finite "
+                                             f"{kind.__name__} values")
         if Ellipsis not in items and len(values) != len(items):
             raise argparse.ArgumentTypeError(f"{flag}: expected {len(items)} comma-separated values, got {text!r}")
         return values
@@ -112,7 +170,10 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
             kwargs[f.name] = config_from_args(hints[f.name], args)
         elif getattr(args, f.name, NOT_GIVEN) is not NOT_GIVEN:
             kwargs[f.name] = getattr(args, f.name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the user typed a flag: name it, not the dataclass field
+        raise ValueError(flag_names(str(e))) from e
 
 
 def env(name: str, default: Any) -> Any:

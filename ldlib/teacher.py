@@ -30,6 +30,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import check_finite
 from .files import atomic_write_bytes, replaced_folder, save_figure
 from .runs import holds_run_lock
 
@@ -91,6 +92,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.eval_sigmas = tuple(float(s) for s in self.eval_sigmas)
+        check_finite(self)
         for name in ("layers", "heads", "head_dim", "ffn_dim", "steps", "batch", "crop", "checkpoint_every",
                      "log_every", "eval_every", "eval_draws", "sample_steps", "text_tokens"):
             if int(getattr(self, name)) < 1:

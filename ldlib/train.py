@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_finite
 from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
@@ -102,6 +103,7 @@ class TrainConfig:
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         self.betas = tuple(self.betas)
+        check_finite(self)
         for name in ("steps", "batch", "grad_accum", "checkpoint_every", "log_every", "val_every", "val_count"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -310,7 +312,8 @@ def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
 
 
 def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: list[int], preset: str, family: str) -> None:
-    """Write the decoder, EMA, discriminator, optimiser and schedule states at a step."""
+    """Write the decoder, EMA, discriminator, optimiser and schedule states at a step (finite weights only)."""
+    _check_weights_finite(m, ckpts.folder.parent, step, ckpts)
     ema_meta = {k: v for k, v in m.ema.state_dict().items() if k != "shadow_params"}
     ckpts.save(
         step,
@@ -320,6 +323,23 @@ def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: l
          "sched_g": m.sched_g.state_dict(), "sched_d": m.sched_d.state_dict()},
         {"skipped": skipped, "ema": ema_meta, "preset": preset, "family": family},
     )
+
+
+def _check_weights_finite(m: _Models, out: Path, step: int, ckpts: CheckpointManager) -> None:
+    """Stop the run (ValueError, nothing saved) when the decoder's live or EMA weights hold a NaN or inf.
+
+    Skipping steps cannot repair such weights (every later loss is NaN), and saving them would make a checkpoint
+    that export and upscale would turn into black images.
+    """
+    tensors = [p.detach() for p in m.params] + list(m.ema.shadow_params)
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    if not bool(flags.all()):  # one host read; the names only when something is wrong
+        names = m.names + [f"EMA of {n}" for n in m.names]
+        bad = [n for n, ok in zip(names, flags.tolist()) if not ok]
+        latest = ckpts.latest()
+        kept = f"the last checkpoint, {latest}, is from before" if latest else "no checkpoint was written"
+        raise ValueError(f"{out}: the decoder's weights stopped being finite by step {step} ({bad[0]}; lr too "
+                         f"high, or a loss weight out of scale): run stopped, {kept}")
 
 
 def _nan_probe(value: torch.Tensor) -> torch.Tensor:
@@ -627,6 +647,7 @@ def train_decoder(
                 _optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
             timer.split("optimiser + EMA")
             if not window_ok:
+                _check_weights_finite(m, out, step, ckpts)  # a NaN loss from NaN weights is not one bad batch
                 skipped.append(step)
                 acc.print(f"step {step}: non-finite loss, step skipped")
             pending.end_step(step=step, lr=lr, skipped=not window_ok)
