@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .files import atomic_write_bytes, atomic_write_file, lock_folder
+from .files import WriteError, atomic_write_bytes, atomic_write_file, is_write_failure, lock_folder, write_reason
 
 
 def default_device() -> torch.device:
@@ -316,17 +316,29 @@ class CheckpointManager:
         """Write tensors (name -> state dict, as safetensors), objects (torch.save), state (JSON), per-rank RNG."""
         final = self.folder / f"step_{step:06d}"
         tmp = self.folder / f".tmp_step_{step:06d}"
-        if self._main:
+        try:
+            if self._main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self._barrier()
+            rank = 0 if self.acc is None else self.acc.process_index
+            torch.save(rng_states(), tmp / f"rng_{rank}.pt")
+            if self._main:
+                for name, sd in tensors.items():
+                    save_safetensors(sd, tmp / f"{name}.safetensors")
+                torch.save(objects, tmp / "optim.pt")
+                (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            # Disk full mid-checkpoint: the half-written folder goes now (MBs), the earlier checkpoints stay.
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        rank = 0 if self.acc is None else self.acc.process_index
-        torch.save(rng_states(), tmp / f"rng_{rank}.pt")
-        if self._main:
-            for name, sd in tensors.items():
-                save_safetensors(sd, tmp / f"{name}.safetensors")
-            torch.save(objects, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+            latest = None
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                latest = self.latest()
+            kept = f"kept: the previous checkpoint {latest}" if latest else "no earlier checkpoint exists"
+            raise WriteError(getattr(e, "errno", None) or 5,
+                             f"{final}: checkpoint of step {step} not written ({write_reason(e)}); {kept}") from e
         self._barrier()
         if self._main:
             if final.exists():
@@ -392,8 +404,9 @@ def check_optimiser_settings(name: str, lr: float, betas: Sequence[float], weigh
                              keep_checkpoints: int, **more_lrs: float) -> None:
     """ValueError naming the first setting of an optimiser config that AdamW or the run machinery would refuse."""
     for key, value in {"lr": lr, **more_lrs}.items():
-        if not value > 0:
-            raise ValueError(f"{name}.{key} must be > 0, got {value}")
+        # NaN fails both comparisons; above 1, one AdamW step moves every weight by about lr: the run diverges.
+        if not 0 < value <= 1:
+            raise ValueError(f"{name}.{key} must be in (0, 1], got {value}")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"{name}.betas must be two numbers in [0, 1), got {tuple(betas)}")
     if weight_decay < 0 or warmup_steps < 0:

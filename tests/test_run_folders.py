@@ -309,3 +309,75 @@ def test_a_run_folder_has_one_writer_and_the_loser_is_told_who(tiny_pairset, tmp
     again = subprocess.run([sys.executable, "-c", take, str(run)], input="",
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert again.returncode == 0 and "holding" in again.stdout, again.stderr
+
+
+# --- issue 28, item 3: disk full -----------------------------------------------------------------------------------
+
+
+def _disk_full_safetensors(monkeypatch, after: int = 0) -> None:
+    """safetensors' save_file fails as it does on a full disk (its own error type wrapping ENOSPC) after `after` files."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real, calls = safetensors.torch.save_file, [0]
+
+    def save_file(tensors, filename, metadata=None):
+        calls[0] += 1
+        if calls[0] > after:
+            Path(filename).write_bytes(b"\0" * 64)  # what it managed to write
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _dev_full(monkeypatch) -> None:
+    """Every atomic write of ldlib.files writes into /dev/full: the kernel's own ENOSPC on the first write."""
+    import os
+
+    def new_temp(path):
+        return os.open("/dev/full", os.O_WRONLY), path.parent / f".{path.name}.devfull.tmp"
+
+    monkeypatch.setattr(folders, "_new_temp", new_temp)
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    from ldlib.files import WriteError
+
+    codec = get_preset("tiny").load_codec()
+    data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
+    cfg = TrainConfig(preset="tiny", steps=2, batch=2, warmup_steps=0, checkpoint_every=1, val_every=100, val_count=1,
+                      loss=LossConfig(lpips_weight=0, gan_start=100))
+    out = tmp_path / "run"
+    train_decoder(cfg, out, data, None, codec=codec, stop_at=1)
+    before = _tree(out / "checkpoints")
+    _disk_full_safetensors(monkeypatch)
+    with pytest.raises(WriteError) as e:
+        train_decoder(cfg, out, data, None, codec=codec, resume=True)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out / "checkpoints" / "step_000002") in msg and "No space left on device" in msg
+    assert str(out / "checkpoints" / "step_000001") in msg  # what was kept
+    assert _tree(out / "checkpoints") == before  # no .tmp_step_* left, the earlier checkpoint untouched
+
+
+def test_an_export_on_a_full_disk_is_one_line_and_writes_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+    run, _ = tiny_run
+    _disk_full_safetensors(monkeypatch)
+    code, err = _cli(["export", str(run), str(tmp_path / "export")], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "export"), "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []  # no staging folder left beside it
+
+
+def test_build_pairs_and_encode_on_a_full_disk_name_the_file(tiny_pairset, tmp_path, monkeypatch, capsys):
+    _dev_full(monkeypatch)
+    code, err = _cli(["build-pairs", str(tiny_pairset["photos"]), str(tmp_path / "pairs"), "--preset", "tiny",
+                      "--workers", "1", "--quiet"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "pairs"), "No space left on device")
+    assert ".png" in err or ".json" in err  # the file, not only the folder
+    code, err = _cli(["encode", str(tiny_pairset["pairs"]), "--preset", "tiny", "--out", str(tmp_path / "lat"),
+                      "--quiet"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "lat") + "/", "No space left on device")  # a file in the cache folder
