@@ -106,6 +106,15 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
 
 def _pair_spec(args: argparse.Namespace):
     """The recipe spec at the preset's sizes, with the command line's overrides (no weights are loaded)."""
+    from .config import flag_names
+
+    try:
+        return _pair_spec_of(args)
+    except ValueError as e:  # the user typed flags: name them, not PairSpec's fields
+        raise ValueError(flag_names(str(e))) from e
+
+
+def _pair_spec_of(args: argparse.Namespace):
     from .config import config_fields
     from .pairs import PairSpec
 

@@ -49,6 +49,7 @@ from .files import atomic_write_bytes, in_shard, lock_exclusive, parse_shard, wr
 from .images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
 
 MANIFEST = "manifest.jsonl"
+MAX_CROPS_PER_IMAGE = 10_000
 PAIRSET_JSON = "pairset.json"
 FORMAT_VERSION = 1
 
@@ -81,6 +82,13 @@ class PairSpec:
         for name in ("pre_downsample", "hq_size", "lq_factor", "crops_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PairSpec.{name} must be >= 1, got {getattr(self, name)}")
+        # A build lists every crop's id of every photo up front: a count in the billions fills memory silently.
+        if self.crops_per_image > MAX_CROPS_PER_IMAGE:
+            raise ValueError(f"PairSpec.crops_per_image must be <= {MAX_CROPS_PER_IMAGE} (crops of one photo overlap "
+                             f"long before that), got {self.crops_per_image}")
+        for name in ("pre_downsample", "lq_factor"):  # a factor larger than any photo leaves nothing to crop
+            if getattr(self, name) > 64:
+                raise ValueError(f"PairSpec.{name} must be <= 64, got {getattr(self, name)}")
         if self.hq_size % self.lq_factor:
             raise ValueError(f"PairSpec: hq_size {self.hq_size} is not divisible by lq_factor {self.lq_factor}")
 

@@ -316,3 +316,17 @@ def test_folder_tag_tells_photo_folders_of_one_name_apart(tmp_path, monkeypatch)
     assert folder_tag(a) == f"DCIM-{hashlib.sha256(str(a.resolve()).encode()).hexdigest()[:8]}" != folder_tag(b)
     monkeypatch.chdir(a)
     assert folder_tag(".") == folder_tag(a) == folder_tag(b / ".." / ".." / "a" / "DCIM")
+
+
+# --- issue 28, item 6 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1000000000000", "10001"])
+def test_absurd_crop_counts_are_refused_naming_the_flag(value, tmp_path, capsys):
+    from ldlib.cli import main
+
+    out = tmp_path / "pairs"
+    assert main(["build-pairs", str(tmp_path), str(out), "--preset", "tiny", "--crops-per-image", value]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --crops-per-image must be <= 10000"), lines
+    assert not out.exists()
