@@ -58,7 +58,10 @@ class LatentCache:
         if expect is not None:
             want = expect if isinstance(expect, dict) else expect.identity()
             if not same_codec(self.identity, want):
-                raise ValueError(_mismatch(self.folder, self.identity, want))
+                # A reader (train-decoder, evaluate, teacher): the fix is the cache it reads, not an output folder.
+                raise ValueError(_mismatch(self.folder, self.identity, want, fix=(
+                    "point --latents at this VAE's cache, or make one with `python -m ldlib encode PAIRS --preset "
+                    "PRESET`")))
         self._shards = ShardedTensors()
         self.refresh()
 
@@ -103,10 +106,11 @@ def _describe(ident: dict) -> str:
     return f"{ident.get('family')} {ident.get('latent_channels')}ch encoder {sha} from {ident.get('source')!r}"
 
 
-def _mismatch(folder: Path, have: dict, want: dict) -> str:
+def _mismatch(folder: Path, have: dict, want: dict, fix: str = "use another --out folder") -> str:
+    """One line: the cache holds another codec's latents; ``fix`` says what to do (encode writes: another --out)."""
     return (
         f"{folder}: holds latents of {_describe(have)}, not of the codec given ({_describe(want)}); "
-        "latents of different VAEs are never mixed: use another --out folder"
+        f"latents of different VAEs are never mixed: {fix}"
     )
 
 
