@@ -176,25 +176,48 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
         raise ValueError(flag_names(str(e))) from e
 
 
+def _env_value(var: str, text: str, kind: type, negative_ok: bool) -> Any:
+    """One value of an environment variable as kind: a finite number (not negative unless allowed) or the text."""
+    if kind is str:
+        return text
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        raise ValueError(f"{var}={text!r}: expected a {kind.__name__}") from None
+    if kind is float:
+        finite(value, var)
+    if not negative_ok and value < 0:
+        raise ValueError(f"{var}={text!r}: must be >= 0")
+    return value
+
+
 def env(name: str, default: Any) -> Any:
     """A notebook parameter: ``$LDLIB_<NAME>`` when set (converted to the default's type), else the default.
 
     Booleans accept 1/0, true/false, yes/no; tuples take comma-separated values; a default of None takes the text.
+    Numbers must be finite, and not negative where the default is not (counts, seeds, shares, weights, sigmas); a
+    text parameter with a default may not be set empty. Every error names the variable the user set.
     """
+    var = f"$LDLIB_{name}"
     text = os.environ.get(f"LDLIB_{name}")
     if text is None:
         return default
     if isinstance(default, bool):
         low = text.strip().lower()
         if low not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"$LDLIB_{name}={text!r}: expected 1/0, true/false or yes/no")
+            raise ValueError(f"{var}={text!r}: expected 1/0, true/false or yes/no")
         return low in ("1", "true", "yes")
     if isinstance(default, tuple):
         kind = type(default[0]) if default else str
-        return tuple(kind(t) for t in text.split(",") if t.strip())
+        negative_ok = any(isinstance(d, (int, float)) and d < 0 for d in default)
+        values = tuple(_env_value(var, t, kind, negative_ok) for t in text.split(",") if t.strip())
+        if not values and default:
+            raise ValueError(f"{var}={text!r}: expected comma-separated values, like {','.join(map(str, default))}")
+        return values
     if default is None:
         return text or None
-    try:
-        return type(default)(text)
-    except ValueError as e:
-        raise ValueError(f"$LDLIB_{name}={text!r}: expected a {type(default).__name__}") from e
+    if isinstance(default, str):
+        if not text.strip():
+            raise ValueError(f"{var} is set but empty: unset it for the default {default!r}, or give a value")
+        return text
+    return _env_value(var, text, type(default), negative_ok=default < 0)

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from ldlib.cli import main
 from ldlib.samples import sample_paths
 
@@ -39,3 +41,36 @@ def test_bench_train_options_are_refused_elsewhere_and_unknown_variants_named(ca
     assert main(["bench", "train", "--quick", "--variants", "after (new defaults), no such"]) == 2
     err = capsys.readouterr().err
     assert "'no such'" in err and "'after (new defaults)'" in err  # names the unknown one and the choices
+
+
+# --- issue 28, item 9: notebook parameters from LDLIB_* variables ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name,default,text,says", [
+    ("SWEEP_SIGMAS", (0.0, 0.02), "a,b", "expected a float"),
+    ("SIGMA", 0.08, "nan", "not a finite number"),
+    ("SIGMA", 0.08, "inf", "not a finite number"),
+    ("SWEEP_SIGMAS", (0.0, 0.02), "0.1,inf", "not a finite number"),
+    ("STEPS", 200, "-5", "must be >= 0"),
+    ("LR", 1e-4, "-1e-4", "must be >= 0"),
+    ("PRESET", "taef2", "", "set but empty"),
+    ("PRESET", "taef2", "  ", "set but empty"),
+    ("BATCH", 2, "1.5", "expected a int"),
+])
+def test_notebook_variables_are_checked_naming_the_variable(name, default, text, says, monkeypatch):
+    from ldlib.config import env
+
+    monkeypatch.setenv(f"LDLIB_{name}", text)
+    with pytest.raises(ValueError) as e:
+        env(name, default)
+    assert str(e.value).startswith(f"$LDLIB_{name}") and says in str(e.value), str(e.value)
+
+
+def test_notebook_variables_still_convert(monkeypatch):
+    from ldlib.config import env
+
+    for name, default, text, want in (("SWEEP_SIGMAS", (0.0,), "0,0.05", (0.0, 0.05)), ("STEPS", 200, "12", 12),
+                                      ("SIGMA", 0.08, "0.1", 0.1), ("PHOTOS", None, "", None), ("PRESET", "taef2", "tiny", "tiny"),
+                                      ("DEGRADERS", ("noise",), "noise,proxy:x", ("noise", "proxy:x"))):
+        monkeypatch.setenv(f"LDLIB_{name}", text)
+        assert env(name, default) == want
