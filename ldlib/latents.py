@@ -172,7 +172,13 @@ def encode_pairs(
         tensors: dict[str, torch.Tensor] = {}
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b : b + batch_size]
-            lq = torch.cat([load_image(pairs_root / r["lq"]) for r in batch]).to(device)
+            images = [load_image(pairs_root / r["lq"]) for r in batch]
+            want = images[0].shape[-2:] if not pairset else (pairset["hq_size"] // pairset["lq_factor"],) * 2
+            for r, im in zip(batch, images):  # a replaced PNG of another size: name it, not torch.cat's shapes
+                if im.shape[-2:] != want:
+                    raise ValueError(f"{pairs_root / r['lq']}: LQ image is {im.shape[-1]}x{im.shape[-2]} px, the pair "
+                                     f"set's LQ size is {want[1]}x{want[0]}")
+            lq = torch.cat(images).to(device)
             with torch.inference_mode():
                 z = codec.encode(lq).float().cpu()
             for r, zi in zip(batch, z):

@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -212,8 +212,36 @@ def cut_pair(source: np.ndarray, box: tuple[int, int, int, int], spec: PairSpec)
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _inside(value: object, folder: str) -> bool:
+    """Whether a manifest path is a plain relative path under folder/ of the pair set (no absolute path, no ..)."""
+    if not isinstance(value, str) or "\\" in value:
+        return False
+    parts = PurePosixPath(value).parts
+    return len(parts) >= 2 and parts[0] == folder and not PurePosixPath(value).is_absolute() and ".." not in parts
+
+
+def check_record(rec: object, where: str) -> dict:
+    """rec when it is a pair record whose image paths stay inside the pair set; else ValueError naming where.
+
+    Readers open ``root / rec["hq"]``: an absolute path or one with ``..`` would read a file outside the pair set.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: not a pair record (a JSON {type(rec).__name__}, not an object)")
+    for key, kind in (("id", str), ("source", str), ("crop", int), ("hq", str), ("lq", str)):
+        if not isinstance(rec.get(key), kind) or isinstance(rec.get(key), bool):
+            raise ValueError(f"{where}: not a pair record ({key!r} missing or not a {kind.__name__})")
+    for key in ("hq", "lq"):
+        if not _inside(rec[key], key):
+            raise ValueError(f"{where}: {key} path {rec[key]!r} is not inside the pair set's {key}/ folder; "
+                             "refusing to read it")
+    return rec
+
+
 def _parse_lines(path: Path) -> list[dict]:
-    """Records of one manifest file; a torn last line (no newline, or not JSON) is ignored."""
+    """Records of one manifest file; a torn last line (no newline, or not JSON) is ignored.
+
+    A complete line that is JSON but not a pair record, or names an image outside the pair set, is an error.
+    """
     data = path.read_bytes()
     records = []
     lines = data.split(b"\n")
@@ -222,9 +250,11 @@ def _parse_lines(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             warnings.warn(f"{path}: line {n + 1} is not valid JSON; ignored", SkippedInputWarning, stacklevel=3)
+            continue
+        records.append(check_record(rec, f"{path}: line {n + 1}"))
     return records
 
 
