@@ -310,7 +310,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from .files import writable_folder
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
-                        compare=args.compare)
+                        compare=args.compare, overwrite=args.overwrite, progress=not args.quiet)
     clashes = clashing_inputs(args.inputs)
     if clashes:
         raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", default="normalised", choices=["normalised", "raw"],
                    help="latent files hold the diffusion model's normalised latents or raw VAE latents")
     p.add_argument("--compare", action="store_true", help="also write [decoder + bicubic | ours] side by side")
+    p.add_argument("--overwrite", action="store_true", help="replace output files of the same name in --out "
+                                                            "(default: refuse, naming the file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown for inputs of more than one tile)")
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
