@@ -99,8 +99,12 @@ def config_fields(cls) -> list[tuple[str, Any, Any, str]]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
-                         title: str | None = None) -> None:
-    """One ``--flag`` per (flattened) field of a config dataclass; an absent flag leaves the default in place."""
+                         title: str | None = None, preset_sized: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per (flattened) field of a config dataclass; an absent flag leaves the default in place.
+
+    ``preset_sized``: fields whose default comes from --preset, not the dataclass: help says so (not a number
+    that is true for one preset only).
+    """
     target = parser.add_argument_group(title) if title else parser
     seen: set[str] = set()
     for name, tp, default, help_text in config_fields(cls):
@@ -111,6 +115,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
         seen.add(name)
         base, _ = _base_type(tp)
         shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if name in preset_sized:
+            shown = "the preset's"
         kwargs: dict[str, Any] = {"dest": name, "default": NOT_GIVEN,
                                   "help": f"{help_text} (default: {shown})".strip() if help_text else f"default: {shown}"}
         if base is bool:

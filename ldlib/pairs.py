@@ -68,7 +68,7 @@ class PairSpec:
     """How pairs are cut from a source photo; the defaults are the recipe (area 0.5x, 512 crop, area 0.5x, K=1)."""
 
     pre_downsample: int = field(default=2, metadata={"help": "area downsample of the source before cropping"})
-    hq_size: int = field(default=512, metadata={"help": "HQ crop in px, after pre-downsample (the preset's)"})
+    hq_size: int = field(default=512, metadata={"help": "HQ crop in px, after pre-downsample"})
     lq_factor: int = field(default=2, metadata={"help": "LQ = area downsample of HQ by this factor"})
     crops_per_image: int = field(default=1, metadata={"help": "crops per source photo (its decode is paid once)"})
     min_source_size: int = field(default=0, metadata={"help": "skip sources whose short side is below this (px)"})

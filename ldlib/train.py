@@ -45,7 +45,9 @@ from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite,
 class TrainConfig:
     """Decoder training settings; the defaults are the recipe's (README, "The recipe")."""
 
-    preset: str = field(default="tiny", metadata={"help": "tiny | taef2 | wan2.1-1.3b | wan2.1-14b"})
+    # The real offline recipe by default; tiny (random models, 128 px) only where asked: it is plumbing.
+    preset: str = field(default="taef2", metadata={"help": "taef2 | tiny | wan2.1-1.3b | wan2.1-14b | qwen-image | "
+                                                           "flux2 | flux1 | sdxl"})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     vae: str | None = field(default=None, metadata={"help": "local VAE replacing the preset's: a diffusers folder or "
                                                             "one .safetensors/.pth (original Wan layout for wan2.1-*, qwen-image)"})

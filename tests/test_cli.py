@@ -30,7 +30,7 @@ def test_codec_check_reports_psnr(tmp_path, capsys):
 def test_codec_check_bad_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    r = subprocess.run([sys.executable, "-m", "ldlib", "codec-check", str(bad)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ldlib", "codec-check", str(bad), "--preset", "tiny"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "broken.png" in r.stderr and "Traceback" not in r.stderr
 
@@ -74,3 +74,39 @@ def test_notebook_variables_still_convert(monkeypatch):
                                       ("DEGRADERS", ("noise",), "noise,proxy:x", ("noise", "proxy:x"))):
         monkeypatch.setenv(f"LDLIB_{name}", text)
         assert env(name, default) == want
+
+
+# --- issue 28, item 11: defaults that do not mislead -----------------------------------------------------------------
+
+
+def test_every_command_defaults_to_the_real_offline_preset():
+    from ldlib.cli import build_parser
+    from ldlib.config import config_from_args
+    from ldlib.train import TrainConfig
+
+    parser = build_parser()
+    positional = {"codec-check": ["x.png"], "build-pairs": ["src", "out"], "encode": ["pairs"],
+                  "teacher": ["pairs", "out"], "sweep": [], "evaluate": ["model", "pairs"], "bench": [], "demo": []}
+    for command, rest in positional.items():
+        assert parser.parse_args([command, *rest]).preset == "taef2", command
+    args = parser.parse_args(["train-decoder", "pairs", "run"])
+    assert config_from_args(TrainConfig, args).preset == "taef2" and TrainConfig().preset == "taef2"
+
+
+def test_abbreviated_or_old_flags_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build-pairs", "src", "out", "--crop", "512"])  # the old flag, not --crops-per-image
+    assert e.value.code == 2 and "unrecognized arguments: --crop 512" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-decoder", "pairs", "run", "--ste", "5"])
+    assert "unrecognized arguments: --ste" in capsys.readouterr().err
+
+
+def test_build_pairs_help_says_sizes_come_from_the_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["build-pairs", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).split("pair spec", 1)[1]  # the options, past the usage
+    for flag in ("--hq-size", "--pre-downsample", "--lq-factor"):
+        help_of = text.split(flag, 1)[1].split(" --", 1)[0]
+        assert "(default: the preset's)" in help_of, (flag, help_of)
+    assert "(default: 512)" not in text

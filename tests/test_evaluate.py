@@ -37,7 +37,7 @@ def lp():
 def tiny_run(tmp_path_factory, lp):
     codec = get_preset("tiny").load_codec()
     data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
-    cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
+    cfg = TrainConfig(preset="tiny", steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
                       loss=LossConfig(lpips_net="alex", gan_start=100))
     out = tmp_path_factory.mktemp("run")
     train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
@@ -334,7 +334,7 @@ def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path,
         run_evaluation(run, pairs, tmp_path / "ev", "tiny", EvalConfig(sigmas=(0.0,), split="all"))
     assert str(e.value) == expected
     capsys.readouterr()
-    code = main(["evaluate", str(run), str(pairs), "--sigmas", "0", "--split", "all", "--out", str(tmp_path / "ev")])
+    code = main(["evaluate", str(run), str(pairs), "--preset", "tiny", "--sigmas", "0", "--split", "all", "--out", str(tmp_path / "ev")])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {expected}"
     # Pairs with no pairset.json (in memory here): the first decode's size is checked against HQ's.

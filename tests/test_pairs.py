@@ -238,7 +238,7 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
     bad.mkdir()
     (bad / "a.txt").write_text("x")
     Image.fromarray(_photo(20, 20, 0)).save(bad / "tiny.png")
-    assert main(["build-pairs", str(bad), str(tmp_path / "o1"), "--hq-size", "32", "--workers", "1", "--quiet"]) == 1
+    assert main(["build-pairs", str(bad), str(tmp_path / "o1"), "--preset", "tiny", "--hq-size", "32", "--workers", "1", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "no pair was built" in captured.err and "tiny.png: skipped: too small" in captured.err
     src = _make_sources(tmp_path / "src", n=1)
@@ -248,7 +248,7 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
     spec = read_manifest(tmp_path / "o2")[0]["spec"]
     assert (spec["hq_size"], spec["crops_per_image"], spec["seed"]) == (32, 2, 5)
     # Another spec into the same OUT is refused (its ids would name different pixels).
-    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--hq-size", "48", "--seed", "5", "--workers", "1", "--quiet"]) == 2
+    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--preset", "tiny", "--hq-size", "48", "--seed", "5", "--workers", "1", "--quiet"]) == 2
 
 
 def test_shards_fill_one_folder_like_a_single_run(tmp_path):

@@ -48,7 +48,7 @@ def _one_error_line(err: str, *needles: str) -> None:
 
 
 def _build_cli(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["build-pairs", str(src), str(out), "--hq-size", "32", "--workers", "1", "--quiet", *extra]
+    return ["build-pairs", str(src), str(out), "--preset", "tiny", "--hq-size", "32", "--workers", "1", "--quiet", *extra]
 
 
 # --- item 6: workers die with a killed build ---------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_a_folder_without_pairs_does_not_lock_the_spec(tmp_path, capsys):
     assert (out / "pairset.json").is_file() and read_manifest(out) == []
     capsys.readouterr()
     src = _sources(tmp_path / "src")
-    assert main(["build-pairs", str(src), str(out), "--hq-size", "48", "--workers", "1", "--quiet"]) == 0
+    assert main(["build-pairs", str(src), str(out), "--preset", "tiny", "--hq-size", "48", "--workers", "1", "--quiet"]) == 0
     assert json.loads((out / "pairset.json").read_text())["spec"]["hq_size"] == 48
     assert {r["spec"]["hq_size"] for r in read_manifest(out)} == {48} and len(read_manifest(out)) == 2
     # Once it holds pairs, another spec is refused as before.

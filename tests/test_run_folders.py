@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
         lp = lpips_model("alex")
     codec = get_preset("tiny").load_codec()
     data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
-    cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
+    cfg = TrainConfig(preset="tiny", steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
                       loss=LossConfig(lpips_net="alex", gan_start=100))
     out = tmp_path_factory.mktemp("run") / "run"
     train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
@@ -191,13 +191,13 @@ def test_evaluate_a_run_without_checkpoint_or_an_unrelated_folder_is_one_line(ti
     early.mkdir()
     (early / "config.json").write_text((run / "config.json").read_text())
     (early / "history.jsonl").write_text("")
-    code, err = _cli(["evaluate", str(early), pairs, "--max-pairs", "1"], capsys)
+    code, err = _cli(["evaluate", str(early), pairs, "--preset", "tiny", "--max-pairs", "1"], capsys)
     assert code == 2
     _one_error_line(err, str(early), "no checkpoint")
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
     (unrelated / "a.txt").write_text("x")
-    code, err = _cli(["evaluate", str(unrelated), pairs, "--max-pairs", "1"], capsys)
+    code, err = _cli(["evaluate", str(unrelated), pairs, "--preset", "tiny", "--max-pairs", "1"], capsys)
     assert code == 2
     _one_error_line(err, str(unrelated), "neither a training run")
     assert sorted(p.name for p in early.iterdir()) == ["config.json", "history.jsonl"]
@@ -253,7 +253,7 @@ def test_evaluate_split_all_or_held_out_and_the_report_says_which(tiny_run, tiny
     assert 0 < len(held) < len(whole)
     for split, expect in (("held-out", held), ("all", whole)):
         out = tmp_path / split
-        code, err = _cli(["evaluate", str(run), str(pairs), "--sigmas", "0", "--split", split, "--out", str(out)], capsys)
+        code, err = _cli(["evaluate", str(run), str(pairs), "--preset", "tiny", "--sigmas", "0", "--split", split, "--out", str(out)], capsys)
         assert code == 0, err
         info = json.loads((out / "eval.json").read_text())["info"]
         assert info["split"] == split and info["held_out_pairs"] == len(expect)

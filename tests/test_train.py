@@ -37,7 +37,7 @@ def setup():
 def _cfg(**kw) -> TrainConfig:
     # float32 on any device ("auto" is bf16 autocast on CUDA): these tests compare numerical paths.
     base = dict(
-        mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
+        preset="tiny", mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
         val_count=2,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2),
     )
