@@ -110,3 +110,25 @@ def test_build_pairs_help_says_sizes_come_from_the_preset(capsys):
         help_of = text.split(flag, 1)[1].split(" --", 1)[0]
         assert "(default: the preset's)" in help_of, (flag, help_of)
     assert "(default: 512)" not in text
+
+
+def test_installing_prints_no_deprecation_banner(tmp_path):
+    """issue 28, item 12: a newcomer's `make` showed setuptools' licence-format banner (project.license as a table)."""
+    import shutil
+    from pathlib import Path
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("setuptools < 77 (pip's build isolation fetches a newer one, as pyproject.toml asks)")
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(repo / name, tmp_path / name)
+    (tmp_path / "ldlib").mkdir()
+    shutil.copy(repo / "ldlib" / "__init__.py", tmp_path / "ldlib" / "__init__.py")
+    code = ("import os, warnings; warnings.simplefilter('always'); from setuptools import build_meta; "
+            "os.makedirs('meta'); build_meta.prepare_metadata_for_build_wheel('meta')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Deprecat" not in r.stderr and "deprecated" not in r.stderr, r.stderr
+    meta = next((tmp_path / "meta").rglob("PKG-INFO")).read_text()
+    assert "License-Expression: MIT" in meta
