@@ -25,6 +25,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .config import check_sigmas
 from .images import area_downsample
 from .metrics import high_freq_share, white_noise_hf_share
 
@@ -45,6 +46,12 @@ class SweepConfig:
                                                         "(not used with --pairs)"})
     lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="alex", metadata={"help": "LPIPS backbone"})
     batch_size: int = field(default=8, metadata={"help": "latents per codec / degrader call"})
+
+    def __post_init__(self) -> None:
+        self.sigmas = tuple(self.sigmas)
+        check_sigmas(self.sigmas, "SweepConfig.sigmas")
+        if self.batch_size < 1:
+            raise ValueError(f"SweepConfig.batch_size must be >= 1, got {self.batch_size}")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class TwoXDecoder(nn.Module):
     def load_trainable_state(self, sd: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
         """Copy decoder parameters in by name; a missing or extra name is an error naming it."""
         own = self.trainable_state()
+        check_finite_weights(sd.items(), origin)
         missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or extra:
             raise ValueError(f"{origin}: decoder weights do not match this codec (missing {missing[:3]}, extra {extra[:3]})")
@@ -53,6 +54,18 @@ class TwoXDecoder(nn.Module):
                 if p.shape != sd[n].shape:
                     raise ValueError(f"{origin}: {n} has shape {tuple(sd[n].shape)}, expected {tuple(p.shape)}")
                 p.copy_(sd[n].to(p))
+
+
+def check_finite_weights(named, origin: str) -> None:
+    """ValueError naming origin and the first tensor of (name, tensor) pairs that holds a NaN or inf.
+
+    A diverged run's weights decode every latent to NaN (an all-black PNG once clamped and saved): never train on,
+    export or upscale with them.
+    """
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{origin}: weight {name} is not finite (NaN or inf): these weights come from a "
+                             "diverged run and decode nothing; train again with a lower lr")
 
 
 def read_run_config(run: str | os.PathLike) -> dict:
@@ -148,6 +161,7 @@ def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
         raise ValueError(f"{path}: a {family} decoder{f' (preset {made_with!r})' if made_with else ''}, but "
                          f"--preset {preset.name!r} is a {preset.family} VAE: its latents do not fit this decoder")
     codec = TAECodec.from_folder(path) if family == "tae" else load_codec(family, path)
+    check_finite_weights(codec.named_parameters(), str(path))
     if codec.upscale != 2:
         raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
     # The run's held-out split (exports made before ldlib recorded it, or not by ldlib, have none: None).

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from .files import atomic_write_bytes, save_figure
 from .pairs import split_by_source
-from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, json_bytes,
+from .config import check_finite
+from .runs import (GlobalBatchSampler, RunLogger, all_finite, build_optimizer, check_optimiser_settings, holds_run_lock, json_bytes,
                    load_optimizer_state, make_accelerator, mean_terms, mix_seed, open_run, write_config)
 from .teacher_data import TeacherDataset, TeacherSet
 
@@ -127,6 +128,7 @@ class ProxyTrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        check_finite(self)
         for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks", "eval_bins"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -160,6 +162,7 @@ def split_teacher_data(teacher: TeacherSet, val_fraction: float, seed: int, late
     return train, TeacherDataset(teacher, train.latents, sorted(set(val_ids)))
 
 
+@holds_run_lock
 def train_proxy(
     cfg: ProxyTrainConfig,
     teacher: str | os.PathLike,

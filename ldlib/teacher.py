@@ -30,7 +30,9 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import check_finite
 from .files import atomic_write_bytes, replaced_folder, save_figure
+from .runs import holds_run_lock
 
 TEACHER_JSON = "teacher.json"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
@@ -90,6 +92,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.eval_sigmas = tuple(float(s) for s in self.eval_sigmas)
+        check_finite(self)
         for name in ("layers", "heads", "head_dim", "ffn_dim", "steps", "batch", "crop", "checkpoint_every",
                      "log_every", "eval_every", "eval_draws", "sample_steps", "text_tokens"):
             if int(getattr(self, name)) < 1:
@@ -379,6 +382,7 @@ def load_split_latents(pairs: str | os.PathLike, cache, val_fraction: float, spl
     return cache.get_many(sorted(train_ids)).float(), val, train_sources, val_sources
 
 
+@holds_run_lock
 def train_teacher(
     cfg: TeacherConfig,
     pairs: str | os.PathLike,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
@@ -33,11 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .codecs import HEAD_INITS
+from .config import check_finite
 from .decoder import TwoXDecoder
 from .files import atomic_write_bytes
 from .losses import DecoderLoss, LossConfig, PatchDiscriminator
 from .profiling import NO_TIMINGS, StepTimings
-from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
+from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer, holds_run_lock,
                    check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
                    mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
 
@@ -46,7 +46,9 @@ from .runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite,
 class TrainConfig:
     """Decoder training settings; the defaults are the recipe's (README, "The recipe")."""
 
-    preset: str = field(default="tiny", metadata={"help": "tiny | taef2 | wan2.1-1.3b | wan2.1-14b"})
+    # The real offline recipe by default; tiny (random models, 128 px) only where asked: it is plumbing.
+    preset: str = field(default="taef2", metadata={"help": "taef2 | tiny | wan2.1-1.3b | wan2.1-14b | qwen-image | "
+                                                           "flux2 | flux1 | sdxl"})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     vae: str | None = field(default=None, metadata={"help": "local VAE replacing the preset's: a diffusers folder or "
                                                             "one .safetensors/.pth (original Wan layout for wan2.1-*, qwen-image)"})
@@ -114,6 +116,7 @@ class TrainConfig:
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         self.betas = tuple(self.betas)
+        check_finite(self)
         for name in ("steps", "batch", "grad_accum", "checkpoint_every", "log_every", "val_every", "val_count"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -141,8 +144,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.head_init must be one of {' | '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.head_fit_pairs < 1:
             raise ValueError(f"TrainConfig.head_fit_pairs must be >= 1, got {self.head_fit_pairs}")
-        if not (math.isfinite(self.head_ridge) and self.head_ridge >= 0):
-            raise ValueError(f"TrainConfig.head_ridge must be a finite number >= 0, got {self.head_ridge}")
+        if self.head_ridge < 0:
+            raise ValueError(f"TrainConfig.head_ridge must be >= 0, got {self.head_ridge}")
 
     @property
     def held_out_seed(self) -> int:
@@ -347,7 +350,8 @@ def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
 
 
 def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: list[int], preset: str, family: str) -> None:
-    """Write the decoder, EMA, discriminator, optimiser and schedule states at a step."""
+    """Write the decoder, EMA, discriminator, optimiser and schedule states at a step (finite weights only)."""
+    _check_weights_finite(m, ckpts.folder.parent, step, ckpts)
     ema_meta = {k: v for k, v in m.ema.state_dict().items() if k != "shadow_params"}
     ckpts.save(
         step,
@@ -357,6 +361,23 @@ def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: l
          "sched_g": m.sched_g.state_dict(), "sched_d": m.sched_d.state_dict()},
         {"skipped": skipped, "ema": ema_meta, "preset": preset, "family": family},
     )
+
+
+def _check_weights_finite(m: _Models, out: Path, step: int, ckpts: CheckpointManager) -> None:
+    """Stop the run (ValueError, nothing saved) when the decoder's live or EMA weights hold a NaN or inf.
+
+    Skipping steps cannot repair such weights (every later loss is NaN), and saving them would make a checkpoint
+    that export and upscale would turn into black images.
+    """
+    tensors = [p.detach() for p in m.params] + list(m.ema.shadow_params)
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    if not bool(flags.all()):  # one host read; the names only when something is wrong
+        names = m.names + [f"EMA of {n}" for n in m.names]
+        bad = [n for n, ok in zip(names, flags.tolist()) if not ok]
+        latest = ckpts.latest()
+        kept = f"the last checkpoint, {latest}, is from before" if latest else "no checkpoint was written"
+        raise ValueError(f"{out}: the decoder's weights stopped being finite by step {step} ({bad[0]}; lr too "
+                         f"high, or a loss weight out of scale): run stopped, {kept}")
 
 
 def _nan_probe(value: torch.Tensor) -> torch.Tensor:
@@ -528,6 +549,7 @@ def _decoder_data(cfg: TrainConfig, codec, pairs, latents, train_set, val_set):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@holds_run_lock
 def train_decoder(
     cfg: TrainConfig,
     out: str | os.PathLike,
@@ -675,6 +697,7 @@ def train_decoder(
                 _optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
             timer.split("optimiser + EMA")
             if not window_ok:
+                _check_weights_finite(m, out, step, ckpts)  # a NaN loss from NaN weights is not one bad batch
                 skipped.append(step)
                 acc.print(f"step {step}: non-finite loss, step skipped")
             pending.end_step(step=step, lr=lr, skipped=not window_ok)

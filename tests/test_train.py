@@ -37,7 +37,7 @@ def setup():
 def _cfg(**kw) -> TrainConfig:
     # float32 on any device ("auto" is bf16 autocast on CUDA): these tests compare numerical paths.
     base = dict(
-        mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
+        preset="tiny", mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
         val_count=2,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2),
     )
@@ -857,3 +857,85 @@ def test_a_run_from_before_the_head_choice_resumes_as_nearest(setup, tmp_path):
     res = _run(setup, run, _cfg(steps=2, checkpoint_every=1), resume=True)  # today's default: least-squares
     assert res.step == 2
     assert json.loads((run / "config.json").read_text())["head_init"] == "nearest"
+
+
+# --- issue 28, item 4: non-finite and absurd values, diverged weights ---------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--l1-weight", "nan"), ("--l1-weight", "inf"),
+                                        ("--lpips-weight", "nan"), ("--max-grad-norm", "nan"),
+                                        ("--max-grad-norm", "inf"), ("--sigma-max", "nan")])
+def test_non_finite_numbers_are_refused_at_parse_naming_the_flag(flag, value, tmp_path, capsys):
+    from ldlib.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train-decoder", str(tmp_path / "pairs"), str(out), "--preset", "tiny", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag}: {value!r} is not a finite number" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "1e30"), ("--disc-lr", "2"), ("--l1-weight", "0")])
+def test_absurd_numbers_are_refused_naming_the_flag(flag, value, tmp_path, capsys):
+    from ldlib.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train-decoder", str(tmp_path / "pairs"), str(out), "--preset", "tiny", flag, value]
+    if flag == "--l1-weight":
+        argv += ["--lpips-weight", "0"]  # nothing left that pulls the output towards HQ
+    assert main(argv) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}") and "Config" not in lines[0], lines
+    assert not out.exists()
+
+
+def test_non_finite_config_values_are_refused_in_the_dataclass():
+    with pytest.raises(ValueError, match=r"TrainConfig\.lr: inf is not a finite number"):
+        TrainConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match=r"LossConfig\.lpips_weight: nan is not a finite number"):
+        LossConfig(lpips_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"TrainConfig\.max_grad_norm: inf"):
+        TrainConfig(max_grad_norm=float("inf"))
+
+
+def test_a_run_whose_weights_stop_being_finite_stops_and_never_exports(setup, tmp_path, monkeypatch, capsys):
+    """Weights that turn NaN mid-run (a diverging update) stop the run with an error naming it; no checkpoint or
+    summary holds them, and export / upscale refuse a checkpoint that does."""
+    import ldlib.train as train_mod
+    from ldlib.cli import main
+    from ldlib.export import export_run
+    from safetensors.torch import save_file
+
+    real_step = train_mod._optimizer_step
+
+    def diverging_step(m, acc, cfg, skip, d_active):  # the update of step 2 overflows one weight
+        real_step(m, acc, cfg, skip, d_active)
+        if m.sched_g.last_epoch == 3:
+            with torch.no_grad():
+                m.params[0].fill_(float("inf"))
+
+    monkeypatch.setattr(train_mod, "_optimizer_step", diverging_step)
+    cfg = _cfg(steps=6, checkpoint_every=2, loss=LossConfig(lpips_net="alex", gan_start=100))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="weights stopped being finite by step [34]") as e:
+        _run(setup, out, cfg)
+    assert str(out) in str(e.value) and "step_000002" in str(e.value)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000002"] and not (out / "summary.json").exists()  # nothing after the divergence kept
+    # a checkpoint that holds non-finite weights (written by an older ldlib) is refused by export and upscale
+    ema = out / "checkpoints" / "step_000002" / "ema.safetensors"
+    sd = load_file(str(ema))
+    first = sorted(sd)[0]
+    sd[first] = torch.full_like(sd[first], float("nan"))
+    save_file(sd, str(ema))
+    with pytest.raises(ValueError, match="not finite"):
+        export_run(out, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    from ldlib.images import save_image
+
+    save_image(torch.zeros(1, 3, 16, 16), tmp_path / "in.png")
+    capsys.readouterr()
+    code = main(["upscale", str(tmp_path / "in.png"), "--model", str(out), "--out", str(tmp_path / "up")])
+    assert code == 2 and "not finite" in capsys.readouterr().err
+    assert not list((tmp_path / "up").glob("*.png")) if (tmp_path / "up").exists() else True
