@@ -22,7 +22,7 @@ from .data.latents import _describe, default_cache_dir, encode_pairs, same_codec
 from .data.pairs import PairSpec, build_pairs
 from .degrade import CachedTeacher, DiffusionDegrader, NoiseDegrader, ProxyDegrader
 from .models.codecs import Codec, TAECodec, WanCodec, load_codec
-from .models.decoder import TwoXDecoder
+from .models.decoder import TwoXDecoder, check_finite_weights
 from .models.prompts import PromptCache, encode_prompt, prompt_cache_dir, resolve_prompt
 from .models.proxy import load_proxy
 from .models.teacher import is_teacher_folder, load_prompt_embeds, load_teacher, read_teacher_info
@@ -331,6 +331,7 @@ def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
         raise ValueError(f"{path}: a {family} decoder{f' (preset {made_with!r})' if made_with else ''}, but "
                          f"--preset {preset.name!r} is a {preset.family} VAE: its latents do not fit this decoder")
     codec = TAECodec.from_folder(path) if family == "tae" else load_codec(family, path)
+    check_finite_weights(codec.named_parameters(), str(path))
     if codec.upscale != 2:
         raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
     # The run's held-out split (exports made before ldlib recorded it, or not by ldlib, have none: None).

@@ -55,6 +55,27 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1e-30)
 
 
+def reduction_length(*modules: torch.nn.Module) -> int:
+    """The longest dot product any conv or linear layer of the modules computes (its fan-in: in/groups x kernel)."""
+    n = 1
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.modules.conv._ConvNd):
+                n = max(n, layer.in_channels // layer.groups * int(torch.tensor(layer.kernel_size).prod()))
+            elif isinstance(layer, torch.nn.Linear):
+                n = max(n, layer.in_features)
+    return n
+
+
+def float32_bound(n: int) -> float:
+    """Relative bound for two float32 computations of one function that sum length-n products in another order.
+
+    Each sum's rounding error is at most n * u (u = eps / 2: Higham's gamma_n) of the magnitudes summed; two of
+    them differ by up to twice that, n * eps, relative to the values' scale (rel_diff divides by max |b|).
+    """
+    return n * torch.finfo(torch.float32).eps
+
+
 @contextmanager
 def read_only_folder(path: Path) -> Iterator[Path]:
     """Make an existing folder unwritable for this process for the block (chmod; as root, chattr +i), or skip."""

@@ -104,7 +104,7 @@ def test_sweep_cli_writes_results(tmp_path, capsys):
 
     from ldlib.apps.cli import main
 
-    assert main(["sweep", "--n", "1", "--sigmas", "0,0.1", "--out", str(tmp_path)]) == 0
+    assert main(["sweep", "--preset", "tiny", "--n", "1", "--sigmas", "0,0.1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["sigma"] for r in data["rows"]] == [0.0, 0.1]
     assert data["rows"][0]["psnr_clean"] is None and data["rows"][0]["rel_err"] == 0  # identical: no finite PSNR
@@ -123,7 +123,7 @@ def test_sweep_seeds_in_one_out_measure_the_same_pairs_with_other_noise(tmp_path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU noise: a CUDA generator draws other numbers
     rows, notes = {}, {}
     for seed in (0, 1):
-        assert main(["sweep", "--n", "2", "--sigmas", "0,0.1", "--seed", str(seed), "--out", str(tmp_path)]) == 0
+        assert main(["sweep", "--preset", "tiny", "--n", "2", "--sigmas", "0,0.1", "--seed", str(seed), "--out", str(tmp_path)]) == 0
         data = json.loads((tmp_path / "sweep.json").read_text())
         rows[seed], notes[seed] = data["rows"], [t for t in data["notes"] if "pairs:" in t]
     capsys.readouterr()

@@ -13,8 +13,9 @@ from diffusers import AutoencoderKL, AutoencoderKLWan
 
 from ldlib.core.images import area_downsample, load_image
 from ldlib.core.metrics import psnr
-from ldlib.models.codecs import (KLCodec, TAECodec, WanCodec, load_codec, tae_decoder, tae_encoder, upscale_of,
-                                 widen_conv_out)
+from ldlib.core.samples import sample_paths
+from ldlib.models.codecs import (KLCodec, TAECodec, WanCodec, fit_head_2x, load_codec, tae_decoder, tae_encoder,
+                                 upscale_of, widen_conv_out)
 from ldlib.models.tiny import tiny_wan_vae
 
 
@@ -185,6 +186,92 @@ def test_2x_head_on_taef2(taef2_codec):
     z = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         assert rel_diff(codec.to_2x().decode(z), F.interpolate(codec.decode(z), scale_factor=2)) <= 1e-12
+
+
+# --- least-squares head ------------------------------------------------------------------------------------------
+
+
+def _last_tap(w: torch.Tensor) -> torch.Tensor:
+    """The kernel an image (T=1) meets: a Wan Conv3d's last temporal tap, a Conv2d's whole kernel."""
+    return w[:, :, -1] if w.dim() == 5 else w
+
+
+@pytest.mark.parametrize("name", ["wan", "kl", "tae"])
+@torch.no_grad()
+def test_least_squares_head_recovers_a_head_that_made_hq(name, wan, kl):
+    # HQ made by a known 12-channel head on the decoder's own features is fitted exactly (a closed form: the fit
+    # must return that head), for every family's conv and output affine (TAE's x * 2 - 1, Wan's causal Conv3d).
+    codec = copy.deepcopy({"wan": wan, "kl": kl, "tae": _random_tae()}[name]).double()
+    truth = codec.to_2x()
+    g = torch.Generator().manual_seed(5)
+    truth.conv_out.weight.copy_(torch.randn(truth.conv_out.weight.shape, generator=g, dtype=torch.float64) * 0.1)
+    truth.conv_out.bias.copy_(torch.randn(12, generator=g, dtype=torch.float64) * 0.1)
+    z = torch.randn(6, codec.latent_channels, 4, 4, generator=g, dtype=torch.float64)
+    hq = truth.decode(z, clamp=False)
+    # A ridge far below float64's noise: the random TAE's ReLUs leave some features dead (all zero), whose weights
+    # no data determines; they are left at 0 and change no output.
+    weight, bias = fit_head_2x(codec, [(z[:4], hq[:4]), (z[4:], hq[4:])], ridge=1e-12)
+    assert weight.shape == truth.conv_out.weight.shape
+    if name != "tae":
+        assert rel_diff(_last_tap(weight), _last_tap(truth.conv_out.weight)) < 1e-6
+        assert rel_diff(bias, truth.conv_out.bias) < 1e-6
+    fitted = codec.to_2x("least-squares", [(z, hq)], ridge=1e-12)
+    assert rel_diff(fitted.decode(z, clamp=False), hq) < 1e-6
+    assert codec.upscale == 1  # the 1x codec is untouched
+
+
+@torch.no_grad()
+def test_least_squares_head_matches_numpy_ridge_regression():
+    # An independent computation: the last conv's input taken with a forward hook, 3x3 neighbourhoods cut with
+    # numpy, the ridge normal equations solved by numpy against pixel_unshuffle of HQ mapped into [0, 1]. A float64
+    # codec: the fit's products are in the decoder's precision, which is then the only rounding either side.
+    codec = _random_tae().double()
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(3, 4, 4, 4, generator=g)
+    hq = torch.rand(3, 3, 64, 64, generator=g, dtype=torch.float64) * 2 - 1
+    ridge = 1e-2
+    weight, bias = fit_head_2x(codec, [(z, hq)], ridge=ridge)
+
+    captured = []
+    handle = codec.conv_out.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].double().numpy()))
+    codec.decode(z)
+    handle.remove()
+    feats = np.pad(captured[0], ((0, 0), (0, 0), (1, 1), (1, 1)))
+    n, c, h, w = captured[0].shape
+    cols = [feats[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)]  # tap (i, j) of channel ch
+    x = np.stack(cols, axis=2).reshape(n, c * 9, h, w).transpose(0, 2, 3, 1).reshape(-1, c * 9)
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    target = (F.pixel_unshuffle(hq.double(), 2).numpy() + 1) / 2  # TAE decodes conv_out * 2 - 1
+    y = target.transpose(0, 2, 3, 1).reshape(-1, 12)
+    gram = x.T @ x
+    gram += np.eye(len(gram)) * ridge * np.diag(gram).mean()
+    sol = np.linalg.solve(gram, x.T @ y)
+    expected_w = sol[:-1].T.reshape(12, c, 3, 3)
+    assert rel_diff(weight, torch.from_numpy(expected_w)) < 1e-9
+    assert rel_diff(bias, torch.from_numpy(sol[-1])) < 1e-9
+
+
+@torch.no_grad()
+def test_least_squares_head_beats_nearest_on_real_photos(taef2_codec):
+    # taef2 on a real photo: the fitted head's 2x decode is closer to HQ than the nearest start, on the crops it was
+    # fitted on and on other crops of the photo.
+    photo = load_image(sample_paths()[0])
+    hq = area_downsample(photo[..., : photo.shape[-2] // 256 * 256, : photo.shape[-1] // 256 * 256], 2)
+    crops = torch.cat([hq[..., i:i + 128, j:j + 128] for i in range(0, 256, 128) for j in range(0, 384, 128)], 0)
+    z = taef2_codec.encode(area_downsample(crops, 2))
+    fitted = taef2_codec.to_2x("least-squares", [(z[:3], crops[:3])])
+    nearest = taef2_codec.to_2x()
+    for part in (slice(0, 3), slice(3, 6)):
+        assert psnr(fitted.decode(z[part]), crops[part]).mean() > psnr(nearest.decode(z[part]), crops[part]).mean()
+
+
+def test_to_2x_refuses_unknown_init_and_missing_data(wan):
+    with pytest.raises(ValueError, match="one of nearest, least-squares"):
+        wan.to_2x("bicubic")
+    with pytest.raises(ValueError, match="fit_data"):
+        wan.to_2x("least-squares")
+    with pytest.raises(ValueError, match="1x codec"):
+        fit_head_2x(wan.to_2x(), [])
 
 
 # --- export / reload ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def _train(out: Path, batch: int, accelerator=None, steps: int = STEPS, resume: 
     warnings.simplefilter("ignore")
     # GAN on from step 1: exercises the discriminator under DDP and the cross-rank averaged adaptive weight.
     cfg = TrainConfig(
-        steps=steps, batch=batch, warmup_steps=1, checkpoint_every=1, keep_checkpoints=STEPS, val_every=1000,
+        preset="tiny", steps=steps, batch=batch, warmup_steps=1, checkpoint_every=1, keep_checkpoints=STEPS, val_every=1000,
         log_every=1, lr=1e-3,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=0, disc_channels=8, disc_layers=2),
     )

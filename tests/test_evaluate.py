@@ -36,7 +36,7 @@ def lp():
 def tiny_run(tmp_path_factory, lp):
     codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
-    cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
+    cfg = TrainConfig(preset="tiny", steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
                       loss=LossConfig(lpips_net="alex", gan_start=100))
     out = tmp_path_factory.mktemp("run")
     train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
@@ -333,7 +333,7 @@ def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path,
         run_evaluation(run, pairs, tmp_path / "ev", "tiny", EvalConfig(sigmas=(0.0,), split="all"))
     assert str(e.value) == expected
     capsys.readouterr()
-    code = main(["evaluate", str(run), str(pairs), "--sigmas", "0", "--split", "all", "--out", str(tmp_path / "ev")])
+    code = main(["evaluate", str(run), str(pairs), "--preset", "tiny", "--sigmas", "0", "--split", "all", "--out", str(tmp_path / "ev")])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {expected}"
     # Pairs with no pairset.json (in memory here): the first decode's size is checked against HQ's.
@@ -342,3 +342,35 @@ def test_a_pair_set_whose_hq_is_not_2x_its_lq_is_refused(tiny_run, lp, tmp_path,
     msg = r"the dataset: HQ is 64x64 \(4x its LQ\) but its 2x decodes are 32x32.*--lq-factor 2"
     with pytest.raises(ValueError, match=msg):
         evaluate_decoders(codec, {"ours": ours}, big, EvalConfig(sigmas=(0.0,)), lpips=lp, progress=False)
+
+
+# --- issue 28, item 5: evaluate's numbers checked when parsed, before any model loads ------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "-1"), ("--batch", "0"), ("--max-pairs", "-1"), ("--max-pairs", "0"),
+                                        ("--sigmas", "inf"), ("--sigmas", "nan"), ("--sigmas", "-1"),
+                                        ("--sigmas", "1e30"), ("--sigmas", "0,1.5"), ("--split-seed", "-1"),
+                                        ("--val-fraction", "nan"), ("--val-fraction", "1")])
+def test_evaluate_refuses_bad_numbers_naming_the_flag_before_loading(flag, value, tmp_path, monkeypatch, capsys):
+    import ldlib.apps.evaluate
+    import ldlib.apps.upscale
+
+    def loads(*a, **k):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(ldlib.apps.evaluate, "run_evaluation", loads)
+    monkeypatch.setattr(ldlib.apps.upscale, "describe_model", loads)
+    try:
+        code = main(["evaluate", str(tmp_path / "run"), str(tmp_path / "pairs"), "--preset", "tiny", flag, value])
+    except SystemExit as e:  # argparse's own refusal (a type error): usage, then one error line
+        code = e.code
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if "error:" in x]
+    assert code == 2 and len(errors) == 1 and flag in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_eval_config_refuses_what_the_command_line_would():
+    for bad in (dict(batch=0), dict(max_pairs=-1), dict(sigmas=(float("inf"),)), dict(sigmas=(-0.1,)), dict(sigmas=())):
+        with pytest.raises(ValueError, match="EvalConfig"):
+            EvalConfig(**bad)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_diff, train_short_run
+from conftest import float32_bound, reduction_length, rel_diff, train_short_run
 
 from ldlib.build import codec_of
 from ldlib.models.tiny import TINY_WAN21_VAE_CONFIG
@@ -74,20 +74,23 @@ def test_preset_codec_matches_diffusers_and_its_pipeline(kind, tmp_path):
     codec = codec_of(preset)
     vae = _load_diffusers(kind, tmp_path / "vae")
     x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    # Another implementation of the same convolutions sums in another order (this CPU's kernels, 2-D vs 3-D):
+    # the bound is float32's for the longest dot product in the VAE, relative to the values' scale.
+    bound = float32_bound(reduction_length(vae))
     with torch.no_grad():
         z = codec.encode(x)
         expected = _expected_normalised(kind, vae, x)
         assert z.shape == expected.shape and z.shape[-2:] == (4, 6)
-        assert rel_diff(z, expected) < 1e-5
+        assert rel_diff(z, expected) < bound
         y = codec.decode(z)
         if kind == "qwen-image":
             raw = z * torch.tensor(vae.config.latents_std).view(1, -1, 1, 1) + torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
             ref = vae.decode(raw.unsqueeze(2)).sample[:, :, 0]
         else:
             ref = vae.decode(codec.denormalise(z)).sample.clamp(-1, 1)
-        assert rel_diff(y, ref) < 1e-5
+        assert rel_diff(y, ref) < bound
         # denormalise inverts normalise (the decode side of the pipelines)
-        assert rel_diff(codec.denormalise(z), codec.denormalise(expected)) < 1e-5
+        assert rel_diff(codec.denormalise(z), codec.denormalise(expected)) < bound
         # the 2x head: untrained, it is exactly the nearest-neighbour upsample of the 1x decode
         two = codec.to_2x()
         assert two.upscale == 2 and two.conv_out.out_channels == 12
@@ -102,10 +105,11 @@ def test_qwen_image_mode_is_exact_both_ways(tmp_path):
     vae = _load_diffusers("qwen-image", tmp_path / "vae")
     fast, slow = QwenImageCodec(vae, image_mode=True), QwenImageCodec(vae, image_mode=False)
     x = torch.rand(1, 3, 40, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    bound = float32_bound(reduction_length(vae))  # 2-D and 3-D convolutions sum in another order
     with torch.no_grad():
         z = slow.encode(x)
-        assert rel_diff(fast.encode(x), z) < 1e-5
-        assert rel_diff(fast.decode(z, clamp=False), slow.decode(z, clamp=False)) < 1e-5
+        assert rel_diff(fast.encode(x), z) < bound
+        assert rel_diff(fast.decode(z, clamp=False), slow.decode(z, clamp=False)) < bound
 
 
 @pytest.mark.parametrize("kind", ["qwen-image", "flux2", "sdxl"])

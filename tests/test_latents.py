@@ -116,3 +116,12 @@ def test_dataset_refuses_latents_of_another_pair_set(pairs, codec, tmp_path):
         PairDataset(other, latents=out)
     with pytest.raises(ValueError, match="pairs cut with"):
         encode_pairs(other, codec, out, progress=False)
+
+
+def test_train_decoder_on_another_vaes_cache_names_its_own_flags(tiny_pairset, tmp_path, capsys):
+    """issue 28, item 10: train-decoder has no --out; the error says how to point it at the right cache."""
+    code = main(["train-decoder", str(tiny_pairset["pairs"]), str(tmp_path / "run"), "--preset", "taef2",
+                 "--latents", str(tiny_pairset["latents"]), "--steps", "1"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and "never mixed" in lines[0], lines
+    assert "--out" not in lines[0] and "--latents" in lines[0] and "ldlib encode" in lines[0]

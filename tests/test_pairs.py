@@ -232,7 +232,7 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
     bad.mkdir()
     (bad / "a.txt").write_text("x")
     Image.fromarray(_photo(20, 20, 0)).save(bad / "tiny.png")
-    assert main(["build-pairs", str(bad), str(tmp_path / "o1"), "--hq-size", "32", "--workers", "1", "--quiet"]) == 1
+    assert main(["build-pairs", str(bad), str(tmp_path / "o1"), "--preset", "tiny", "--hq-size", "32", "--workers", "1", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "no pair was built" in captured.err and "tiny.png: skipped: too small" in captured.err
     src = _make_sources(tmp_path / "src", n=1)
@@ -242,7 +242,7 @@ def test_cli_exit_codes_and_summary(tmp_path, capsys):
     spec = read_manifest(tmp_path / "o2")[0]["spec"]
     assert (spec["hq_size"], spec["crops_per_image"], spec["seed"]) == (32, 2, 5)
     # Another spec into the same OUT is refused (its ids would name different pixels).
-    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--hq-size", "48", "--seed", "5", "--workers", "1", "--quiet"]) == 2
+    assert main(["build-pairs", str(src), str(tmp_path / "o2"), "--preset", "tiny", "--hq-size", "48", "--seed", "5", "--workers", "1", "--quiet"]) == 2
 
 
 def test_shards_fill_one_folder_like_a_single_run(tmp_path):
@@ -310,3 +310,17 @@ def test_folder_tag_tells_photo_folders_of_one_name_apart(tmp_path, monkeypatch)
     assert folder_tag(a) == f"DCIM-{hashlib.sha256(str(a.resolve()).encode()).hexdigest()[:8]}" != folder_tag(b)
     monkeypatch.chdir(a)
     assert folder_tag(".") == folder_tag(a) == folder_tag(b / ".." / ".." / "a" / "DCIM")
+
+
+# --- issue 28, item 6 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1000000000000", "10001"])
+def test_absurd_crop_counts_are_refused_naming_the_flag(value, tmp_path, capsys):
+    from ldlib.apps.cli import main
+
+    out = tmp_path / "pairs"
+    assert main(["build-pairs", str(tmp_path), str(out), "--preset", "tiny", "--crops-per-image", value]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --crops-per-image must be <= 10000"), lines
+    assert not out.exists()

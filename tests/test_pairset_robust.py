@@ -50,7 +50,7 @@ def _one_error_line(err: str, *needles: str) -> None:
 
 
 def _build_cli(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["build-pairs", str(src), str(out), "--hq-size", "32", "--workers", "1", "--quiet", *extra]
+    return ["build-pairs", str(src), str(out), "--preset", "tiny", "--hq-size", "32", "--workers", "1", "--quiet", *extra]
 
 
 # --- item 6: workers die with a killed build ---------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_a_folder_without_pairs_does_not_lock_the_spec(tmp_path, capsys):
     assert (out / "pairset.json").is_file() and read_manifest(out) == []
     capsys.readouterr()
     src = _sources(tmp_path / "src")
-    assert main(["build-pairs", str(src), str(out), "--hq-size", "48", "--workers", "1", "--quiet"]) == 0
+    assert main(["build-pairs", str(src), str(out), "--preset", "tiny", "--hq-size", "48", "--workers", "1", "--quiet"]) == 0
     assert json.loads((out / "pairset.json").read_text())["spec"]["hq_size"] == 48
     assert {r["spec"]["hq_size"] for r in read_manifest(out)} == {48} and len(read_manifest(out)) == 2
     # Once it holds pairs, another spec is refused as before.
@@ -387,3 +387,45 @@ def test_absurd_pixel_counts_are_still_refused(tmp_path, size):
         report = build_pairs(tmp_path, tmp_path / "out", SPEC, workers=1, progress=False)
     assert [s["source"] for s in report["skipped"]] == ["bomb.png"]
     assert "too many pixels" in report["skipped"][0]["reason"]
+
+
+# --- issue 28, item 7: a pair set's paths stay inside it ------------------------------------------------------------
+
+
+def _copy_pairset(tiny_pairset, tmp_path) -> Path:
+    import shutil
+
+    pairs = tmp_path / "pairs"
+    shutil.copytree(tiny_pairset["pairs"], pairs, ignore=shutil.ignore_patterns("latents"))
+    return pairs
+
+
+@pytest.mark.parametrize("change", ["absolute", "dotdot", "not_a_record", "no_lq"])
+def test_manifest_lines_that_reach_outside_or_are_not_records_are_refused(change, tiny_pairset, tmp_path, capsys):
+    from ldlib.data.datasets import PairDataset
+
+    pairs = _copy_pairset(tiny_pairset, tmp_path)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (64, 64)).save(outside)  # the right size for tiny's LQ: only the path gives it away
+    rec = dict(read_manifest(pairs)[0], id="x" * 16, crop=99)
+    line = {"absolute": dict(rec, lq=str(outside)), "dotdot": dict(rec, hq="hq/../../outside.png"),
+            "not_a_record": [1, 2], "no_lq": {k: v for k, v in rec.items() if k != "lq"}}[change]
+    manifest = pairs / "manifest.jsonl"
+    n = len(manifest.read_text().splitlines()) + 1
+    with open(manifest, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=f"manifest.jsonl: line {n}: "):
+        PairDataset(pairs)
+    code = main(["encode", str(pairs), "--preset", "tiny", "--quiet"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and f"{manifest}: line {n}" in lines[0], lines
+    assert not (pairs / "latents").exists()  # nothing encoded, nothing outside cached
+
+
+def test_an_lq_image_of_another_size_is_named(tiny_pairset, tmp_path, capsys):
+    pairs = _copy_pairset(tiny_pairset, tmp_path)
+    victim = pairs / read_manifest(pairs)[1]["lq"]
+    Image.new("RGB", (40, 48)).save(victim)
+    code = main(["encode", str(pairs), "--preset", "tiny", "--quiet"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and str(victim) in lines[0] and "40x48" in lines[0], lines

@@ -30,7 +30,7 @@ def setup():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(steps=6, batch=2, warmup_steps=2, checkpoint_every=2, keep_checkpoints=3, val_every=100, log_every=1,
+    base = dict(preset="tiny", steps=6, batch=2, warmup_steps=2, checkpoint_every=2, keep_checkpoints=3, val_every=100, log_every=1,
                 val_count=2, loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2))
     base.update(kw)
     return TrainConfig(**base)
@@ -128,7 +128,7 @@ def test_resume_with_other_settings_is_refused_and_the_run_stays_usable(setup, r
 def test_a_refused_setting_writes_nothing(tmp_path, tiny_pairset):
     out = tmp_path / "run"
     for flag, value in (("--lr", "-1"), ("--ema-decay", "-1"), ("--ema-decay", "2"), ("--betas", "0.5,1.5")):
-        assert main(["train-decoder", str(tiny_pairset["pairs"]), str(out), "--steps", "1", flag, value]) == 2
+        assert main(["train-decoder", str(tiny_pairset["pairs"]), str(out), "--preset", "tiny", "--steps", "1", flag, value]) == 2
         assert not out.exists()
 
 

@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
         lp = lpips_model("alex")
     codec = codec_of(get_preset("tiny"))
     data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
-    cfg = TrainConfig(steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
+    cfg = TrainConfig(preset="tiny", steps=2, batch=2, warmup_steps=1, lr=1e-3, ema_decay=0.5, val_every=100, val_count=1,
                       loss=LossConfig(lpips_net="alex", gan_start=100))
     out = tmp_path_factory.mktemp("run") / "run"
     train_decoder(cfg, out, data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
@@ -191,13 +191,13 @@ def test_evaluate_a_run_without_checkpoint_or_an_unrelated_folder_is_one_line(ti
     early.mkdir()
     (early / "config.json").write_text((run / "config.json").read_text())
     (early / "history.jsonl").write_text("")
-    code, err = _cli(["evaluate", str(early), pairs, "--max-pairs", "1"], capsys)
+    code, err = _cli(["evaluate", str(early), pairs, "--preset", "tiny", "--max-pairs", "1"], capsys)
     assert code == 2
     _one_error_line(err, str(early), "no checkpoint")
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
     (unrelated / "a.txt").write_text("x")
-    code, err = _cli(["evaluate", str(unrelated), pairs, "--max-pairs", "1"], capsys)
+    code, err = _cli(["evaluate", str(unrelated), pairs, "--preset", "tiny", "--max-pairs", "1"], capsys)
     assert code == 2
     _one_error_line(err, str(unrelated), "neither a training run")
     assert sorted(p.name for p in early.iterdir()) == ["config.json", "history.jsonl"]
@@ -253,7 +253,7 @@ def test_evaluate_split_all_or_held_out_and_the_report_says_which(tiny_run, tiny
     assert 0 < len(held) < len(whole)
     for split, expect in (("held-out", held), ("all", whole)):
         out = tmp_path / split
-        code, err = _cli(["evaluate", str(run), str(pairs), "--sigmas", "0", "--split", split, "--out", str(out)], capsys)
+        code, err = _cli(["evaluate", str(run), str(pairs), "--preset", "tiny", "--sigmas", "0", "--split", split, "--out", str(out)], capsys)
         assert code == 0, err
         info = json.loads((out / "eval.json").read_text())["info"]
         assert info["split"] == split and info["held_out_pairs"] == len(expect)
@@ -262,3 +262,122 @@ def test_evaluate_split_all_or_held_out_and_the_report_says_which(tiny_run, tiny
         md = (out / "eval.md").read_text()
         assert ("all pairs of the pair set" in md) == (split == "all")
         assert f"{len(expect)} pairs from {len(expect.sources)}" in md
+
+
+_HOLD_RUN = """
+import sys
+from pathlib import Path
+from accelerate import Accelerator
+from ldlib.core.runs import open_run
+open_run(Path(sys.argv[1]), Accelerator(cpu=True), False, 2, {})  # what every training loop does first
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_a_run_folder_has_one_writer_and_the_loser_is_told_who(tiny_pairset, tmp_path, capsys):
+    """A second training on a run folder that another process is training in is refused, naming folder and holder;
+    the lock goes with the holder (no stale lock)."""
+    import os
+
+    from ldlib.core.files import FolderBusyError
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "holding"  # readiness, not a sleep
+        cfg = TrainConfig(preset="tiny", steps=1, batch=2, warmup_steps=0, val_every=100, val_count=1,
+                          loss=LossConfig(lpips_weight=0, gan_start=100))
+        with pytest.raises(FolderBusyError) as e:
+            train_decoder(cfg, run, pairs=tiny_pairset["pairs"], latents=tiny_pairset["latents"],
+                          codec=tiny_pairset["codec"])
+        assert str(run) in str(e.value) and f"pid {holder.pid}" in str(e.value)
+        assert not (run / "checkpoints").exists() and not (run / "history.jsonl").exists()  # the loser wrote nothing
+        code, err = _cli(["train-decoder", str(tiny_pairset["pairs"]), str(run), "--preset", "tiny", "--steps", "1",
+                          "--batch", "2", "--lpips-weight", "0", "--latents", str(tiny_pairset["latents"])], capsys)
+        assert code == 2
+        _one_error_line(err, str(run), f"pid {holder.pid}")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+    # the holder is gone: its lock went with it
+    res = train_decoder(cfg, run, pairs=tiny_pairset["pairs"], latents=tiny_pairset["latents"], codec=tiny_pairset["codec"])
+    assert res.step == 1 and (run / "checkpoints" / "step_000001").is_dir()
+    # and this process let go of it when the run ended: a resume in another process is not refused
+    take = "import sys; from pathlib import Path; from ldlib.core.runs import lock_run; lock_run(Path(sys.argv[1])); print('holding')"
+    again = subprocess.run([sys.executable, "-c", take, str(run)], input="",
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert again.returncode == 0 and "holding" in again.stdout, again.stderr
+
+
+# --- issue 28, item 3: disk full -----------------------------------------------------------------------------------
+
+
+def _disk_full_safetensors(monkeypatch, after: int = 0) -> None:
+    """safetensors' save_file fails as it does on a full disk (its own error type wrapping ENOSPC) after `after` files."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real, calls = safetensors.torch.save_file, [0]
+
+    def save_file(tensors, filename, metadata=None):
+        calls[0] += 1
+        if calls[0] > after:
+            Path(filename).write_bytes(b"\0" * 64)  # what it managed to write
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def _dev_full(monkeypatch) -> None:
+    """Every atomic write of ldlib.core.files writes into /dev/full: the kernel's own ENOSPC on the first write."""
+    import os
+
+    def new_temp(path):
+        return os.open("/dev/full", os.O_WRONLY), path.parent / f".{path.name}.devfull.tmp"
+
+    monkeypatch.setattr(folders, "_new_temp", new_temp)
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    from ldlib.core.files import WriteError
+
+    codec = codec_of(get_preset("tiny"))
+    data = sample_tensor_pairs(codec, count=2, hq_size=32, seed=1)
+    cfg = TrainConfig(preset="tiny", steps=2, batch=2, warmup_steps=0, checkpoint_every=1, val_every=100, val_count=1,
+                      loss=LossConfig(lpips_weight=0, gan_start=100))
+    out = tmp_path / "run"
+    train_decoder(cfg, out, data, None, codec=codec, stop_at=1)
+    before = _tree(out / "checkpoints")
+    _disk_full_safetensors(monkeypatch)
+    with pytest.raises(WriteError) as e:
+        train_decoder(cfg, out, data, None, codec=codec, resume=True)
+    msg = str(e.value)
+    assert "\n" not in msg and str(out / "checkpoints" / "step_000002") in msg and "No space left on device" in msg
+    assert str(out / "checkpoints" / "step_000001") in msg  # what was kept
+    assert _tree(out / "checkpoints") == before  # no .tmp_step_* left, the earlier checkpoint untouched
+
+
+def test_an_export_on_a_full_disk_is_one_line_and_writes_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+    run, _ = tiny_run
+    _disk_full_safetensors(monkeypatch)
+    code, err = _cli(["export", str(run), str(tmp_path / "export")], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "export"), "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []  # no staging folder left beside it
+
+
+def test_build_pairs_and_encode_on_a_full_disk_name_the_file(tiny_pairset, tmp_path, monkeypatch, capsys):
+    _dev_full(monkeypatch)
+    code, err = _cli(["build-pairs", str(tiny_pairset["photos"]), str(tmp_path / "pairs"), "--preset", "tiny",
+                      "--workers", "1", "--quiet"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "pairs"), "No space left on device")
+    assert ".png" in err or ".json" in err  # the file, not only the folder
+    code, err = _cli(["encode", str(tiny_pairset["pairs"]), "--preset", "tiny", "--out", str(tmp_path / "lat"),
+                      "--quiet"], capsys)
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "lat") + "/", "No space left on device")  # a file in the cache folder

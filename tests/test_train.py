@@ -37,7 +37,7 @@ def setup():
 def _cfg(**kw) -> TrainConfig:
     # float32 on any device ("auto" is bf16 autocast on CUDA): these tests compare numerical paths.
     base = dict(
-        mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
+        preset="tiny", mixed_precision="no", steps=4, batch=2, warmup_steps=2, checkpoint_every=2, val_every=100, log_every=1,
         val_count=2,
         loss=LossConfig(lpips_net="alex", gan_start=1, gan_warmup=2, disc_channels=8, disc_layers=2),
     )
@@ -447,7 +447,8 @@ def test_hot_loop_reads_the_device_once_per_optimiser_step(setup, tmp_path, monk
     with mode:
         res = train_decoder(cfg, tmp_path / "run", data, None, codec=codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
     assert res.step == 4 and "adaptive_weight" in res.history[-1] and len(res.history) == 4
-    in_steps = [r for r in mode.reads if "_save_checkpoint" not in r]
+    # The head fit reads its sums once per batch before the first step: set-up, like a checkpoint, not the loop.
+    in_steps = [r for r in mode.reads if "_save_checkpoint" not in r and "fit_head_2x" not in r]
     assert all(r[-2:] in {("train_decoder", "all_finite"), ("flush", "read")} for r in in_steps), in_steps
     # 4 optimiser steps (8 micro-steps): 4 skip flags; terms read at step 0 and before the final checkpoint.
     assert sum(r[-1] == "all_finite" for r in in_steps) == 4
@@ -817,3 +818,125 @@ def test_reused_cpu_memory_is_wired_and_changes_nothing(setup, tmp_path, monkeyp
         assert all(torch.equal(a[k], b[k]) for k in a) or not on_cpu, name
     # Speed-only settings may change when a run resumes.
     assert config_changes(_cfg(reuse_cpu_memory=False, update_threads=0).to_dict(), _cfg().to_dict()) == []
+
+
+def test_least_squares_start_is_fitted_once_and_recorded(setup, tmp_path, monkeypatch):
+    # A new run starts from the head fitted on its training pairs (the step-0 weights are exactly to_2x's fit on the
+    # same batches); config.json records the choice; resuming loads the checkpoint and never refits.
+    import ldlib.models.codecs
+    from ldlib.train.decoder import head_fit_batches
+
+    codec, data, lp = setup
+    cfg = _cfg(steps=2, checkpoint_every=1, head_fit_pairs=3, lr=1e-12, warmup_steps=0, ema_decay=0.0)
+    run = tmp_path / "run"
+    res = _run(setup, run, cfg, stop_at=1)
+    assert json.loads((run / "config.json").read_text())["head_init"] == "least-squares"
+    degrader = parse_degrader(cfg.degrader)
+    expected = codec.to_2x("least-squares", head_fit_batches(cfg, data, degrader, torch.device("cpu")), cfg.head_ridge)
+    # lr 1e-12: one step moves the head by ~1e-12 of its scale, so it still shows the fit (the nearest copy is far).
+    head = res.codec2x.conv_out.weight.detach()
+    assert rel_diff(head, expected.conv_out.weight) < 1e-6
+    assert rel_diff(codec.to_2x().conv_out.weight, expected.conv_out.weight) > 1e-2
+
+    def refit(*a, **k):
+        raise AssertionError("resume refitted the head")
+
+    monkeypatch.setattr(ldlib.models.codecs, "fit_head_2x", refit)
+    res2 = _run(setup, run, cfg, resume=True)
+    assert res2.step == 2
+
+
+def test_a_run_from_before_the_head_choice_resumes_as_nearest(setup, tmp_path):
+    cfg = _cfg(steps=2, checkpoint_every=1, head_init="nearest")
+    run = tmp_path / "run"
+    _run(setup, run, cfg, stop_at=1)
+    old = json.loads((run / "config.json").read_text())
+    for key in ("head_init", "head_fit_pairs", "head_fit_degraded", "head_ridge"):
+        old.pop(key)
+    (run / "config.json").write_text(json.dumps(old))
+    res = _run(setup, run, _cfg(steps=2, checkpoint_every=1), resume=True)  # today's default: least-squares
+    assert res.step == 2
+    assert json.loads((run / "config.json").read_text())["head_init"] == "nearest"
+
+
+# --- issue 28, item 4: non-finite and absurd values, diverged weights ---------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--l1-weight", "nan"), ("--l1-weight", "inf"),
+                                        ("--lpips-weight", "nan"), ("--max-grad-norm", "nan"),
+                                        ("--max-grad-norm", "inf"), ("--sigma-max", "nan")])
+def test_non_finite_numbers_are_refused_at_parse_naming_the_flag(flag, value, tmp_path, capsys):
+    from ldlib.apps.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train-decoder", str(tmp_path / "pairs"), str(out), "--preset", "tiny", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag}: {value!r} is not a finite number" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "1e30"), ("--disc-lr", "2"), ("--l1-weight", "0")])
+def test_absurd_numbers_are_refused_naming_the_flag(flag, value, tmp_path, capsys):
+    from ldlib.apps.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train-decoder", str(tmp_path / "pairs"), str(out), "--preset", "tiny", flag, value]
+    if flag == "--l1-weight":
+        argv += ["--lpips-weight", "0"]  # nothing left that pulls the output towards HQ
+    assert main(argv) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}") and "Config" not in lines[0], lines
+    assert not out.exists()
+
+
+def test_non_finite_config_values_are_refused_in_the_dataclass():
+    with pytest.raises(ValueError, match=r"TrainConfig\.lr: inf is not a finite number"):
+        TrainConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match=r"LossConfig\.lpips_weight: nan is not a finite number"):
+        LossConfig(lpips_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"TrainConfig\.max_grad_norm: inf"):
+        TrainConfig(max_grad_norm=float("inf"))
+
+
+def test_a_run_whose_weights_stop_being_finite_stops_and_never_exports(setup, tmp_path, monkeypatch, capsys):
+    """Weights that turn NaN mid-run (a diverging update) stop the run with an error naming it; no checkpoint or
+    summary holds them, and export / upscale refuse a checkpoint that does."""
+    from safetensors.torch import save_file
+
+    import ldlib.train.decoder as train_mod
+    from ldlib.apps.cli import main
+    from ldlib.apps.export import export_run
+
+    real_step = train_mod._optimizer_step
+
+    def diverging_step(m, acc, cfg, skip, d_active):  # the update of step 2 overflows one weight
+        real_step(m, acc, cfg, skip, d_active)
+        if m.sched_g.last_epoch == 3:
+            with torch.no_grad():
+                m.params[0].fill_(float("inf"))
+
+    monkeypatch.setattr(train_mod, "_optimizer_step", diverging_step)
+    cfg = _cfg(steps=6, checkpoint_every=2, loss=LossConfig(lpips_net="alex", gan_start=100))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="weights stopped being finite by step [34]") as e:
+        _run(setup, out, cfg)
+    assert str(out) in str(e.value) and "step_000002" in str(e.value)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000002"] and not (out / "summary.json").exists()  # nothing after the divergence kept
+    # a checkpoint that holds non-finite weights (written by an older ldlib) is refused by export and upscale
+    ema = out / "checkpoints" / "step_000002" / "ema.safetensors"
+    sd = load_file(str(ema))
+    first = sorted(sd)[0]
+    sd[first] = torch.full_like(sd[first], float("nan"))
+    save_file(sd, str(ema))
+    with pytest.raises(ValueError, match="not finite"):
+        export_run(out, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    from ldlib.core.images import save_image
+
+    save_image(torch.zeros(1, 3, 16, 16), tmp_path / "in.png")
+    capsys.readouterr()
+    code = main(["upscale", str(tmp_path / "in.png"), "--model", str(out), "--out", str(tmp_path / "up")])
+    assert code == 2 and "not finite" in capsys.readouterr().err
+    assert not list((tmp_path / "up").glob("*.png")) if (tmp_path / "up").exists() else True

@@ -208,3 +208,31 @@ def test_upscale_config_validation():
     for bad in (dict(scale=3), dict(latents="scaled"), dict(tile=8, overlap=5), dict(tile=-1)):
         with pytest.raises(ValueError):
             UpscaleConfig(**bad)
+
+
+# --- issue 28, item 8: progress on long inputs, no silent overwrite -------------------------------------------------
+
+
+def test_upscale_shows_progress_over_the_tiles_of_a_large_input(tiny_run, tmp_path, capsys):
+    img = _photo(tmp_path / "big.png")
+    args = ["upscale", str(img), "--model", str(tiny_run), "--out", str(tmp_path / "out"), "--tile", "4", "--overlap", "2"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "big.png: decode" in err and "100%" in err, err  # tqdm's bar on stderr (the 1x encode is one tile here)
+    assert main(args + ["--quiet", "--overwrite"]) == 0
+    assert "big.png: decode" not in capsys.readouterr().err
+
+
+def test_upscale_never_replaces_an_existing_file_without_overwrite(tiny_run, tmp_path, capsys):
+    img = _photo(tmp_path / "in.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "in_2x.png"
+    mine.write_bytes(b"the user's own file")
+    args = ["upscale", str(img), "--model", str(tiny_run), "--out", str(out)]
+    assert main(args) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and str(mine) in err[0] and "--overwrite" in err[0], err
+    assert mine.read_bytes() == b"the user's own file"
+    assert main(args + ["--overwrite"]) == 0
+    assert load_image(mine).shape == (1, 3, 88, 120)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..build import codec_of, has_trained_teacher, vocabulary
+from ..core.config import check_sigmas
 from ..core.images import area_downsample
 from ..core.metrics import high_freq_share, white_noise_hf_share
 
@@ -47,6 +48,12 @@ class SweepConfig:
                                                         "(not used with --pairs)"})
     lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="alex", metadata={"help": "LPIPS backbone"})
     batch_size: int = field(default=8, metadata={"help": "latents per codec / degrader call"})
+
+    def __post_init__(self) -> None:
+        self.sigmas = tuple(self.sigmas)
+        check_sigmas(self.sigmas, "SweepConfig.sigmas")
+        if self.batch_size < 1:
+            raise ValueError(f"SweepConfig.batch_size must be >= 1, got {self.batch_size}")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from ..build import codec_of, has_trained_teacher, vocabulary
 from ..presets import PRESET_HELP, PRESETS
 
 
-def _add_preset(p: argparse.ArgumentParser, default: str = "tiny") -> None:
+def _add_preset(p: argparse.ArgumentParser, default: str = "taef2") -> None:
+    # taef2 (the real offline recipe) by default: tiny makes random models and 128 px crops, plumbing only.
     p.add_argument("--preset", default=default, choices=PRESETS, metavar="PRESET",
                    help=f"{PRESET_HELP} (default: %(default)s)")
     p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: the packaged weights, or $LDLIB_TAEF2_DIR)")
@@ -109,6 +110,15 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
 
 def _pair_spec(args: argparse.Namespace):
     """The recipe spec at the preset's sizes, with the command line's overrides (no weights are loaded)."""
+    from ..core.config import flag_names
+
+    try:
+        return _pair_spec_of(args)
+    except ValueError as e:  # the user typed flags: name them, not PairSpec's fields
+        raise ValueError(flag_names(str(e))) from e
+
+
+def _pair_spec_of(args: argparse.Namespace):
     from ..core.config import config_fields
     from ..data.pairs import PairSpec
 
@@ -250,6 +260,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, markdown_table, run_evaluation
 
     cfg = config_from_args(EvalConfig, args)
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.split_seed is not None and args.split_seed < 0:
+        raise ValueError(f"--split-seed must be >= 0, got {args.split_seed}")
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     vae, vae_config = args.vae, args.vae_config
     if vae is None:  # a run trained on a local VAE evaluates against that VAE
@@ -299,7 +313,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from .upscale import UpscaleConfig, clashing_inputs, load_upscaler, upscale_file
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
-                        compare=args.compare)
+                        compare=args.compare, overwrite=args.overwrite, progress=not args.quiet)
     clashes = clashing_inputs(args.inputs)
     if clashes:
         raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
@@ -327,7 +341,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command."""
-    from ..core.config import add_config_arguments, comma_tuple
+    from ..core.config import add_config_arguments, comma_tuple, finite_float
     from ..data.pairs import PairSpec
     from ..data.teacher_data import TeacherSpec
     from ..train.decoder import TrainConfig
@@ -337,13 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import EvalConfig
     from .experiment import ExperimentConfig
 
+    # allow_abbrev=False everywhere: an old or mistyped flag (--crop) must not silently mean another (--crops-per-image).
     parser = argparse.ArgumentParser(
-        prog="python -m ldlib",
+        prog="python -m ldlib", allow_abbrev=False,
         description="Build pairs, tune and train degraders, train and export a 2x VAE decoder.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("codec-check", help="encode+decode an image with a preset's VAE and report PSNR")
+    p = sub.add_parser("codec-check", allow_abbrev=False, help="encode+decode an image with a preset's VAE and report PSNR")
     p.add_argument("image", help="an image file")
     _add_preset(p)
     _add_vae(p)
@@ -352,23 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write input | reconstruction side by side here")
     p.set_defaults(func=cmd_codec_check)
 
-    p = sub.add_parser("demo", help="the whole recipe on the shipped photos (CPU, minutes); opens with OUT/index.html")
+    p = sub.add_parser("demo", allow_abbrev=False, help="the whole recipe on the shipped photos (CPU, minutes); opens with OUT/index.html")
     p.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo-PRESET)")
-    _add_preset(p, default="taef2")
+    _add_preset(p)
     p.add_argument("--steps", type=int, default=None, help="decoder training steps (default: 200 at taef2, 12 at tiny)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("build-pairs", help="cut (HQ, LQ) pairs from a folder of photos (the recipe), resumable")
+    p = sub.add_parser("build-pairs", allow_abbrev=False, help="cut (HQ, LQ) pairs from a folder of photos (the recipe), resumable")
     p.add_argument("src", help="folder of source photos (searched recursively)")
     p.add_argument("out", help="pair set folder (hq/, lq/, manifest.jsonl, report.json)")
     _add_preset(p)
-    add_config_arguments(p, PairSpec, title="pair spec (defaults: the recipe at the preset's sizes)")
+    add_config_arguments(p, PairSpec, title="pair spec (defaults: the recipe at the preset's sizes)",
+                         preset_sized=("pre_downsample", "hq_size", "lq_factor"))
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--shard", default=None, help="i/N: build only this machine's share of SRC into the same OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build_pairs)
 
-    p = sub.add_parser("encode", help="encode a pair set's LQ images into a latent cache (safetensors)")
+    p = sub.add_parser("encode", allow_abbrev=False, help="encode a pair set's LQ images into a latent cache (safetensors)")
     p.add_argument("pairs", help="pair set folder (from build-pairs)")
     _add_preset(p)
     _add_vae(p)
@@ -376,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_job(p, batch_size=16, shard_size=512, unit="pairs")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("teacher", help="diffusion-degrade cached latents: training targets for the proxy")
+    p = sub.add_parser("teacher", allow_abbrev=False, help="diffusion-degrade cached latents: training targets for the proxy")
     p.add_argument("pairs", help="pair set folder (with latents from `encode`)")
     p.add_argument("out", help="teacher data folder")
     _add_preset(p)
@@ -386,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_job(p, batch_size=8, shard_size=256, unit="records")
     p.set_defaults(func=cmd_teacher)
 
-    p = sub.add_parser("sweep", help="sigma sweep of a degrader: latent error, HF share, PSNR/LPIPS per sigma")
+    p = sub.add_parser("sweep", allow_abbrev=False, help="sigma sweep of a degrader: latent error, HF share, PSNR/LPIPS per sigma")
     _add_preset(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", default=None, help="an existing pair set (default: build one under --out)")
@@ -401,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("train-proxy", help="train the cheap proxy of the diffusion degrader on teacher data")
+    p = sub.add_parser("train-proxy", allow_abbrev=False, help="train the cheap proxy of the diffusion degrader on teacher data")
     p.add_argument("teacher", help="teacher data folder (from `teacher`)")
     p.add_argument("out", help="run folder: proxy.safetensors + proxy.json, eval.json, checkpoints, tb/")
     p.add_argument("--preset", default=None, choices=PRESETS, metavar="PRESET",
@@ -411,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, ProxyTrainConfig, title="training (ProxyTrainConfig)")
     p.set_defaults(func=cmd_train_proxy)
 
-    p = sub.add_parser("train-teacher", help="train a small flow-matching teacher in the preset's latent space (taef2)")
+    p = sub.add_parser("train-teacher", allow_abbrev=False, help="train a small flow-matching teacher in the preset's latent space (taef2)")
     p.add_argument("pairs", help="pair set folder (latents from `encode`)")
     p.add_argument("out", help="run folder; the trained teacher goes to OUT/teacher")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
@@ -419,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, TeacherConfig, title="teacher (TeacherConfig)")
     p.set_defaults(func=cmd_train_teacher)
 
-    p = sub.add_parser("train-decoder", help="train the 2x decoder (accelerate: CPU, GPU bf16, `accelerate launch` DDP)")
+    p = sub.add_parser("train-decoder", allow_abbrev=False, help="train the 2x decoder (accelerate: CPU, GPU bf16, `accelerate launch` DDP)")
     p.add_argument("pairs", help="pair set folder (from build-pairs; latents from `encode`)")
     p.add_argument("out", help="run folder: config.json, checkpoints/, tb/, history.jsonl, summary.json")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
@@ -427,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, TrainConfig, title="training (TrainConfig, LossConfig)")
     p.set_defaults(func=cmd_train_decoder)
 
-    p = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS/speckle per sigma vs decoder+bicubic/+Lanczos, held-out pairs")
+    p = sub.add_parser("evaluate", allow_abbrev=False, help="PSNR/SSIM/LPIPS/speckle per sigma vs decoder+bicubic/+Lanczos, held-out pairs")
     p.add_argument("model", help="a train-decoder run folder (EMA weights) or an exported decoder folder")
     p.add_argument("pairs", help="pair set folder (its held-out split by source photo, or all of it: --split)")
     _add_preset(p)
@@ -435,20 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-degrade-model", default=None, help="a decoder trained without degradation (method d)")
     p.add_argument("--latents", default=None, help="latent cache (default: PAIRS/latents/<preset>)")
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval)")
-    p.add_argument("--val-fraction", type=float, default=None,
+    p.add_argument("--val-fraction", type=finite_float("--val-fraction"), default=None,
                    help="held-out share of the source photos (default: what the run or export recorded)")
     p.add_argument("--split-seed", type=int, default=None,
                    help="seed of the held-out split (default: what the run or export recorded)")
     add_config_arguments(p, EvalConfig, skip=("extra",), title="evaluation (EvalConfig)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("experiment", help="does the recipe work: clean / noise / proxy / teacher-trained decoders "
+    p = sub.add_parser("experiment", allow_abbrev=False, help="does the recipe work: clean / noise / proxy / teacher-trained decoders "
                                           "(+ GAN) on held-out photos (resumable, ~2 h on CPU)")
     p.add_argument("out", help="experiment folder (rerun the same command to resume)")
     add_config_arguments(p, ExperimentConfig, title="experiment (ExperimentConfig)")
     p.set_defaults(func=cmd_experiment)
 
-    p = sub.add_parser("export", help="export a run's EMA 2x decoder (diffusers folder, original-layout Wan file, TAESD files)")
+    p = sub.add_parser("export", allow_abbrev=False, help="export a run's EMA 2x decoder (diffusers folder, original-layout Wan file, TAESD files)")
     p.add_argument("run", help="a train-decoder run folder")
     p.add_argument("out", help="output folder (new, empty, or a previous export)")
     p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA")
@@ -456,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers | wan | tae, repeatable or comma-separated (default: all that apply to the run's VAE)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("upscale", help="decode images or latent files at 2x with a trained decoder (tiled), PNG out")
+    p = sub.add_parser("upscale", allow_abbrev=False, help="decode images or latent files at 2x with a trained decoder (tiled), PNG out")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or latent files (.safetensors / .pt)")
     p.add_argument("--model", required=True, help="a train-decoder run folder (EMA weights) or an exported decoder")
     p.add_argument("--preset", default=None, choices=PRESETS, metavar="PRESET",
@@ -471,9 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", default="normalised", choices=["normalised", "raw"],
                    help="latent files hold the diffusion model's normalised latents or raw VAE latents")
     p.add_argument("--compare", action="store_true", help="also write [decoder + bicubic | ours] side by side")
+    p.add_argument("--overwrite", action="store_true", help="replace output files of the same name in --out "
+                                                            "(default: refuse, naming the file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown for inputs of more than one tile)")
     p.set_defaults(func=cmd_upscale)
 
-    p = sub.add_parser("bench", help="benchmarks (ratios measured in one run), written under runs/bench/")
+    p = sub.add_parser("bench", allow_abbrev=False, help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | train-wan | all")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import codec_of, vocabulary
+from ..core.config import check_sigmas
 from ..core.files import atomic_write_bytes, save_figure
 from ..core.metrics import colour_shift, haarpsi, psnr, speckle_ratio, ssim
 from ..core.runs import sample_generator
@@ -62,6 +63,16 @@ class EvalConfig:
         "help": "which pairs of the pair set: held-out (the photos the run did not train on: for its training pair "
                 "set) | all (a separate test set)"})
     extra: dict = field(default_factory=dict)  # recorded as-is (e.g. model paths); not a command-line setting
+
+    def __post_init__(self) -> None:
+        self.sigmas = tuple(self.sigmas)
+        check_sigmas(self.sigmas, "EvalConfig.sigmas")
+        if self.batch < 1:
+            raise ValueError(f"EvalConfig.batch must be >= 1, got {self.batch}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"EvalConfig.max_pairs must be >= 1 (or none: every pair), got {self.max_pairs}")
+        if self.split not in ("held-out", "all"):
+            raise ValueError(f"EvalConfig.split must be held-out or all, got {self.split!r}")
 
 
 def bicubic_2x(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..core.files import atomic_write_bytes
+from ..core.files import WriteError, atomic_write_bytes, is_write_failure, write_reason
 
 
 _README_WAN = """# 2x decoder (exported by ldlib)
@@ -162,8 +162,15 @@ def export_run(
     skipped (and said so in ``ldlib_export.json``) for Wan VAEs of another architecture than Wan 2.1's.
     out must be new, empty or a previous export, which is replaced whole (see export_folder).
     """
-    with export_folder(run, out) as folder:
-        _write_export(run, folder, ema, final=Path(out), formats=formats)
+    try:
+        with export_folder(run, out) as folder:
+            _write_export(run, folder, ema, final=Path(out), formats=formats)
+    except Exception as e:
+        if not is_write_failure(e) or isinstance(e, FileNotFoundError):
+            raise
+        # The half-written staging folder is gone (replaced_folder); what out held before is untouched.
+        kept = "the previous export there is unchanged" if Path(out).exists() else "nothing was written"
+        raise WriteError(getattr(e, "errno", None) or 5, f"{out}: export not written ({write_reason(e)}); {kept}") from e
     return Path(out)
 
 

@@ -44,6 +44,8 @@ class UpscaleConfig:
     overlap: int = 16  # latent pixels shared by neighbouring tiles
     latents: str = "normalised"  # latent files hold normalised (what diffusion models produce) or raw VAE latents
     compare: bool = False  # also write [decoder + bicubic | ours] side by side
+    overwrite: bool = False  # replace output files that exist already (from an earlier run); else refuse
+    progress: bool = False  # a progress bar (stderr) over the tiles of each input that has more than one
 
     def __post_init__(self) -> None:
         if self.scale not in (1, 2):
@@ -186,18 +188,43 @@ def run_tiled(
     tile: int,
     overlap: int,
     norms: list[nn.GroupNorm] | None = None,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Apply ``fn`` to overlapping tiles of x and blend the results.
 
     Tiles are laid out in "units" (latent pixels): x has ``unit_in`` pixels per unit, fn's output ``unit_out``
     (decode: 1 -> 8 * upscale; encode: 8 -> 1). ``norms``: GroupNorm layers inside fn whose statistics are shared
-    across tiles (see ``SharedGroupNorm``). The output is accumulated on fn's device in float32.
+    across tiles (see ``SharedGroupNorm``). The output is accumulated on fn's device in float32. ``progress``: the
+    label of a tqdm bar (stderr) over the calls of fn, shown when there is more than one tile.
     """
     h_u, w_u = x.shape[-2] // unit_in, x.shape[-1] // unit_in
     rows, cols = tile_spans(h_u, tile, overlap), tile_spans(w_u, tile, overlap)
     if len(rows) == 1 and len(cols) == 1:
         return fn(x).float()
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        # A 3000 px photo is minutes of CPU per pass: say how far it is. One pass per shared GroupNorm (each
+        # stops at its norm), then the blending pass.
+        bar = tqdm(total=len(tiles) * (len(norms or []) + 1), desc=progress, unit="tile", dynamic_ncols=True)
+        inner = fn
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            try:
+                return inner(t)
+            finally:
+                bar.update(1)
+
+    try:
+        return _blend_tiles(fn, x, tiles, rows, cols, unit_in, unit_out, h_u, w_u, norms)
+    finally:
+        if progress is not None:
+            bar.close()
+
+
+def _blend_tiles(fn, x, tiles, rows, cols, unit_in: int, unit_out: int, h_u: int, w_u: int, norms) -> torch.Tensor:
+    """run_tiled's work once the tiles are laid out: GroupNorm statistics passes, then the blended outputs."""
 
     def cut(i: int, j: int) -> torch.Tensor:
         (r0, r1), (c0, c1) = rows[i], cols[j]
@@ -238,18 +265,21 @@ def _shared_norms(modules: list[nn.Module]) -> list[nn.GroupNorm]:
 
 
 @torch.no_grad()
-def decode_tiled(codec, latents: torch.Tensor, tile: int = 64, overlap: int = 16, clamp: bool = True) -> torch.Tensor:
+def decode_tiled(codec, latents: torch.Tensor, tile: int = 64, overlap: int = 16, clamp: bool = True,
+                 progress: str | None = None) -> torch.Tensor:
     """Normalised latents (N x C x h x w) -> images at the codec's full scale, decoded in blended latent tiles."""
     unit = codec.spatial_factor * codec.upscale
     norms = _shared_norms(codec.decoder_modules())
-    y = run_tiled(lambda z: codec.decode(z, clamp=False), latents, 1, unit, tile, overlap, norms)
+    y = run_tiled(lambda z: codec.decode(z, clamp=False), latents, 1, unit, tile, overlap, norms, progress)
     return y.clamp(-1, 1) if clamp else y
 
 
 @torch.no_grad()
-def encode_tiled(codec, images: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+def encode_tiled(codec, images: torch.Tensor, tile: int = 64, overlap: int = 16,
+                 progress: str | None = None) -> torch.Tensor:
     """Images (N x 3 x H x W, H and W multiples of the spatial factor) -> normalised latents, in blended tiles."""
-    return run_tiled(codec.encode, images, codec.spatial_factor, 1, tile, overlap, _shared_norms(codec.encoder_modules()))
+    return run_tiled(codec.encode, images, codec.spatial_factor, 1, tile, overlap, _shared_norms(codec.encoder_modules()),
+                     progress)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -415,7 +445,7 @@ def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.Pat
         x = _pad_to(image, 2 * original.spatial_factor)
         # The encoder works at 1x: tiles twice as large per side cost the memory of one 2x decoder tile, and give
         # its large receptive field (TAESD's: ~18 latent pixels) more context.
-        z = encode_tiled(original, x, 2 * cfg.tile, 2 * cfg.overlap)
+        z = encode_tiled(original, x, 2 * cfg.tile, 2 * cfg.overlap, progress=f"{path.name}: encode" if cfg.progress else None)
         sizes = [(h, w)]
     elif suffix in LATENT_SUFFIXES:
         z = read_latents(path, codec.latent_channels)
@@ -436,6 +466,10 @@ def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.Pat
             if name in claimed:
                 raise ValueError(f"{path}: its output {name.name} would overwrite that of {claimed[name]}, written "
                                  "earlier in this run; upscale them into separate --out folders")
+    if not cfg.overwrite:  # a user's file (an earlier run's output, or anything of that name) is never replaced silently
+        for name in targets + (sides if cfg.compare else []):
+            if name.exists() and (claimed is None or name not in claimed):
+                raise ValueError(f"{name}: exists already; pass --overwrite to replace it, or choose another --out")
     written: list[Path] = []
 
     def save(image: torch.Tensor, name: Path) -> None:
@@ -447,7 +481,8 @@ def upscale_file(path: str | os.PathLike, codec, original, out_dir: str | os.Pat
     for k, (target, side) in enumerate(zip(targets, sides)):
         zk = z[k : k + 1]
         h, w = sizes[k]
-        ours = decode_tiled(codec, zk, cfg.tile, cfg.overlap)[..., : 2 * h, : 2 * w]
+        label = f"{path.name}{tags[k]}: decode" if cfg.progress else None
+        ours = decode_tiled(codec, zk, cfg.tile, cfg.overlap, progress=label)[..., : 2 * h, : 2 * w]
         if cfg.scale == 1:
             ours = area_downsample(ours, 2)
         save(ours[0], target)

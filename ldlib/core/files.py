@@ -29,6 +29,45 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 
+class WriteError(OSError):
+    """A write that failed (disk full, no permission); str() is one line naming the path and what was kept."""
+
+    def __init__(self, err: int | None, message: str) -> None:
+        super().__init__(err, message)  # (errno, message): pickles across worker processes as it is
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def write_reason(e: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's text (``No space left on device``), not a library's wrapper."""
+    if isinstance(e, WriteError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO):
+        if os.strerror(code) in text:  # safetensors' SafetensorError wraps the OS error in its own text
+            return os.strerror(code)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether e is how a write fails: an OSError, or safetensors' error for one (it raises its own type)."""
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def failed_write(path: str | os.PathLike, e: BaseException, kept: str) -> WriteError:
+    """The WriteError for a failed write of path: ``<path>: not written (<reason>); <kept>``."""
+    if isinstance(e, WriteError):
+        return e  # already names the file and what was kept
+    return WriteError(getattr(e, "errno", None) or errno.EIO, f"{path}: not written ({write_reason(e)}); {kept}")
+
+
+def _kept(path: Path) -> str:
+    return "the previous file is unchanged" if path.exists() else "no partial file left"
+
+
 def _new_temp(path: Path) -> tuple[int, Path]:
     """Create a hidden temporary file beside path as open() would (mode 0o666 less the umask); (fd, its path).
 
@@ -62,8 +101,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_write_failure(e):  # disk full: one line naming the file, not the bare errno
+            raise failed_write(path, e, _kept(path)) from e
         raise
 
 
@@ -81,8 +122,10 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
         write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_write_failure(e):
+            raise failed_write(path, e, _kept(path)) from e
         raise
 
 
@@ -213,6 +256,52 @@ class ShardedTensors:
 
 class FolderBusyError(RuntimeError):
     """Another process is writing the folder right now; the message names it."""
+
+
+def lock_exclusive(f, busy: Callable[[], str]) -> None:
+    """Take an advisory exclusive lock (fcntl.flock) on the open file f, or raise FolderBusyError(busy()).
+
+    The kernel releases it when the file is closed or the process dies (kill -9 included): no stale lock to clean
+    up. Not POSIX (no fcntl): no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        raise FolderBusyError(busy()) from e
+
+
+LOCK_FILE = ".ldlib.lock"
+
+
+def lock_folder(folder: str | os.PathLike, what: str):
+    """Lock folder for this process (``lock_exclusive`` on folder/.ldlib.lock, which names the holder); the open file.
+
+    Close it to release. The loser gets FolderBusyError: one line naming the folder and the holder (host, pid, since).
+    """
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    f = open(path, "a+")
+
+    def busy() -> str:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return f"{folder}: {holder} is writing this {what} right now; wait for it to finish, or choose another folder"
+
+    lock_exclusive(f, busy)
+    # The holder's identity, for the loser's message (only the lock holder writes it).
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    f.flush()
+    return f
 
 
 def _not_writable(path: Path) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .files import atomic_write_bytes, atomic_write_file
+from .files import WriteError, atomic_write_bytes, atomic_write_file, is_write_failure, lock_folder, write_reason
 
 
 def default_device() -> torch.device:
@@ -315,17 +315,29 @@ class CheckpointManager:
         """Write tensors (name -> state dict, as safetensors), objects (torch.save), state (JSON), per-rank RNG."""
         final = self.folder / f"step_{step:06d}"
         tmp = self.folder / f".tmp_step_{step:06d}"
-        if self._main:
+        try:
+            if self._main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self._barrier()
+            rank = 0 if self.acc is None else self.acc.process_index
+            torch.save(rng_states(), tmp / f"rng_{rank}.pt")
+            if self._main:
+                for name, sd in tensors.items():
+                    save_safetensors(sd, tmp / f"{name}.safetensors")
+                torch.save(objects, tmp / "optim.pt")
+                (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            # Disk full mid-checkpoint: the half-written folder goes now (MBs), the earlier checkpoints stay.
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        rank = 0 if self.acc is None else self.acc.process_index
-        torch.save(rng_states(), tmp / f"rng_{rank}.pt")
-        if self._main:
-            for name, sd in tensors.items():
-                save_safetensors(sd, tmp / f"{name}.safetensors")
-            torch.save(objects, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+            latest = None
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                latest = self.latest()
+            kept = f"kept: the previous checkpoint {latest}" if latest else "no earlier checkpoint exists"
+            raise WriteError(getattr(e, "errno", None) or 5,
+                             f"{final}: checkpoint of step {step} not written ({write_reason(e)}); {kept}") from e
         self._barrier()
         if self._main:
             if final.exists():
@@ -391,8 +403,9 @@ def check_optimiser_settings(name: str, lr: float, betas: Sequence[float], weigh
                              keep_checkpoints: int, **more_lrs: float) -> None:
     """ValueError naming the first setting of an optimiser config that AdamW or the run machinery would refuse."""
     for key, value in {"lr": lr, **more_lrs}.items():
-        if not value > 0:
-            raise ValueError(f"{name}.{key} must be > 0, got {value}")
+        # NaN fails both comparisons; above 1, one AdamW step moves every weight by about lr: the run diverges.
+        if not 0 < value <= 1:
+            raise ValueError(f"{name}.{key} must be in (0, 1], got {value}")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"{name}.betas must be two numbers in [0, 1), got {tuple(betas)}")
     if weight_decay < 0 or warmup_steps < 0:
@@ -413,8 +426,51 @@ def config_changes(have: dict, want: dict, allowed: Sequence[str] = RESUMABLE_KE
     return out
 
 
+# Run folders this process holds the lock of (open_run takes it, holds_run_lock's wrapper lets it go).
+_RUN_LOCKS: dict[Path, Any] = {}
+
+
+def lock_run(out: Path, accelerator=None) -> None:
+    """Make this process the one writer of run folder out (main process; an advisory lock, released on death).
+
+    Two trainings on one folder would remove each other's checkpoint folders and interleave history.jsonl; the
+    second one gets FolderBusyError naming the folder and the holder. Taking it again in this process replaces
+    this process's own earlier lock (a notebook that reruns a cell after an error).
+    """
+    if accelerator is not None and not accelerator.is_main_process:
+        return
+    key = Path(out).resolve()
+    release_run(key)
+    _RUN_LOCKS[key] = lock_folder(key, "run folder")
+
+
+def release_run(out: Path) -> None:
+    """Let go of this process's lock on run folder out, if it holds one."""
+    f = _RUN_LOCKS.pop(Path(out).resolve(), None)
+    if f is not None:
+        f.close()
+
+
+def holds_run_lock(fn):
+    """Decorator of a training loop: the run-folder locks it takes (open_run) are released when it returns or raises."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_RUN_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_RUN_LOCKS) - before:
+                release_run(key)
+
+    return wrapper
+
+
 def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> tuple[CheckpointManager, Path | None]:
     """Check a run folder before anything is written: (its checkpoints, the folder to resume from or None).
+
+    Takes the run folder's lock first (``lock_run``): a second writer is refused before it reads anything.
 
     Refuses a folder that holds a run unless resuming; when resuming, refuses settings that differ from the run's
     config.json except those in RESUMABLE_KEYS (one line listing each change), so the file never records settings
@@ -422,6 +478,7 @@ def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> t
     ``write_config`` once the set-up has succeeded.
     """
     out = Path(out)
+    lock_run(out, accelerator)
     ckpts = CheckpointManager(out / "checkpoints", accelerator, keep=keep)
     has_run = (out / "checkpoints" / "latest.json").is_file() or any((out / "checkpoints").glob("step_*"))
     if not resume and has_run:

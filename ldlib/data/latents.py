@@ -61,7 +61,10 @@ class LatentCache:
         if expect is not None:
             want = expect if isinstance(expect, dict) else expect.identity()
             if not same_codec(self.identity, want):
-                raise ValueError(_mismatch(self.folder, self.identity, want))
+                # A reader (train-decoder, evaluate, teacher): the fix is the cache it reads, not an output folder.
+                raise ValueError(_mismatch(self.folder, self.identity, want, fix=(
+                    "point --latents at this VAE's cache, or make one with `python -m ldlib encode PAIRS --preset "
+                    "PRESET`")))
         self._shards = ShardedTensors()
         self.refresh()
 
@@ -106,10 +109,11 @@ def _describe(ident: dict) -> str:
     return f"{ident.get('family')} {ident.get('latent_channels')}ch encoder {sha} from {ident.get('source')!r}"
 
 
-def _mismatch(folder: Path, have: dict, want: dict) -> str:
+def _mismatch(folder: Path, have: dict, want: dict, fix: str = "use another --out folder") -> str:
+    """One line: the cache holds another codec's latents; ``fix`` says what to do (encode writes: another --out)."""
     return (
         f"{folder}: holds latents of {_describe(have)}, not of the codec given ({_describe(want)}); "
-        "latents of different VAEs are never mixed: use another --out folder"
+        f"latents of different VAEs are never mixed: {fix}"
     )
 
 
@@ -168,7 +172,13 @@ def encode_pairs(
         tensors: dict[str, torch.Tensor] = {}
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b : b + batch_size]
-            lq = torch.cat([load_image(pairs_root / r["lq"]) for r in batch]).to(device)
+            images = [load_image(pairs_root / r["lq"]) for r in batch]
+            want = images[0].shape[-2:] if not pairset else (pairset["hq_size"] // pairset["lq_factor"],) * 2
+            for r, im in zip(batch, images):  # a replaced PNG of another size: name it, not torch.cat's shapes
+                if im.shape[-2:] != want:
+                    raise ValueError(f"{pairs_root / r['lq']}: LQ image is {im.shape[-1]}x{im.shape[-2]} px, the pair "
+                                     f"set's LQ size is {want[1]}x{want[0]}")
+            lq = torch.cat(images).to(device)
             with torch.inference_mode():
                 z = codec.encode(lq).float().cpu()
             for r, zi in zip(batch, z):

@@ -39,18 +39,19 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ..core.files import FolderBusyError, atomic_write_bytes, in_shard, parse_shard, writable_folder
+from ..core.files import atomic_write_bytes, in_shard, lock_exclusive, parse_shard, writable_folder
 from ..core.images import ImageLoadError, area_downsample, load_rgb8, open_image, rgb8, save_image, walk_files
 from ..presets import get_preset
 
 
 MANIFEST = "manifest.jsonl"
+MAX_CROPS_PER_IMAGE = 10_000
 PAIRSET_JSON = "pairset.json"
 FORMAT_VERSION = 1
 
@@ -69,7 +70,7 @@ class PairSpec:
     """How pairs are cut from a source photo; the defaults are the recipe (area 0.5x, 512 crop, area 0.5x, K=1)."""
 
     pre_downsample: int = field(default=2, metadata={"help": "area downsample of the source before cropping"})
-    hq_size: int = field(default=512, metadata={"help": "HQ crop in px, after pre-downsample (the preset's)"})
+    hq_size: int = field(default=512, metadata={"help": "HQ crop in px, after pre-downsample"})
     lq_factor: int = field(default=2, metadata={"help": "LQ = area downsample of HQ by this factor"})
     crops_per_image: int = field(default=1, metadata={"help": "crops per source photo (its decode is paid once)"})
     min_source_size: int = field(default=0, metadata={"help": "skip sources whose short side is below this (px)"})
@@ -83,6 +84,13 @@ class PairSpec:
         for name in ("pre_downsample", "hq_size", "lq_factor", "crops_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PairSpec.{name} must be >= 1, got {getattr(self, name)}")
+        # A build lists every crop's id of every photo up front: a count in the billions fills memory silently.
+        if self.crops_per_image > MAX_CROPS_PER_IMAGE:
+            raise ValueError(f"PairSpec.crops_per_image must be <= {MAX_CROPS_PER_IMAGE} (crops of one photo overlap "
+                             f"long before that), got {self.crops_per_image}")
+        for name in ("pre_downsample", "lq_factor"):  # a factor larger than any photo leaves nothing to crop
+            if getattr(self, name) > 64:
+                raise ValueError(f"PairSpec.{name} must be <= 64, got {getattr(self, name)}")
         if self.hq_size % self.lq_factor:
             raise ValueError(f"PairSpec: hq_size {self.hq_size} is not divisible by lq_factor {self.lq_factor}")
 
@@ -204,8 +212,36 @@ def cut_pair(source: np.ndarray, box: tuple[int, int, int, int], spec: PairSpec)
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _inside(value: object, folder: str) -> bool:
+    """Whether a manifest path is a plain relative path under folder/ of the pair set (no absolute path, no ..)."""
+    if not isinstance(value, str) or "\\" in value:
+        return False
+    parts = PurePosixPath(value).parts
+    return len(parts) >= 2 and parts[0] == folder and not PurePosixPath(value).is_absolute() and ".." not in parts
+
+
+def check_record(rec: object, where: str) -> dict:
+    """rec when it is a pair record whose image paths stay inside the pair set; else ValueError naming where.
+
+    Readers open ``root / rec["hq"]``: an absolute path or one with ``..`` would read a file outside the pair set.
+    """
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: not a pair record (a JSON {type(rec).__name__}, not an object)")
+    for key, kind in (("id", str), ("source", str), ("crop", int), ("hq", str), ("lq", str)):
+        if not isinstance(rec.get(key), kind) or isinstance(rec.get(key), bool):
+            raise ValueError(f"{where}: not a pair record ({key!r} missing or not a {kind.__name__})")
+    for key in ("hq", "lq"):
+        if not _inside(rec[key], key):
+            raise ValueError(f"{where}: {key} path {rec[key]!r} is not inside the pair set's {key}/ folder; "
+                             "refusing to read it")
+    return rec
+
+
 def _parse_lines(path: Path) -> list[dict]:
-    """Records of one manifest file; a torn last line (no newline, or not JSON) is ignored."""
+    """Records of one manifest file; a torn last line (no newline, or not JSON) is ignored.
+
+    A complete line that is JSON but not a pair record, or names an image outside the pair set, is an error.
+    """
     data = path.read_bytes()
     records = []
     lines = data.split(b"\n")
@@ -214,9 +250,11 @@ def _parse_lines(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             warnings.warn(f"{path}: line {n + 1} is not valid JSON; ignored", SkippedInputWarning, stacklevel=3)
+            continue
+        records.append(check_record(rec, f"{path}: line {n + 1}"))
     return records
 
 
@@ -255,16 +293,14 @@ class _ManifestWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.f = open(path, "ab")
-        try:
-            import fcntl
 
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock, the per-shard files still keep machines apart
-            pass
-        except OSError as e:
+        def busy() -> str:
             self.f.close()
-            raise FolderBusyError(f"{path}: another build is writing this pair set right now; wait for it to "
-                                  "finish or use another OUT folder") from e
+            return (f"{path}: another build is writing this pair set right now; wait for it to finish or use "
+                    "another OUT folder")
+
+        # Not POSIX: no lock, the per-shard files still keep machines apart.
+        lock_exclusive(self.f, busy)
         _repair_tail(path)
 
     def append(self, records: Iterable[dict]) -> None:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.config import check_finite
 from ..core.files import ShardedTensors, atomic_write_bytes, in_shard, parse_shard, shard_files, write_tensor_shard
 from ..core.runs import default_device
 from .latents import LatentCache
@@ -45,6 +46,7 @@ class TeacherSpec:
     seed: int = field(default=0, metadata={"help": "seeds every record's sigma and noise"})
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not 0.0 < self.sigma_max <= 1.0:
             raise ValueError(f"sigma_max must be in (0, 1], got {self.sigma_max}")
         if self.per_latent < 1 or self.steps < 1:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,97 @@ def widen_conv_out(conv: nn.Module, factor: int = 2) -> nn.Module:
         new.bias = nn.Parameter(conv.bias.detach().repeat_interleave(r2, dim=0).clone())
     new.out_channels = conv.out_channels * r2
     return new
+
+
+HEAD_INITS = ("nearest", "least-squares")
+
+
+def _pass_through_conv(conv: nn.Module) -> nn.Module:
+    """A copy of conv that outputs its input unchanged (an identity centre tap), then a channel of 1 and one of 0.
+
+    Run inside the decoder in place of ``conv``, it yields the features the real conv sees whatever the family's
+    forward (Wan's image mode calls ``F.conv2d`` on the weights, which a forward hook would miss); the two constant
+    channels expose the affine map the codec applies after the conv (TAE: ``x * 2 - 1``), so the fit needs no
+    per-family knowledge.
+    """
+    kh, kw = conv.kernel_size[-2:]
+    # Wan's causal convs pad by hand (_padding = w, w, h, h, t, 0); the others through nn.Conv's own padding.
+    pad = (conv._padding[2], conv._padding[0]) if hasattr(conv, "_padding") else tuple(conv.padding[-2:])
+    plain = all(s == 1 for s in conv.stride) and all(d == 1 for d in conv.dilation) and conv.groups == 1
+    if not plain or conv.padding_mode != "zeros" or pad != (kh // 2, kw // 2):
+        raise ValueError(f"least-squares head: conv_out must be a stride-1 conv with 'same' zero padding, got {conv}")
+    c = conv.in_channels
+    new = copy.deepcopy(conv)
+    weight = torch.zeros((c + 2,) + tuple(conv.weight.shape[1:]), dtype=conv.weight.dtype, device=conv.weight.device)
+    # Wan's causal Conv3d sees one frame (T=1) through its last temporal tap only.
+    kernel = weight[:c, :, -1] if weight.dim() == 5 else weight[:c]
+    kernel[:, :, kh // 2, kw // 2] = torch.eye(c, dtype=weight.dtype)
+    bias = torch.zeros(c + 2, dtype=conv.weight.dtype, device=conv.weight.device)
+    bias[c] = 1.0
+    new.weight, new.bias = nn.Parameter(weight), nn.Parameter(bias)
+    new.out_channels = c + 2
+    return new
+
+
+@torch.no_grad()
+def fit_head_2x(codec: "Codec", batches: Iterable[tuple[torch.Tensor, torch.Tensor]], ridge: float = 1e-4
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the 2x conv_out that best maps the 1x decoder's last features to HQ (ridge least squares).
+
+    ``batches`` yields (normalised latents, HQ images in [-1, 1] at 2x the decode's size). The target of the 12
+    output channels is ``pixel_unshuffle(HQ, 2)`` mapped back through the codec's output affine; each output pixel
+    sees its conv's k x k neighbourhood of C features plus a constant. The normal equations are summed over
+    batches in float64; ``ridge`` is relative to the mean of their diagonal. The returned weight has the 2x conv's
+    shape (for a Wan Conv3d the fit fills the last temporal tap, the only one an image reaches; the others keep the
+    nearest copy of the original head).
+    """
+    conv = codec.conv_out
+    if codec.upscale != 1:
+        raise ValueError(f"fit_head_2x needs the 1x codec, got one that decodes at {codec.upscale}x")
+    if not ridge >= 0 or not math.isfinite(ridge):
+        raise ValueError(f"fit_head_2x: ridge must be a finite number >= 0, got {ridge}")
+    colours = conv.out_channels
+    kh, kw = conv.kernel_size[-2:]
+    taps = conv.in_channels * kh * kw
+    probe = copy.deepcopy(codec).eval()
+    probe._set_conv_out(_pass_through_conv(conv))
+    gram = torch.zeros(taps + 1, taps + 1, dtype=torch.float64)
+    cross = torch.zeros(taps + 1, 4 * colours, dtype=torch.float64)
+    seen = 0
+    like = probe.decoder_parameters()[0]
+    for latents, hq in batches:
+        out = probe._decode_raw(probe.denormalise(latents.to(like.device, torch.float32)))
+        if hq.shape[-2:] != (2 * out.shape[-2], 2 * out.shape[-1]):
+            raise ValueError(f"fit_head_2x: HQ is {tuple(hq.shape[-2:])}, the decode {tuple(out.shape[-2:])}: "
+                             "HQ must be 2x the decode")
+        c = conv.in_channels
+        one, zero = out[:, c : c + 1], out[:, c + 1 : c + 2]  # a * 1 + b and a * 0 + b
+        scale = one - zero
+        if not torch.allclose(scale, scale.flatten()[0].expand_as(scale)) or scale.flatten()[0].abs() < 1e-12:
+            raise ValueError("fit_head_2x: the codec's output is not an affine map of conv_out (cannot fit it)")
+        a, b = scale.flatten()[0], zero.flatten()[0]
+        # Each output pixel's k x k neighbourhood of features, ordered (channel, row, column) as a conv weight is.
+        feats = F.unfold((out[:, :c] - b) / a, (kh, kw), padding=(kh // 2, kw // 2))
+        feats = feats.view(len(out), taps, *out.shape[-2:])
+        target = (F.pixel_unshuffle(hq.to(out), 2) - b) / a
+        x = torch.cat([feats, torch.ones_like(feats[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, taps + 1)
+        y = target.permute(0, 2, 3, 1).reshape(-1, 4 * colours)
+        # One batch's products in the decoder's precision (float32: half the time of float64, a relative error far
+        # below the ridge), summed over batches in float64.
+        gram += (x.T @ x).cpu().double()
+        cross += (x.T @ y).cpu().double()
+        seen += len(latents)
+    if seen == 0:
+        raise ValueError("fit_head_2x: no training latents to fit on")
+    gram += torch.eye(taps + 1, dtype=torch.float64) * (ridge * gram.diagonal().mean())
+    solution = torch.linalg.solve(gram, cross)  # (taps + 1) x 12
+    weight2d = solution[:taps].T.reshape(4 * colours, conv.in_channels, kh, kw)
+    weight = widen_conv_out(conv, 2).weight.detach().clone()
+    if weight.dim() == 5:
+        weight[:, :, -1] = weight2d.to(weight)
+    else:
+        weight = weight2d.to(weight)
+    return weight, solution[taps].to(weight)
 
 
 def upscale_of(channels: int, colours: int = 3) -> int:
@@ -145,12 +237,26 @@ class Codec(nn.Module):
         """Recompute the decoder's activations in backward instead of storing them (less memory, more compute)."""
         raise ValueError(f"gradient checkpointing is not available for {self.family!r} codecs")
 
-    def to_2x(self) -> "Codec":
-        """A copy whose decoder outputs 2x resolution, initialised to nearest-upsample this decoder's output."""
+    def to_2x(self, init: str = "nearest", fit_data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+              ridge: float = 1e-4) -> "Codec":
+        """A copy whose decoder outputs 2x resolution; its 12-channel head starts as ``init`` (``HEAD_INITS``).
+
+        ``nearest``: each output channel's kernel repeated 4 times, so the copy decodes to the nearest-neighbour 2x of
+        this decoder's output. ``least-squares``: the head fitted on ``fit_data`` (``fit_head_2x``): (latents, HQ).
+        """
         if self.upscale != 1:
             raise ValueError(f"this codec already decodes at {self.upscale}x")
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init must be one of {', '.join(HEAD_INITS)}, got {init!r}")
+        if (fit_data is None) != (init == "nearest"):
+            raise ValueError(f"head init {init!r}: fit_data is needed for least-squares and only for it")
+        head = widen_conv_out(self.conv_out, 2)
+        if init == "least-squares":
+            weight, bias = fit_head_2x(self, fit_data, ridge)
+            head.weight = nn.Parameter(weight)
+            head.bias = nn.Parameter(bias)
         new = copy.deepcopy(self)
-        new._set_conv_out(widen_conv_out(self.conv_out, 2))
+        new._set_conv_out(head)
         return new
 
     def identity(self) -> dict:

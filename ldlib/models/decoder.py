@@ -42,6 +42,7 @@ class TwoXDecoder(nn.Module):
     def load_trainable_state(self, sd: dict[str, torch.Tensor], origin: str = "checkpoint") -> None:
         """Copy decoder parameters in by name; a missing or extra name is an error naming it."""
         own = self.trainable_state()
+        check_finite_weights(sd.items(), origin)
         missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or extra:
             raise ValueError(f"{origin}: decoder weights do not match this codec (missing {missing[:3]}, extra {extra[:3]})")
@@ -50,3 +51,15 @@ class TwoXDecoder(nn.Module):
                 if p.shape != sd[n].shape:
                     raise ValueError(f"{origin}: {n} has shape {tuple(sd[n].shape)}, expected {tuple(p.shape)}")
                 p.copy_(sd[n].to(p))
+
+
+def check_finite_weights(named, origin: str) -> None:
+    """ValueError naming origin and the first tensor of (name, tensor) pairs that holds a NaN or inf.
+
+    A diverged run's weights decode every latent to NaN (an all-black PNG once clamped and saved): never train on,
+    export or upscale with them.
+    """
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{origin}: weight {name} is not finite (NaN or inf): these weights come from a "
+                             "diverged run and decode nothing; train again with a lower lr")

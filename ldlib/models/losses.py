@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..core.config import check_finite
 from ..core.metrics import lpips_model
 
 
@@ -34,11 +35,15 @@ class LossConfig:
     disc_layers: int = field(default=3, metadata={"help": "strided discriminator layers (3: 70 px receptive field)"})
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("l1_weight", "lpips_weight", "gan_weight", "adaptive_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.gan_start < 0 or self.gan_warmup < 0:
             raise ValueError(f"gan_start and gan_warmup must be >= 0, got {self.gan_start}, {self.gan_warmup}")
+        if self.l1_weight == 0 and self.lpips_weight == 0:  # the GAN alone has no target: nothing to reconstruct
+            raise ValueError("LossConfig.l1_weight and LossConfig.lpips_weight are both 0: nothing pulls the output "
+                             "towards HQ")
         if self.lpips_net not in ("alex", "vgg", "squeeze"):
             raise ValueError(f"lpips_net must be alex | vgg | squeeze, got {self.lpips_net!r}")
 

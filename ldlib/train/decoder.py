@@ -25,21 +25,24 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..build import VOCABULARY, codec_of, parse_degrader
+from ..core.config import check_finite
 from ..core.files import atomic_write_bytes
 from ..core.metrics import psnr
 from ..core.profiling import NO_TIMINGS, StepTimings
 from ..core.runs import (CheckpointManager, GlobalBatchSampler, RunLogger, all_finite, build_ema, build_optimizer,
-                         check_optimiser_settings, json_bytes, load_optimizer_state, loader_workers, make_accelerator,
-                         mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator, write_config)
+                         check_optimiser_settings, holds_run_lock, json_bytes, load_optimizer_state, loader_workers,
+                         make_accelerator, mean_terms, mix_seed, open_run, reused_cpu_memory, sample_generator,
+                         write_config)
 from ..data.datasets import PairDataset, collate_pairs
 from ..data.latents import LatentCache, default_cache_dir
+from ..models.codecs import HEAD_INITS
 from ..models.decoder import TwoXDecoder
 from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
 from ..presets import PRESET_HELP, get_preset, vae_overrides
@@ -49,7 +52,8 @@ from ..presets import PRESET_HELP, get_preset, vae_overrides
 class TrainConfig:
     """Decoder training settings; the defaults are the recipe's (README, "The recipe")."""
 
-    preset: str = field(default="tiny", metadata={"help": PRESET_HELP})
+    # The real offline recipe by default; tiny (random models, 128 px) only where asked: it is plumbing.
+    preset: str = field(default="taef2", metadata={"help": PRESET_HELP})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     vae: str | None = field(default=None, metadata={"help": "local VAE replacing the preset's: a diffusers folder or "
                                                             "one .safetensors/.pth (original Wan layout for wan2.1-*, qwen-image)"})
@@ -96,6 +100,16 @@ class TrainConfig:
     # train, H200); on a CPU it is a few % of the step and workers would compete with the model for the cores.
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, on CUDA "
                                                                      "min(8, CPUs per process - 1); same batches either way)"})
+    # Measured on held-out photos (README, "The 2x head's start"): the fitted head starts above decoder+bicubic,
+    # the nearest copy about 1 dB below it.
+    head_init: str = field(default="least-squares", metadata={"help": "start of the 12-channel head: least-squares "
+                                                                      "(fitted on training latents and HQ) | nearest "
+                                                                      "(the original head repeated: nearest 2x)"})
+    head_fit_pairs: int = field(default=64, metadata={"help": "training pairs the least-squares head is fitted on"})
+    head_fit_degraded: bool = field(default=True, metadata={"help": "fit the head on latents degraded like the "
+                                                                     "training ones (sigma ~ U[sigma_min, sigma_max])"})
+    head_ridge: float = field(default=1e-4, metadata={"help": "ridge of the head fit, relative to the normal "
+                                                               "equations' mean diagonal"})
     seed: int = field(default=0, metadata={"help": "seeds weights of new layers, batches, sigmas and noise"})
     init_from: str | None = field(default=None, metadata={"help": "start from another run's checkpoint folder "
                                                           "(RUN/checkpoints/step_N): weights, EMA, optimiser "
@@ -107,6 +121,7 @@ class TrainConfig:
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
         self.betas = tuple(self.betas)
+        check_finite(self)
         for name in ("steps", "batch", "grad_accum", "checkpoint_every", "log_every", "val_every", "val_count"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -130,6 +145,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.val_sigma must be in [0, 1], got {self.val_sigma}")
         if self.max_grad_norm < 0:  # the loop clips only when > 0: a negative value would silently mean "off"
             raise ValueError(f"TrainConfig.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"TrainConfig.head_init must be one of {' | '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if self.head_fit_pairs < 1:
+            raise ValueError(f"TrainConfig.head_fit_pairs must be >= 1, got {self.head_fit_pairs}")
+        if self.head_ridge < 0:
+            raise ValueError(f"TrainConfig.head_ridge must be >= 0, got {self.head_ridge}")
 
     @property
     def held_out_seed(self) -> int:
@@ -229,11 +250,30 @@ class _Models:
     sched_d: Any
 
 
-def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None) -> _Models:
-    """The 2x decoder (initialised as nearest-2x of codec's decoder), discriminator, loss, EMA and optimisers."""
+def head_fit_batches(cfg: TrainConfig, train_set, degrader, device: torch.device, batch: int = 2
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(latents, HQ) batches of cfg.head_fit_pairs seeded training pairs, degraded as training degrades them."""
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 12)))
+    chosen = order[: cfg.head_fit_pairs].tolist()
+    for start in range(0, len(chosen), batch):
+        idx = chosen[start : start + batch]
+        items = [train_set[i] for i in idx]
+        z = torch.stack([it["latent"] for it in items]).float().to(device)
+        if degrader is not None and cfg.head_fit_degraded:
+            gens = [sample_generator(cfg.seed, 0, i, stream=4) for i in idx]
+            lo, hi = cfg.sigma_min, cfg.sigma_max
+            sigma = torch.tensor([lo + (hi - lo) * torch.rand((), generator=g).item() for g in gens])
+            z = degrader.degrade_samples(z, sigma, gens, [it.get("id") for it in items])[0]
+        yield z, torch.stack([it["hq"] for it in items]).float()
+
+
+def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None, fit_data=None) -> _Models:
+    """The 2x decoder (its head as cfg.head_init, fitted on fit_data), discriminator, loss, EMA and optimisers."""
     device = acc.device
     original = codec.eval().to(device)
-    model = TwoXDecoder(codec.to_2x()).to(device)
+    # The fit only for a new run: a resumed or continued run loads its head from the checkpoint.
+    model = TwoXDecoder(codec.to_2x(cfg.head_init if fit_data is not None else "nearest", fit_data, cfg.head_ridge))
+    model = model.to(device)
     model.train()
     if cfg.grad_checkpointing:
         model.enable_gradient_checkpointing()
@@ -313,7 +353,8 @@ def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
 
 
 def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: list[int], preset: str, family: str) -> None:
-    """Write the decoder, EMA, discriminator, optimiser and schedule states at a step."""
+    """Write the decoder, EMA, discriminator, optimiser and schedule states at a step (finite weights only)."""
+    _check_weights_finite(m, ckpts.folder.parent, step, ckpts)
     ema_meta = {k: v for k, v in m.ema.state_dict().items() if k != "shadow_params"}
     ckpts.save(
         step,
@@ -323,6 +364,23 @@ def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: l
          "sched_g": m.sched_g.state_dict(), "sched_d": m.sched_d.state_dict()},
         {"skipped": skipped, "ema": ema_meta, "preset": preset, "family": family},
     )
+
+
+def _check_weights_finite(m: _Models, out: Path, step: int, ckpts: CheckpointManager) -> None:
+    """Stop the run (ValueError, nothing saved) when the decoder's live or EMA weights hold a NaN or inf.
+
+    Skipping steps cannot repair such weights (every later loss is NaN), and saving them would make a checkpoint
+    that export and upscale would turn into black images.
+    """
+    tensors = [p.detach() for p in m.params] + list(m.ema.shadow_params)
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    if not bool(flags.all()):  # one host read; the names only when something is wrong
+        names = m.names + [f"EMA of {n}" for n in m.names]
+        bad = [n for n, ok in zip(names, flags.tolist()) if not ok]
+        latest = ckpts.latest()
+        kept = f"the last checkpoint, {latest}, is from before" if latest else "no checkpoint was written"
+        raise ValueError(f"{out}: the decoder's weights stopped being finite by step {step} ({bad[0]}; lr too "
+                         f"high, or a loss weight out of scale): run stopped, {kept}")
 
 
 def _nan_probe(value: torch.Tensor) -> torch.Tensor:
@@ -491,6 +549,7 @@ def _decoder_data(cfg: TrainConfig, codec, pairs, latents, train_set, val_set):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@holds_run_lock
 def train_decoder(
     cfg: TrainConfig,
     out: str | os.PathLike,
@@ -538,8 +597,20 @@ def train_decoder(
         acc.print(f"{degrader_name}: {degrader.coverage(ids):.0%} of {len(ids)} training pairs can be degraded "
                   f"(a record with sigma in [{cfg.sigma_min}, {cfg.sigma_max}]); the rest train clean")
 
-    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, cfg.to_dict())
-    m = _build_models(cfg, codec, acc, loss_fn)
+    checked = cfg.to_dict()
+    prior = out / "config.json"
+    if resume and prior.is_file():
+        with contextlib.suppress(ValueError):  # open_run names an unreadable config.json
+            if "head_init" not in json.loads(prior.read_text()):
+                # A run from before the head choice: it started from the nearest copy and has no head_* settings.
+                cfg = dataclasses.replace(cfg, head_init="nearest")
+                checked = {k: v for k, v in cfg.to_dict().items() if not k.startswith("head_")}
+    ckpts, found = open_run(out, acc, resume, cfg.keep_checkpoints, checked)
+    fit_data = None
+    if cfg.head_init == "least-squares" and found is None and not cfg.init_from:
+        acc.print(f"fitting the 2x head on {min(cfg.head_fit_pairs, len(train_set))} training pairs (least squares)")
+        fit_data = head_fit_batches(cfg, train_set, degrader, device)
+    m = _build_models(cfg, codec, acc, loss_fn, fit_data)
     step, skipped = _resume(m, ckpts, acc) if resume else (0, [])
     if step == 0 and cfg.init_from:
         step, skipped = _start_from(m, cfg, acc)
@@ -622,6 +693,7 @@ def train_decoder(
                 _optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
             timer.split("optimiser + EMA")
             if not window_ok:
+                _check_weights_finite(m, out, step, ckpts)  # a NaN loss from NaN weights is not one bad batch
                 skipped.append(step)
                 acc.print(f"step {step}: non-finite loss, step skipped")
             pending.end_step(step=step, lr=lr, skipped=not window_ok)

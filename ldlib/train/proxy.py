@@ -17,9 +17,10 @@ from typing import Literal, Sequence
 
 import torch
 
+from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, save_figure
-from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, json_bytes,
-                         load_optimizer_state, make_accelerator, mix_seed, open_run, write_config)
+from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, holds_run_lock,
+                         json_bytes, load_optimizer_state, make_accelerator, mix_seed, open_run, write_config)
 from ..data.pairs import split_by_source
 from ..data.teacher_data import TeacherDataset, TeacherSet
 from ..models.proxy import ProxyNet, save_proxy
@@ -59,6 +60,7 @@ class ProxyTrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        check_finite(self)
         for name in ("steps", "batch", "checkpoint_every", "log_every", "width", "blocks", "eval_bins"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -92,6 +94,7 @@ def split_teacher_data(teacher: TeacherSet, val_fraction: float, seed: int, late
     return train, TeacherDataset(teacher, train.latents, sorted(set(val_ids)))
 
 
+@holds_run_lock
 def train_proxy(
     cfg: ProxyTrainConfig,
     teacher: str | os.PathLike,

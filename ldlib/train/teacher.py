@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..build import codec_of
+from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, replaced_folder, save_figure
 from ..core.images import save_image
 from ..core.runs import (GlobalBatchSampler, RunLogger, build_ema, build_optimizer, check_optimiser_settings,
-                         json_bytes, load_optimizer_state, make_accelerator, mix_seed, open_run, sample_generator,
-                         write_config)
+                         holds_run_lock, json_bytes, load_optimizer_state, make_accelerator, mix_seed, open_run,
+                         sample_generator, write_config)
 from ..data.latents import LatentCache, default_cache_dir
 from ..data.pairs import read_manifest, split_by_source
 from ..degrade import DiffusionDegrader
@@ -97,6 +98,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.eval_sigmas = tuple(float(s) for s in self.eval_sigmas)
+        check_finite(self)
         for name in ("layers", "heads", "head_dim", "ffn_dim", "steps", "batch", "crop", "checkpoint_every",
                      "log_every", "eval_every", "eval_draws", "sample_steps", "text_tokens"):
             if int(getattr(self, name)) < 1:
@@ -299,6 +301,7 @@ def load_split_latents(pairs: str | os.PathLike, cache, val_fraction: float, spl
     return cache.get_many(sorted(train_ids)).float(), val, train_sources, val_sources
 
 
+@holds_run_lock
 def train_teacher(
     cfg: TeacherConfig,
     pairs: str | os.PathLike,
