@@ -88,8 +88,8 @@ def fit_head_2x(codec: "Codec", batches: Iterable[tuple[torch.Tensor, torch.Tens
 
     ``batches`` yields (normalised latents, HQ images in [-1, 1] at 2x the decode's size). The target of the 12
     output channels is ``pixel_unshuffle(HQ, 2)`` mapped back through the codec's output affine; each output pixel
-    sees its conv's k x k neighbourhood of C features plus a constant. The normal equations are summed over
-    batches in float64; ``ridge`` is relative to the mean of their diagonal. The returned weight has the 2x conv's
+    sees its conv's k x k neighbourhood of C features plus a constant. The normal equations are accumulated in
+    float64; ``ridge`` is relative to the mean of their diagonal. The returned weight has the 2x conv's
     shape (for a Wan Conv3d the fit fills the last temporal tap, the only one an image reaches; the others keep the
     nearest copy of the original head).
     """
@@ -124,10 +124,11 @@ def fit_head_2x(codec: "Codec", batches: Iterable[tuple[torch.Tensor, torch.Tens
         target = (F.pixel_unshuffle(hq.to(out), 2) - b) / a
         x = torch.cat([feats, torch.ones_like(feats[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, taps + 1)
         y = target.permute(0, 2, 3, 1).reshape(-1, 4 * colours)
-        # One batch's products in the decoder's precision (float32: half the time of float64, a relative error far
-        # below the ridge), summed over batches in float64.
-        gram += (x.T @ x).cpu().double()
-        cross += (x.T @ y).cpu().double()
+        # float64 products: float32 ones differ by ~1e-7 with the thread count (another summation order), and the
+        # solve amplifies that by the system's condition (up to 1 / ridge): two DDP processes fitted heads 1e-3 apart.
+        x, y = x.double(), y.double()
+        gram += (x.T @ x).cpu()
+        cross += (x.T @ y).cpu()
         seen += len(latents)
     if seen == 0:
         raise ValueError("fit_head_2x: no training latents to fit on")
