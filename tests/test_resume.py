@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -275,6 +276,13 @@ def test_plot_history_draws_each_logged_key_and_says_when_a_panel_has_none(tmp_p
     assert [line.get_label() for line in losses.lines] == ["l1", "lpips"]
     assert list(losses.lines[0].get_ydata()) == [1.0 / s for s in range(1, 6)]
     assert not gan.lines and gan.get_legend() is None and gan.texts[0].get_text() == "not logged in this run"
+    # smooth=k: the raw values faint, then the trailing mean over k records (numpy's convolution, by hand at the start).
+    smoothed = plot_history(run, {"losses": ("l1",)}, smooth=3).axes[0].lines
+    raw = np.array([1.0 / s for s in range(1, 6)])
+    expected = np.concatenate([[raw[0], raw[:2].mean()], np.convolve(raw, np.ones(3) / 3, mode="valid")])
+    assert list(smoothed[0].get_ydata()) == list(raw)
+    np.testing.assert_allclose(smoothed[1].get_ydata(), expected, rtol=1e-12)
+    assert smoothed[1].get_label() == "l1 (mean of 3)"
 
 
 def test_optimizer_state_keeps_the_kernel_choice_of_the_device_it_resumes_on():

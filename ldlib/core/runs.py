@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .files import WriteError, atomic_write_bytes, atomic_write_file, is_write_failure, lock_folder, write_reason
@@ -670,8 +671,12 @@ def read_history(run: str | os.PathLike) -> list[dict]:
 
 
 def plot_history(run: str | os.PathLike, panels: dict[str, Sequence[str]], marks: dict[str, int] | None = None,
-                 log_y: Sequence[str] = (), fig=None):
-    """One panel per title with the history keys it lists, over steps; ``marks`` draws labelled vertical lines."""
+                 log_y: Sequence[str] = (), fig=None, smooth: int = 1):
+    """One panel per title with the history keys it lists, over steps; ``marks`` draws labelled vertical lines.
+
+    ``smooth``: a trailing mean over that many records drawn over the raw values (per-step losses of small batches
+    are mostly noise; the mean shows the trend).
+    """
     from matplotlib.figure import Figure
 
     history = read_history(run)
@@ -679,10 +684,17 @@ def plot_history(run: str | os.PathLike, panels: dict[str, Sequence[str]], marks
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, keys) in zip(axes, panels.items()):
         plotted = 0
-        for key in keys:
+        for k, key in enumerate(keys):
             pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, label=key)
+                steps, values = [p[0] for p in pts], np.asarray([p[1] for p in pts], float)
+                if smooth > 1 and len(values) > 1:
+                    ax.plot(steps, values, lw=0.5, alpha=0.3, color=f"C{k}")
+                    sums = np.cumsum(np.insert(values, 0, 0.0))
+                    lo = np.maximum(np.arange(1, len(values) + 1) - smooth, 0)
+                    values = (sums[1:] - sums[lo]) / (np.arange(1, len(values) + 1) - lo)
+                ax.plot(steps, values, lw=1.0, color=f"C{k}",
+                        label=f"{key} (mean of {smooth})" if smooth > 1 else key)
                 plotted += 1
         if not plotted:  # e.g. the GAN's terms in a run without GAN
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, fontsize=8)
