@@ -330,8 +330,13 @@ def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
     if family != preset.family:
         raise ValueError(f"{path}: a {family} decoder{f' (preset {made_with!r})' if made_with else ''}, but "
                          f"--preset {preset.name!r} is a {preset.family} VAE: its latents do not fit this decoder")
-    codec = TAECodec.from_folder(path) if family == "tae" else load_codec(family, path)
+    # A TAE decoder may come alone (the shipped one): its encoder is then the preset's own, checked below.
+    codec = TAECodec.from_folder(path, encoder_folder=preset.vae) if family == "tae" else load_codec(family, path)
     check_finite_weights(codec.named_parameters(), str(path))
+    trained_on = record.get("encoder_sha256")
+    if trained_on and codec.identity()["encoder_sha256"] != trained_on:
+        raise ValueError(f"{path}: this decoder was trained on the latents of another encoder than the one it is "
+                         f"loaded with ({preset.vae}); use that VAE's weights (--taef2-dir / --vae)")
     if codec.upscale != 2:
         raise ValueError(f"{path}: decoder outputs {codec.upscale}x, expected a 2x decoder")
     # The run's held-out split (exports made before ldlib recorded it, or not by ldlib, have none: None).

@@ -315,6 +315,24 @@ def test_tae_2x_save_and_reload(tmp_path):
     torch.testing.assert_close(reloaded.decode(z), two.decode(z))
 
 
+@torch.no_grad()
+def test_tae_2x_decoder_alone_in_float16_reloads_beside_its_encoder(tmp_path):
+    two = _random_tae().to_2x()
+    two.save_pretrained(tmp_path / "vae")  # the VAE's own folder: where the encoder lives
+    two.save_pretrained(tmp_path / "dec", decoder_only=True, dtype=torch.float16)
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["config.json", "decoder.safetensors"]
+    with pytest.raises(FileNotFoundError, match=r"dec: no \*encoder.*nor in"):
+        TAECodec.from_folder(tmp_path / "dec", encoder_folder=tmp_path / "dec")
+    reloaded = TAECodec.from_folder(tmp_path / "dec", encoder_folder=tmp_path / "vae")
+    # Independent expectation: the same decoder with each weight rounded to float16 and back.
+    rounded = copy.deepcopy(two)
+    for p in rounded.decoder.parameters():
+        p.copy_(p.half().float())
+    assert reloaded.identity()["encoder_sha256"] == two.identity()["encoder_sha256"]
+    z = torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(reloaded.decode(z), rounded.decode(z), atol=1e-6, rtol=0)
+
+
 def test_identity_tracks_encoder_weights(wan):
     other = WanCodec(tiny_wan_vae(1), source="tiny")
     assert wan.identity() == WanCodec(tiny_wan_vae(0), source="tiny").identity()

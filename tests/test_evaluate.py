@@ -226,6 +226,55 @@ def test_export_tae_roundtrip(taef2_codec, tmp_path, lp):
     assert loaded.upscale == 2 and loaded.conv_out.out_channels == 12
 
 
+def test_export_tae_decoder_alone_in_float16_loads_beside_the_vae_encoder(taef2_codec, tmp_path, lp):
+    from ldlib.build import load_decoder
+
+    data = sample_tensor_pairs(taef2_codec, count=1, hq_size=32, seed=2)
+    cfg = TrainConfig(preset="taef2", steps=1, batch=1, warmup_steps=1, lr=1e-3, ema_decay=0.0, val_every=100,
+                      loss=LossConfig(lpips_net="alex", gan_start=100))
+    run = tmp_path / "run"
+    train_decoder(cfg, run, data, None, codec=taef2_codec, loss_fn=DecoderLoss(cfg.loss, lpips=lp))
+    with pytest.raises(ValueError, match="same files"):
+        export_run(run, tmp_path / "both", formats=["tae", "tae-decoder"])
+    out = export_run(run, tmp_path / "export", formats=["tae-decoder"])
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "decoder.safetensors",
+                                                       "ldlib_export.json"]
+    preset = get_preset("taef2")
+    loaded, _ = load_decoder(out, preset)
+    # Independent expectation: the run's decoder with every weight rounded to float16 and back.
+    ours, _ = load_run_codec(run)
+    with torch.no_grad():
+        for p in ours.decoder.parameters():
+            p.copy_(p.half().float())
+        assert torch.equal(loaded.decode(data.latents), ours.decode(data.latents))
+    info = json.loads((out / "ldlib_export.json").read_text())
+    info["encoder_sha256"] = "0" * 64  # as if trained on another encoder's latents
+    (out / "ldlib_export.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="another encoder"):
+        load_decoder(out, preset)
+
+
+def test_checkpoint_curves_match_the_evaluation_of_each_checkpoint(tiny_run, lp):
+    from ldlib.apps.evaluate import checkpoint_curves, plot_curves
+    from ldlib.degrade.noise import NoiseDegrader
+
+    run, codec, data = tiny_run
+    curves = checkpoint_curves(run, codec, data, sigmas=(0.0, 0.12), degrader=NoiseDegrader(), batch=1,
+                               progress=False)
+    assert curves["steps"] == [2]
+    ours, _ = load_run_codec(run)
+    rows = evaluate_decoders(codec, {"ours": ours}, data, EvalConfig(sigmas=(0.0, 0.12), batch=2), lpips=lp,
+                             progress=False)
+    for r in rows:
+        got = curves["ours"][r["sigma"]] if r["method"] == "ours" else curves.get(r["method"], {}).get(r["sigma"])
+        if got is None:
+            continue
+        for m in ("psnr", "haarpsi", "colour_shift"):
+            value = got[m][0] if r["method"] == "ours" else got[m]
+            assert value == pytest.approx(r[m], rel=1e-5, abs=1e-6), (r["method"], r["sigma"], m)
+    assert len(plot_curves(curves).axes) == 3
+
+
 def test_comparison_images_show_the_samples_the_evaluation_scored(tiny_run, lp):
     # Crops titled with a PSNR must be the evaluation's own degraded samples: same noise, same number.
     from ldlib.apps.evaluate import comparison_images

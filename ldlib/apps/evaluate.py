@@ -164,6 +164,73 @@ def evaluate_decoders(
              "per_pair": v, "sources": sources} for (name, sigma), v in values.items()]
 
 
+CURVE_METRICS = ("psnr", "haarpsi", "colour_shift")
+
+
+@torch.no_grad()
+def checkpoint_curves(run: str | os.PathLike, original, dataset: torch.utils.data.Dataset,
+                      sigmas: Sequence[float] = (0.0,), degrader=None, seed: int = 0, ema: bool = True,
+                      batch: int = 8, progress: bool = True) -> dict:
+    """Held-out PSNR / HaarPSI / colour shift of every checkpoint of a run against decoder+bicubic, per sigma.
+
+    Every checkpoint decodes the same degraded latents (evaluate's keyed draws, computed once). Returns
+    ``{"steps": [...], "ours": {sigma: {metric: [per step]}}, "decoder+bicubic": {sigma: {metric: value}}}``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..build import load_run_codec
+    from ..core.runs import CheckpointManager
+
+    ckpts = sorted(CheckpointManager(Path(run) / "checkpoints").candidates(),
+                   key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    if not ckpts:
+        raise FileNotFoundError(f"{run}: no checkpoints to draw curves from")
+    items = [dataset[i] for i in range(len(dataset))]
+    hq = torch.stack([it["hq"] for it in items]).float()
+    z = torch.stack([it["latent"] for it in items]).float()
+    spans = [range(k, min(k + batch, len(items))) for k in range(0, len(items), batch)]
+    degraded = {float(s): [degrade_for_eval(degrader, z[r.start:r.stop], list(r), float(s), seed,
+                                            [it.get("id") for it in items[r.start:r.stop]]) for r in spans]
+                for s in sigmas}
+
+    def score(decode, s: float) -> dict[str, float]:
+        vals = {m: [] for m in CURVE_METRICS}
+        for r, zd in zip(spans, degraded[s]):
+            y, h = decode(zd).float().clamp(-1, 1), hq[r.start:r.stop]
+            for m, fn in (("psnr", psnr), ("haarpsi", haarpsi), ("colour_shift", colour_shift)):
+                vals[m] += fn(y, h).float().tolist()
+        return {m: float(np.mean(v)) for m, v in vals.items()}
+
+    out = {"steps": [], "ours": {s: {m: [] for m in CURVE_METRICS} for s in degraded},
+           "decoder+bicubic": {s: score(lambda x: bicubic_2x(original.decode(x)), s) for s in degraded}}
+    for path in tqdm(ckpts, desc="checkpoints", disable=not progress):
+        model, _ = load_run_codec(run, ema=ema, checkpoint=path)
+        out["steps"].append(int(json.loads((path / "state.json").read_text())["step"]))
+        for s in degraded:
+            for m, v in score(model.decode, s).items():
+                out["ours"][s][m].append(v)
+    return out
+
+
+def plot_curves(curves: dict, fig=None):
+    """Held-out metrics against steps, one panel per metric, each sigma's decoder+bicubic as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = fig or Figure(figsize=(4.4 * len(CURVE_METRICS), 3))
+    axes = fig.subplots(1, len(CURVE_METRICS), squeeze=False)[0]
+    for ax, m in zip(axes, CURVE_METRICS):
+        for k, (s, per) in enumerate(curves["ours"].items()):
+            colour = f"C{k}"
+            ax.plot(curves["steps"], per[m], marker="o", ms=3, color=colour, label=f"ours, sigma {s:g}")
+            ax.axhline(curves["decoder+bicubic"][s][m], color=colour, ls="--", lw=0.8,
+                       label=f"decoder+bicubic, sigma {s:g}")
+        ax.set_title(f"held-out {m.upper()} ({DESCRIPTION[m]})", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def compare(ours: dict, base: dict, metric: str, min_pairs: int = MIN_PAIRS) -> dict:
     """Paired comparison of two rows on one metric: mean difference (positive: ours better), its standard error, a
     verdict ("better" | "worse" | "no clear difference" | "too few pairs") and the per-photo mean differences."""
@@ -340,8 +407,12 @@ def run_evaluation(
     split_seed: int | None = None,
     vae: str | None = None,
     vae_config: str | None = None,
+    extra_models: dict[str, str | os.PathLike] | None = None,
 ) -> dict:
-    """Evaluate a trained model (run or export) on a pair set's held-out split (or all of it); write the report."""
+    """Evaluate a trained model (run or export) on a pair set's held-out split (or all of it); write the report.
+
+    ``extra_models``: more decoders (method name -> run or export) scored on the same pairs and draws.
+    """
     from ..build import load_decoder
     from ..data.datasets import PairDataset
     from ..data.latents import LatentCache, default_cache_dir
@@ -364,6 +435,9 @@ def run_evaluation(
     if baseline_model is not None:
         decoders["ours (no degradation)"], base_info = load_decoder(baseline_model, preset)
         _check_latents_fit(baseline_model, decoders["ours (no degradation)"], base_info, original, preset)
+    for name, path in (extra_models or {}).items():
+        decoders[name], extra_info = load_decoder(path, preset)
+        _check_latents_fit(path, decoders[name], extra_info, original, preset)
     _check_lq_factor(pairs, ours.upscale)
     cache = LatentCache(latents or default_cache_dir(pairs, preset.name), expect=original)
     dataset = PairDataset(pairs, latents=cache)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ..core.files import WriteError, atomic_write_bytes, is_write_failure, write_reason
 
 
@@ -53,6 +55,21 @@ with torch.no_grad():
 ```
 """
 
+_README_TAE_DECODER = """# 2x decoder (exported by ldlib)
+
+A TAESD-format decoder whose last conv has 12 output channels (apply `pixel_shuffle(2)` to its output), stored in
+float16 without an encoder: its encoder is the original one of the VAE it was trained on (`ldlib_export.json`
+records that encoder's hash). Trained by `ldlib` run `{run}` (step {step}, preset `{preset}`, {weights}).
+
+```python
+import torch
+from ldlib.models.codecs import TAECodec
+
+codec = TAECodec.from_folder("{folder}", encoder_folder="ldlib/assets/taef2")  # the VAE's own encoder
+with torch.no_grad():
+    image = codec.decode(latents)                          # N x 3 x 16h x 16w in [-1, 1] (pixel_shuffle inside)
+```
+"""
 
 _README_QWEN = """# 2x decoder for Qwen-Image (exported by ldlib)
 
@@ -134,13 +151,16 @@ def export_folder(run: str | os.PathLike, out: str | os.PathLike):
     return replaced_folder(out, EXPORT_MARKER)
 
 
-FORMATS = ("diffusers", "wan", "tae")
+FORMATS = ("diffusers", "wan", "tae", "tae-decoder")
+# Written only when asked: the 2x decoder alone in float16, to sit beside its VAE's own encoder (how ldlib ships
+# taef2's); it writes the same file names as "tae", so the two are not combined.
+ASKED_ONLY = ("tae-decoder",)
 
 
 def formats_for(family: str) -> tuple[str, ...]:
-    """The export formats that apply to a codec family (the default of ``export_run``)."""
+    """The export formats that apply to a codec family (all but ``ASKED_ONLY``: the default of ``export_run``)."""
     table = {"wan": ("diffusers", "wan"), "qwenimage": ("diffusers", "wan"), "kl": ("diffusers",),
-             "flux2": ("diffusers",), "tae": ("tae",)}
+             "flux2": ("diffusers",), "tae": ("tae", "tae-decoder")}
     if family not in table:
         raise ValueError(f"codec family {family!r} has no export format")
     return table[family]
@@ -190,7 +210,9 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
             raise ValueError(f"unknown export format {f!r}; choose from {', '.join(FORMATS)}")
         if f not in applicable:
             raise ValueError(f"{run}: format {f!r} does not apply to a {codec.family} decoder (it has: {', '.join(applicable)})")
-    todo = [f for f in applicable if f in (asked or applicable)]
+    if asked and "tae" in asked and "tae-decoder" in asked:
+        raise ValueError("formats 'tae' and 'tae-decoder' write the same files: ask for one of them")
+    todo = [f for f in applicable if f in (asked or [a for a in applicable if a not in ASKED_ONLY])]
     step = json.loads((ckpt / "state.json").read_text())["step"]
     skipped: dict[str, str] = {}
     vae = codec.as_wan_vae() if codec.family == "qwenimage" else getattr(codec, "vae", None)
@@ -220,6 +242,10 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
         codec.save_pretrained(out)
         files += ["encoder.safetensors", "decoder.safetensors", "config.json"]
         readme.append(_README_TAE.format(**fmt))
+    if "tae-decoder" in todo:
+        codec.save_pretrained(out, decoder_only=True, dtype=torch.float16)
+        files += ["decoder.safetensors", "config.json"]
+        readme.append(_README_TAE_DECODER.format(**fmt))
     if "wan" in todo:
         name = wan_file_name(cfg["preset"])
         if "diffusers" not in todo:  # from_single_file needs the config beside it
@@ -239,6 +265,6 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
             "weights": "ema" if ema else "live", "upscale": codec.upscale, "formats": todo,
             "files": sorted(set(files)), "skipped_formats": skipped,
             "vae": cfg.get("vae"), "vae_config": cfg.get("vae_config"), "val_fraction": val_fraction,
-            "split_seed": split_seed}
+            "split_seed": split_seed, "encoder_sha256": codec.identity()["encoder_sha256"]}
     atomic_write_bytes(out / EXPORT_MARKER, json.dumps(info, indent=2).encode())
     return out

@@ -542,8 +542,13 @@ class TAECodec(Codec):
         return cls(encoder, decoder, **kwargs)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, **kwargs) -> "TAECodec":
-        """Load ``*encoder.(pth|safetensors)`` and ``*decoder.(pth|safetensors)`` from one folder."""
+    def from_folder(cls, folder: str | os.PathLike, encoder_folder: str | os.PathLike | None = None,
+                    **kwargs) -> "TAECodec":
+        """Load ``*encoder.(pth|safetensors)`` and ``*decoder.(pth|safetensors)`` from one folder.
+
+        ``encoder_folder``: where the encoder is when ``folder`` holds a decoder alone (a shipped 2x decoder keeps
+        the original encoder once, in its VAE's folder).
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: TAESD folder not found")
@@ -553,14 +558,20 @@ class TAECodec(Codec):
             kwargs.setdefault("scaling_factor", cfg.get("scaling_factor", 1.0))
             kwargs.setdefault("shift_factor", cfg.get("shift_factor", 0.0))
 
-        def find(kind: str) -> Path:
+        def find(kind: str, where: Path) -> Path | None:
             for suffix in (".safetensors", ".pth"):
-                hits = sorted(folder.glob(f"*{kind}{suffix}"))
+                hits = sorted(where.glob(f"*{kind}{suffix}"))
                 if hits:
                     return hits[0]
-            raise FileNotFoundError(f"{folder}: no *{kind}.safetensors or *{kind}.pth file")
+            return None
 
-        return cls.from_files(find("encoder"), find("decoder"), source=str(folder), **kwargs)
+        encoder = find("encoder", folder) or (find("encoder", Path(encoder_folder)) if encoder_folder else None)
+        decoder = find("decoder", folder)
+        for kind, path in (("encoder", encoder), ("decoder", decoder)):
+            if path is None:
+                also = f" (nor in {encoder_folder})" if kind == "encoder" and encoder_folder else ""
+                raise FileNotFoundError(f"{folder}: no *{kind}.safetensors or *{kind}.pth file{also}")
+        return cls.from_files(encoder, decoder, source=str(folder), **kwargs)
 
     @property
     def latent_channels(self) -> int:
@@ -603,15 +614,21 @@ class TAECodec(Codec):
         """TAESD decoders are plain Sequentials: checkpointed in 4 segments while training."""
         self._checkpointing = True
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, folder: str | os.PathLike, decoder_only: bool = False,
+                        dtype: torch.dtype = torch.float32) -> None:
+        """Write ``encoder.safetensors``, ``decoder.safetensors`` (TAESD key layout) and ``config.json``.
 
+        ``decoder_only``: no encoder file (a 2x decoder shipped beside its VAE, whose encoder it keeps unchanged);
+        ``dtype``: of the decoder's tensors (the encoder stays float32: its latents must not move).
+        """
+        from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, module in (("encoder", self.encoder), ("decoder", self.decoder)):
-            sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        parts = (("decoder", self.decoder),) if decoder_only else (("encoder", self.encoder), ("decoder", self.decoder))
+        for name, module in parts:
+            sd = {k: v.detach().cpu().to(dtype if name == "decoder" else v.dtype).contiguous()
+                  for k, v in module.state_dict().items()}
             atomic_write_file(folder / f"{name}.safetensors", lambda tmp: save_file(sd, str(tmp)))
         cfg = {
             "family": "tae",
