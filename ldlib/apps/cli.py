@@ -310,7 +310,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     from ..core.files import writable_folder
     from ..core.images import ImageLoadError
-    from .upscale import UpscaleConfig, clashing_inputs, load_upscaler, upscale_file
+    from .upscale import UpscaleConfig, clashing_inputs, default_upscaler, load_upscaler, upscale_file
 
     cfg = UpscaleConfig(scale=args.scale, tile=args.tile, overlap=args.overlap, latents=args.latents,
                         compare=args.compare, overwrite=args.overwrite, progress=not args.quiet)
@@ -319,6 +319,8 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise ValueError("inputs whose outputs would overwrite each other (same file name stem): "
                          + "; ".join(" and ".join(names) for names in clashes) + "; upscale them into separate --out folders")
     out = writable_folder(args.out)  # one clear line now, not one per input later
+    if args.model is None:
+        args.model = default_upscaler(args.preset or "taef2")
     codec, original, preset = load_upscaler(args.model, args.preset, taef2_dir=args.taef2_dir, vae=args.vae,
                                             vae_config=args.vae_config)
     failed = 0
@@ -469,14 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (new, empty, or a previous export)")
     p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA")
     p.add_argument("--format", action="append", default=None,
-                   help="diffusers | wan | tae, repeatable or comma-separated (default: all that apply to the run's VAE)")
+                   help="diffusers | wan | tae | tae-decoder (float16, no encoder: only when asked), repeatable or comma-separated (default: all that apply to the run's VAE)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("upscale", allow_abbrev=False, help="decode images or latent files at 2x with a trained decoder (tiled), PNG out")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or latent files (.safetensors / .pt)")
-    p.add_argument("--model", required=True, help="a train-decoder run folder (EMA weights) or an exported decoder")
+    p.add_argument("--model", default=None, help="a train-decoder run folder (EMA weights) or an exported decoder "
+                                                 "(default: the 2x decoder shipped for --preset: taef2's)")
     p.add_argument("--preset", default=None, choices=PRESETS, metavar="PRESET",
-                   help=f"the VAE the latents belong to: {PRESET_HELP} (default: the model's preset)")
+                   help=f"the VAE the latents belong to: {PRESET_HELP} (default: the model's preset; taef2 "
+                        "without --model)")
     p.add_argument("--taef2-dir", default=None, help="taef2 weights folder (default: $LDLIB_TAEF2_DIR, else the shipped weights)")
     _add_vae(p)
     p.add_argument("--out", default="runs/upscale", help="output folder (default: %(default)s)")

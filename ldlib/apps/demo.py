@@ -24,6 +24,9 @@ from ..build import codec_of
 from ..core.files import atomic_write_bytes, save_figure
 
 
+SHIPPED = "shipped 2x decoder"  # the method name of the preset's shipped decoder in the demo's tables and crops
+
+
 @dataclass
 class DemoConfig:
     """Sizes of the demo (defaults: about 12 minutes on 2 CPU cores at taef2, over half of it the decoder)."""
@@ -58,7 +61,7 @@ def _resume(run: Path) -> bool:
 
 def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None = None) -> dict:
     """Run every stage; write pictures, reports, the exported decoder and ``out/index.html``; returns a summary."""
-    from ..build import load_run_codec, parse_degrader
+    from ..build import load_decoder, load_run_codec, parse_degrader
     from ..core.pca import LatentPCA
     from ..core.samples import sample_photos
     from ..data.datasets import PairDataset
@@ -66,11 +69,11 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     from ..data.pairs import PairSpec, build_pairs, plot_pairs
     from ..data.teacher_data import TeacherSpec, describe_teacher, generate_teacher
     from ..models.losses import LossConfig
-    from ..presets import get_preset
+    from ..presets import get_preset, shipped_decoder
     from ..train.decoder import TrainConfig, train_decoder
     from ..train.proxy import ProxyTrainConfig, train_proxy
     from .analysis import SweepConfig, degraders_figure, plot_sweeps, sigma_sweep
-    from .evaluate import EvalConfig, comparison_images, crops_figure, run_evaluation
+    from .evaluate import EvalConfig, comparison_images, crops_figure, run_evaluation, verdict
     from .export import export_run
 
     cfg = cfg or DemoConfig.for_preset(preset_name or "taef2")
@@ -147,17 +150,26 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     res = train_decoder(train_cfg, run, pairs=pairs, latents=latents, codec=codec, resume=_resume(run))
     say("decoder", f"decoder: {res.step} steps on proxy-degraded latents")
 
-    # 6. Evaluation on the held-out photos, latents degraded by the teacher itself, and 7. the crops.
+    # 6. Evaluation on the held-out photos, latents degraded by the teacher itself (the demo's decoder and, where the
+    # preset has one, the decoder ldlib ships, trained long on other photos), and 7. the crops.
+    shipped = shipped_decoder(preset)
+    extra = {SHIPPED: shipped} if shipped is not None else {}
     doc = run_evaluation(run, pairs, out / "eval", preset.name, EvalConfig(sigmas=cfg.eval_sigmas, degrader="diffusion",
-                                                                           batch=4, seed=cfg.seed), latents=latents)
+                                                                           batch=4, seed=cfg.seed), latents=latents,
+                         extra_models=extra)
+    shipped_verdict = verdict(doc["rows"], ours=SHIPPED) if shipped is not None else None
     ours, _ = load_run_codec(run)
+    decoders = {"ours (2x decoder)": ours}
+    if shipped is not None:
+        decoders[SHIPPED] = load_decoder(shipped, preset)[0]
     picks = [next(i for i in range(len(held_out)) if held_out.records[i]["source"] == s) for s in held_out.sources]
-    images = comparison_images(codec, {"ours (2x decoder)": ours}, [held_out[i] for i in picks], cfg.picture_sigma,
+    images = comparison_images(codec, decoders, [held_out[i] for i in picks], cfg.picture_sigma,
                                teacher, cfg.seed, indices=picks)
     save_figure(crops_figure(images, crop=min(192, preset.hq_size // 2),
                              title=f"held-out photos, latents degraded by the teacher at sigma {cfg.picture_sigma:g}"),
                 out / "crops.png")
-    say("eval", f"evaluation: {doc['verdict']['summary']}")
+    say("eval", f"evaluation: {doc['verdict']['summary']}"
+        + (f"; shipped decoder: {shipped_verdict['summary']}" if shipped_verdict else ""))
 
     # 8. Export in the format people already load.
     export = export_run(run, out / "export")
@@ -165,7 +177,9 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
     summary = {"config": asdict(cfg), "preset": preset.name, "pairs": report["pairs_total"],
                "train_sources": train_set.sources, "held_out_sources": held_out.sources,
                "sweep_pairs": [it["id"] for it in items], "decoder_steps": res.step, "proxy_eval": ev,
-               "verdict": doc["verdict"]["summary"], "seconds": times, "export": str(export)}
+               "verdict": doc["verdict"]["summary"], "seconds": times, "export": str(export),
+               "shipped_decoder": str(shipped) if shipped is not None else None,
+               "shipped_verdict": shipped_verdict["summary"] if shipped_verdict else None}
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     write_page(out, summary, doc, sweeps, preset)
     say("page", f"done: open {out / 'index.html'}")
@@ -199,6 +213,16 @@ def write_page(out: Path, summary: dict, doc: dict, sweeps: dict, preset) -> Pat
     s = summary["config"]["picture_sigma"]
     by = {(r["method"], r["sigma"]): r for r in doc["rows"]}
     gain = {k: by[("ours", k)]["psnr"] - by[("decoder+bicubic", k)]["psnr"] for k in summary["config"]["eval_sigmas"]}
+    shipped_part = ""
+    if summary.get("shipped_verdict"):
+        sg = {k: by[(SHIPPED, k)]["psnr"] - by[("decoder+bicubic", k)]["psnr"] for k in summary["config"]["eval_sigmas"]}
+        shipped_part = (
+            f"<h2>The 2x decoder ldlib ships for {preset.name}</h2><p>Trained once, long, on other photos "
+            f"(<code>{html.escape(summary['shipped_decoder'])}</code>, its model card says how) and scored here on the "
+            "same held-out crops and teacher draws as the demo's own short run. PSNR against decoder+bicubic: "
+            + ", ".join(f"{g:+.2f} dB at sigma {k:g}" for k, g in sg.items())
+            + f". <b>Verdict</b> of the paired test: {html.escape(summary['shipped_verdict'])}. This is what "
+            "<code>python -m ldlib upscale PHOTO</code> uses.</p>")
     if preset.random_weights:
         meaning = ("This run used the <b>tiny</b> preset: every model is random and tiny, so the pictures are noise and "
                    "the numbers only show that each stage runs and hands its output to the next. Run <code>make demo</code> "
@@ -229,6 +253,7 @@ th{{background:#f4f4f4}}</style></head><body>
 latents, the diffusion teacher, a cheap proxy of it, a 2x decoder trained on proxy-degraded latents, an evaluation on
 held-out photos ({', '.join(info['held_out_sources'])}) whose latents the teacher degraded, and an export
 (<code>{html.escape(summary['export'])}</code>).</p>
+{shipped_part}
 <h2>What the numbers mean at demo size</h2><p>{meaning}</p>
 <h2>1. A pair</h2><p>The source photo with the crop, HQ (area 0.5x, 512 px crop) and LQ (area 0.5x of HQ, the encoder's input).</p>
 <img src="pairs.png">

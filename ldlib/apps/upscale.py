@@ -315,6 +315,21 @@ def describe_model(model: str | os.PathLike, taef2_dir: str | None = None) -> di
     raise FileNotFoundError(f"{path}: neither a training run, an ldlib export nor a decoder folder")
 
 
+def default_upscaler(preset_name: str) -> Path:
+    """The 2x decoder shipped for a preset (what ``upscale`` uses without ``--model``); one line when there is none."""
+    from ..presets import PRESETS, get_preset, shipped_decoder
+
+    folder = shipped_decoder(get_preset(preset_name))
+    if folder is None:
+        have = [name for name in PRESETS if get_preset(name).decoder_2x]
+        raise ValueError(f"ldlib ships no trained 2x decoder for preset {preset_name!r} (it ships one for: "
+                         f"{', '.join(have)}); pass --model RUN_OR_EXPORT")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: the shipped 2x decoder is missing from this installation; "
+                                "pass --model RUN_OR_EXPORT")
+    return folder
+
+
 def load_upscaler(
     model: str | os.PathLike,
     preset_name: str | None = None,
