@@ -36,6 +36,17 @@ def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
     real = write_page(out, summary, doc, sweeps, get_preset("taef2")).read_text()
     assert f"on {len(train)} crops of {len(train.sources)} photos" in real
     assert f"judged on {len(held)} crops of {len(held.sources)} photos it never saw" in real
+    # Where the preset ships a decoder, the page gives its own section: its PSNR gains from the rows, its verdict.
+    from ldlib.apps.demo import SHIPPED
+
+    rows = doc["rows"] + [{**r, "method": SHIPPED, "psnr": r["psnr"] + 1.0} for r in doc["rows"] if r["method"] == "ours"]
+    gains = {r["sigma"]: r["psnr"] + 1.0 - next(b["psnr"] for b in doc["rows"] if b["method"] == "decoder+bicubic"
+                                                and b["sigma"] == r["sigma"]) for r in doc["rows"] if r["method"] == "ours"}
+    with_shipped = write_page(out, {**summary, "shipped_decoder": "ldlib/assets/taef2_2x", "shipped_verdict": "VERDICT"},
+                              {**doc, "rows": rows}, sweeps, get_preset("taef2")).read_text()
+    assert "The 2x decoder ldlib ships for taef2" in with_shipped and "VERDICT" in with_shipped
+    assert all(f"{g:+.2f} dB at sigma {s:g}" in with_shipped for s, g in gains.items())
+    assert "ldlib ships" not in real
     # The sweep takes the held-out photos' crops in turn (the pairs come sorted by photo).
     source = {r["id"]: r["source"] for r in held.records}
     swept = [source[i] for i in summary["sweep_pairs"]]
