@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_diff
 from PIL import Image
+from scipy import stats
 
 from ldlib.apps.cli import main
-from ldlib.apps.evaluate import (EvalConfig, bicubic_2x, evaluate_decoders, lanczos_2x, markdown_table, run_evaluation,
-                                 verdict, write_report)
+from ldlib.apps.evaluate import (EvalConfig, bicubic_2x, compare, evaluate_decoders, lanczos_2x, markdown_table,
+                                 run_evaluation, verdict, write_report)
 from ldlib.apps.export import export_run
 from ldlib.build import codec_of, load_run_codec
 from ldlib.core.metrics import colour_shift, haarpsi, hf_energy, lpips_model, speckle_ratio, ssim
@@ -133,38 +134,169 @@ def test_evaluate_tables_and_verdict(tiny_run, lp, tmp_path):
     assert "| ours |" in markdown_table(rows)
 
 
-def _row(method, psnr, lpips, sources):
+def _row(method, psnr, lpips, sources, seeds=None):
     per = {"psnr": list(psnr), "lpips": list(lpips)}
-    return {"method": method, "sigma": 0.0, "per_pair": per, "sources": sources,
-            "psnr": float(np.mean(psnr)), "lpips": float(np.mean(lpips))}
+    row = {"method": method, "sigma": 0.0, "per_pair": per, "sources": sources,
+           "psnr": float(np.mean(psnr)), "lpips": float(np.mean(lpips))}
+    if seeds is not None:
+        row["seeds"] = list(seeds)
+    return row
 
 
-def test_verdict_is_a_paired_test_with_a_margin():
+def test_verdict_is_a_paired_test_over_photos():
+    # Was a test of the old rule (mean beyond 2 standard errors of the pairs, same sign on every photo, at least 8
+    # pairs) on 2 photos; the rule is now a paired t-test over per-photo means with at least 3 photos, so the same
+    # cases are built on 4 photos of 3 crops each, and the standard error is the photos', not the pairs'.
     rng = np.random.default_rng(0)
-    n, sources = 12, ["a.jpg"] * 6 + ["b.jpg"] * 6
+    n, sources = 12, [f"p{i}.jpg" for i in range(4) for _ in range(3)]
     base = rng.normal(25, 2, n)  # per-pair PSNR of a baseline: the pairs differ a lot among themselves
     lp = rng.uniform(0.2, 0.4, n)
     rows = [_row("decoder+bicubic", base, lp, sources), _row("decoder+lanczos", base - 0.1, lp + 0.01, sources),
-            _row("ours", base + 0.5 + rng.normal(0, 0.05, n), lp - 0.02, sources)]
+            _row("ours", base + 0.5 + rng.normal(0, 0.05, n), lp - 0.02 + rng.normal(0, 0.002, n), sources)]
     v = verdict(rows, metrics=("psnr", "lpips"))
     assert v["ours_beats_baselines"] is True and not v["failures"]
-    # The standard error is numpy's, of the paired differences (a t-style margin, not a comparison of means).
+    assert "t-test over held-out photos" in v["summary"] and "4 photos" in v["summary"]
+    # The standard error is numpy's, of the per-photo mean differences (crops of one photo are not independent).
     c = next(c for c in v["comparisons"] if c["baseline"] == "decoder+bicubic" and c["metric"] == "psnr")
-    d = np.asarray(rows[2]["per_pair"]["psnr"]) - base
-    assert c["mean_diff"] == pytest.approx(d.mean()) and c["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n))
+    photo = (np.asarray(rows[2]["per_pair"]["psnr"]) - base).reshape(4, 3).mean(1)
+    assert c["mean_diff"] == pytest.approx(photo.mean()) and c["se"] == pytest.approx(photo.std(ddof=1) / 2)
+    assert (c["n_photos"], c["n_pairs"], c["df"]) == (4, 12, 3)
+    assert list(c["per_photo_mean_diff"].values()) == pytest.approx(list(photo))
 
-    # A higher mean that the pairs do not support is no win: +0.5 dB on average, +-3 dB from pair to pair.
-    rows[2] = _row("ours", base + 0.5 + 3.0 * np.resize([1, -1], n), lp - 0.02, sources)
+    # A higher mean that the photos do not support is no win: +0.5 dB on average, +-3 dB from photo to photo.
+    rows[2] = _row("ours", base + 0.5 + 3.0 * np.repeat([1, -1, 1, -1], 3), lp - 0.02, sources)
     v = verdict(rows, metrics=("psnr",))
     assert v["ours_beats_baselines"] is False and {c["call"] for c in v["failures"]} == {"no clear difference"}
-    # A win on one photo and a loss on the other is no win either, however large the pooled mean.
-    rows[2] = _row("ours", np.r_[base[:6] + 3.0, base[6:] - 0.2], lp - 0.02, sources)
+    # One photo's large win is no win either (+3 dB on one photo, -0.2 on the three others; the old rule's
+    # "same sign on every photo" case, now decided by the spread between photos).
+    rows[2] = _row("ours", base + np.repeat([3.0, -0.2, -0.2, -0.2], 3), lp - 0.02, sources)
     assert verdict(rows, metrics=("psnr",))["ours_beats_baselines"] is False
-    # Worse is said as worse; fewer than MIN_PAIRS pairs give no verdict at all.
-    rows[2] = _row("ours", base - 1.0, lp + 0.05, sources)
+    # Worse is said as worse; fewer than MIN_PHOTOS photos give no verdict at all.
+    rows[2] = _row("ours", base - 1.0 + rng.normal(0, 0.05, n), lp + 0.05 + rng.normal(0, 0.002, n), sources)
     assert {c["call"] for c in verdict(rows, metrics=("psnr", "lpips"))["comparisons"]} == {"worse"}
-    few = [_row(r["method"], r["per_pair"]["psnr"][:4], r["per_pair"]["lpips"][:4], sources[:4]) for r in rows]
-    assert verdict(few, metrics=("psnr",))["ours_beats_baselines"] is None
+    few = [_row(r["method"], r["per_pair"]["psnr"][:6], r["per_pair"]["lpips"][:6], sources[:6]) for r in rows]
+    v = verdict(few, metrics=("psnr",))
+    assert v["ours_beats_baselines"] is None and "too few held-out photos" in v["summary"] and "2 here" in v["summary"]
+    assert {c["call"] for c in v["comparisons"]} == {"too few photos"}
+
+
+def test_compare_t_and_p_against_closed_forms():
+    # 3 photos with 2, 1 and 3 pairs: per-photo means 0.1, 0.3, 0.5 (the pooled pair mean would be 1.9 / 6).
+    sources = ["a", "a", "b", "c", "c", "c"]
+    d = np.array([0.0, 0.2, 0.3, 0.4, 0.5, 0.6])
+    base = np.full(6, 20.0)
+    c = compare(_row("ours", base + d, np.zeros(6), sources), _row("b", base, np.zeros(6), sources), "psnr")
+    m = np.array([0.1, 0.3, 0.5])
+    se = m.std(ddof=1) / np.sqrt(3)  # 0.2 / sqrt(3)
+    t = m.mean() / se
+    assert c["mean_diff"] == pytest.approx(0.3) and c["se"] == pytest.approx(se) and c["t"] == pytest.approx(t)
+    # Student's t with 2 degrees of freedom, two-sided: p = 1 - |t| / sqrt(2 + t^2).
+    assert c["df"] == 2 and c["p"] == pytest.approx(1 - abs(t) / np.sqrt(2 + t * t), rel=1e-9)
+    assert c["p"] == pytest.approx(0.1217, abs=1e-4) and c["call"] == "no clear difference"
+    assert (c["n_photos"], c["n_pairs"], c["n_seeds"]) == (3, 6, 1)
+    assert c["per_photo_mean_diff"] == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.5})
+
+    # 2 photos: 1 degree of freedom, the Cauchy case, p = 1 - 2 atan(|t|) / pi; t and p are reported, but the
+    # default minimum makes no call, and a test allowed at 2 photos calls it by p.
+    two = ["a", "a", "b"]
+    d = np.array([0.9, 1.1, 1.1])  # photo means 1.0 and 1.1: t = 1.05 / 0.05 = 21
+    ours, b = _row("ours", 20 + d, np.zeros(3), two), _row("b", np.full(3, 20.0), np.zeros(3), two)
+    c = compare(ours, b, "psnr")
+    t = 1.05 / (np.std([1.0, 1.1], ddof=1) / np.sqrt(2))
+    assert c["t"] == pytest.approx(t) and c["p"] == pytest.approx(1 - 2 * np.arctan(abs(t)) / np.pi, rel=1e-9)
+    assert c["call"] == "too few photos" and c["p"] < 0.05
+    assert compare(ours, b, "psnr", min_photos=2)["call"] == "better"
+
+    # Every photo moved by exactly the same amount: no spread to doubt it (t infinite, p 0); no move at all: no call.
+    three = ["a", "b", "c"]
+    c = compare(_row("ours", np.full(3, 20.5), np.zeros(3), three), _row("b", np.full(3, 20.0), np.zeros(3), three),
+                "psnr")
+    assert (c["se"], c["t"], c["p"], c["call"]) == (0.0, float("inf"), 0.0, "better")
+    c = compare(_row("ours", np.full(3, 20.0), np.zeros(3), three), _row("b", np.full(3, 20.0), np.zeros(3), three),
+                "psnr")
+    assert np.isnan(c["t"]) and np.isnan(c["p"]) and c["call"] == "no clear difference"
+
+
+def test_compare_photo_is_the_unit():
+    # Many crops of one photo add no power: 3 photos with the same per-photo means, one pair each or fifty each
+    # (spread around the photo's mean), give the same test; a t-test over the 150 pairs would call it.
+    m = np.array([0.05, 0.4, 0.15])
+    one = compare(_row("ours", 20 + m, np.zeros(3), ["a", "b", "c"]), _row("b", np.full(3, 20.0), np.zeros(3),
+                                                                           ["a", "b", "c"]), "psnr")
+    spread = np.tile(np.linspace(-0.05, 0.05, 50), 3)
+    d = np.repeat(m, 50) + spread
+    src = list(np.repeat(["a", "b", "c"], 50))
+    many = compare(_row("ours", 20 + d, np.zeros(150), src), _row("b", np.full(150, 20.0), np.zeros(150), src), "psnr")
+    for k in ("mean_diff", "se", "t", "p"):
+        assert many[k] == pytest.approx(one[k])
+    assert (many["n_pairs"], many["n_photos"], many["call"]) == (150, 3, "no clear difference")
+    pooled_p = 2 * stats.t.sf(abs(d.mean() / (d.std(ddof=1) / np.sqrt(150))), 149)
+    assert pooled_p < 1e-6  # what treating crops as independent would have claimed
+
+    # Seeds are nested in photos: averaged within a photo (each seed with equal weight), never units of their own.
+    src = ["a"] * 4 + ["b"] * 2 + ["c"] * 2
+    seeds = [0, 1, 1, 1, 0, 1, 0, 1]
+    d = np.array([0.0, 1.0, 1.0, 1.0, 0.2, 0.4, 0.6, 0.6])  # photo a: seed 0 -> 0.0, seed 1 -> 1.0: mean 0.5
+    ours, b = _row("ours", 20 + d, np.zeros(8), src, seeds), _row("b", np.full(8, 20.0), np.zeros(8), src)
+    c = compare(ours, b, "psnr")
+    assert c["per_photo_mean_diff"] == pytest.approx({"a": 0.5, "b": 0.3, "c": 0.6})
+    assert (c["n_photos"], c["n_pairs"], c["n_seeds"], c["df"]) == (3, 8, 2, 2)
+    del ours["seeds"]  # the same grouping passed as an argument; without it photo a's mean is its pairs' (0.75)
+    assert compare(ours, b, "psnr", seeds=seeds)["per_photo_mean_diff"] == c["per_photo_mean_diff"]
+    assert compare(ours, b, "psnr")["per_photo_mean_diff"]["a"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="same pairs"):
+        compare(ours, _row("b", np.full(7, 20.0), np.zeros(7), src[:7]), "psnr")
+    with pytest.raises(ValueError, match="different photos"):
+        compare(ours, _row("b", np.full(8, 20.0), np.zeros(8), src[::-1]), "psnr")
+    with pytest.raises(ValueError, match="different seeds"):
+        compare(ours, _row("b", np.full(8, 20.0), np.zeros(8), src, seeds[::-1]), "psnr", seeds=seeds)
+
+
+def test_compare_ten_photos_nine_worse_is_worse():
+    # The case that made the rule change: 10 photos, nine worse, a 0.41 dB deficit with standard error 0.12.
+    z = np.array([-1.6, -1.0, -0.8, -0.5, -0.3, 0.0, 0.2, 0.4, 0.6, 3.0])
+    z = (z - z.mean()) / z.std(ddof=1)
+    m = -0.41 + 0.12 * np.sqrt(10) * z
+    assert (m < 0).sum() == 9 and m.max() > 0
+    sources = [f"p{i:02d}" for i in range(10) for _ in range(4)]
+    d = np.repeat(m, 4) + np.tile([-0.1, 0.1, -0.05, 0.05], 10)
+    c = compare(_row("ours", 30 + d, np.zeros(40), sources), _row("b", np.full(40, 30.0), np.zeros(40), sources),
+                "psnr")
+    assert c["mean_diff"] == pytest.approx(-0.41) and c["se"] == pytest.approx(0.12)
+    assert c["t"] == pytest.approx(-0.41 / 0.12) and c["df"] == 9
+    assert c["p"] == pytest.approx(2 * stats.t.sf(0.41 / 0.12, 9)) and 0.005 < c["p"] < 0.01
+    assert c["call"] == "worse"
+    # The old rule (beyond 2 standard errors AND the same sign on every photo) said "no clear difference" here,
+    # and would have said so for any number of photos as long as one disagreed.
+    old_call = ("worse" if c["mean_diff"] < -2 * c["se"] and all(v < 0 for v in c["per_photo_mean_diff"].values())
+                else "no clear difference")
+    assert old_call == "no clear difference"
+
+
+def test_compare_direction_of_lower_is_better_metrics():
+    sources = [f"p{i}" for i in range(5)]
+    base = np.array([0.30, 0.25, 0.40, 0.35, 0.20])
+    lower = base - np.array([0.02, 0.03, 0.025, 0.02, 0.03])  # ours has lower LPIPS on every photo: better
+    rows = (_row("ours", np.zeros(5), lower, sources), _row("b", np.zeros(5), base, sources))
+    c = compare(*rows, "lpips")
+    assert c["call"] == "better" and c["mean_diff"] == pytest.approx(0.025) and c["t"] > 0
+    c = compare(*reversed(rows), "lpips")
+    assert c["call"] == "worse" and c["mean_diff"] == pytest.approx(-0.025) and c["t"] < 0
+    # Higher is better for PSNR: the same numbers read the other way round.
+    assert compare(_row("ours", lower, np.zeros(5), sources), _row("b", base, np.zeros(5), sources),
+                   "psnr")["call"] == "worse"
+
+
+def test_compare_too_few_photos():
+    # However large and consistent the gain, one or two photos make no call; no sources at all count as one photo.
+    d = np.full(40, 2.0) + np.tile([0.0, 0.1], 20)
+    for sources in (["a"] * 40, ["a", "b"] * 20, None):
+        c = compare(_row("ours", 20 + d, np.zeros(40), sources), _row("b", np.full(40, 20.0), np.zeros(40), sources),
+                    "psnr")
+        assert c["call"] == "too few photos" and c["n_pairs"] == 40
+    assert c["n_photos"] == 1 and np.isnan(c["t"]) and np.isnan(c["p"]) and c["se"] == float("inf")
+    with pytest.raises(ValueError, match="min_photos"):
+        compare(_row("ours", d, d, ["a"] * 40), _row("b", d, d, ["a"] * 40), "psnr", min_photos=1)
 
 
 def test_haarpsi_and_colour_shift():

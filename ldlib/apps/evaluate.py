@@ -10,10 +10,14 @@ Metrics against HQ, per pair: PSNR, SSIM (scikit-image), LPIPS (lpips package; o
 ratio (high-frequency energy / HQ's: 1 ideal, > 1 grain, < 1 blur) and the colour shift (distance of the mean
 colour from HQ's, in 8-bit levels: fine-tuned decoders are known to drift or desaturate).
 
-The verdict compares ``ours`` with each baseline pair by pair: it says "beats" only where the mean paired
-difference exceeds two standard errors, with at least ``MIN_PAIRS`` pairs, and has the same sign on every held-out
-source photo (crops of one photo are not independent); with random models (the ``tiny`` preset) it says that the
-numbers show the plumbing only. Outputs: ``eval.json`` (rows with per-pair values, verdict), ``eval.md``, ``eval.png``.
+The verdict compares ``ours`` with each baseline by a paired test whose unit is the held-out source photo (crops of
+one photo are not independent): the paired differences are averaged within each photo (over its crops, and over
+seeds first where rows carry them, so seeds are nested in photos), and a two-sided one-sample t-test over those
+per-photo means at ``ALPHA`` (0.05) calls "better" or "worse"; below ``MIN_PHOTOS`` photos it makes no call. Its
+power grows with photos; more crops or seeds of the same photos add no degrees of freedom, they only steady each
+photo's mean.
+With random models (the ``tiny`` preset) it says that the numbers show the plumbing only.
+Outputs: ``eval.json`` (rows with per-pair values, verdict), ``eval.md``, ``eval.png``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,14 @@ DESCRIPTION = {"psnr": "dB, higher is better", "ssim": "higher is better", "lpip
                "colour_shift": "mean colour vs HQ, 8-bit levels; lower is better"}
 BASELINES = ("decoder+bicubic", "decoder+lanczos")
 VERDICT_METRICS = ("psnr", "lpips", "haarpsi")
-MIN_PAIRS = 8  # fewer held-out pairs than this never make a verdict
+ALPHA = 0.05  # two-sided significance level of the paired test
+# Fewer held-out photos than this never make a call. With 2 photos the t-test has one degree of freedom: its
+# standard error rests on the single difference between two photos and a call needs |t| > 12.7, so it says more
+# about those two photos than about photos in general; 3 (df 2, |t| > 4.3) is the least that estimates the spread
+# between photos at all. Power comes from more photos: at 10 (df 9) |t| > 2.26 suffices.
+MIN_PHOTOS = 3
+RULE = (f"a paired t-test over held-out photos: each photo's pairs (and seeds) averaged into one difference per photo, "
+        f"two-sided at p < {ALPHA:g}, at least {MIN_PHOTOS} photos")
 
 
 @dataclass
@@ -116,6 +127,8 @@ def evaluate_decoders(
 
     ``original`` is the 1x codec; ``decoders`` maps a method name to a 2x codec; dataset items have "latent", "hq"
     (and "id", "source" for a pair set). ``degrader``: a ``ldlib.degrade`` degrader, None, or "config".
+    To test over several training seeds, concatenate the seeds' rows (``per_pair`` and ``sources``) and add a
+    per-pair ``seeds`` list: ``compare`` then averages seeds within each photo.
     """
     from tqdm.auto import tqdm
 
@@ -231,54 +244,110 @@ def plot_curves(curves: dict, fig=None):
     return fig
 
 
-def compare(ours: dict, base: dict, metric: str, min_pairs: int = MIN_PAIRS) -> dict:
-    """Paired comparison of two rows on one metric: mean difference (positive: ours better), its standard error, a
-    verdict ("better" | "worse" | "no clear difference" | "too few pairs") and the per-photo mean differences."""
+def compare(ours: dict, base: dict, metric: str, seeds: Sequence | None = None, min_photos: int = MIN_PHOTOS,
+            alpha: float = ALPHA) -> dict:
+    """Paired test of two rows on one metric, the held-out photo as its unit.
+
+    The rows' per-pair values (``per_pair[metric]``, aligned pair by pair: same crop, same noise) give one difference
+    per pair, signed so that positive means ``ours`` is better (``HIGHER_IS_BETTER``). Within each source photo
+    (``sources``; pairs with none count as one photo) the differences are averaged, per seed first when ``seeds``
+    (one label per pair, e.g. a training seed; default: ``ours["seeds"]`` if the row has them) is given, then over
+    the seeds with equal weight: seeds are nested in photos, and crops or seeds of one photo add no degrees of
+    freedom. A two-sided one-sample t-test over the per-photo means (scipy.stats' t distribution, df = photos - 1)
+    calls "better" / "worse" at p < ``alpha``, else "no clear difference"; "too few photos" below ``min_photos``.
+
+    Returns ``metric``, ``mean_diff`` (mean of the per-photo means), ``se`` (their standard error), ``n_photos``,
+    ``n_pairs``, ``n_seeds``, ``df``, ``t``, ``p`` (NaN below 2 photos, or when every photo's difference is 0),
+    ``alpha``, ``per_photo_mean_diff`` and ``call``.
+    """
+    from scipy import stats
+
+    if min_photos < 2:
+        raise ValueError(f"compare: min_photos must be >= 2 (a t-test needs two photos for a spread), got {min_photos}")
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    d = sign * (np.asarray(ours["per_pair"][metric], float) - np.asarray(base["per_pair"][metric], float))
+    a = np.asarray(ours["per_pair"][metric], float)
+    b = np.asarray(base["per_pair"][metric], float)
+    if a.shape != b.shape:
+        raise ValueError(f"compare {metric}: {a.size} pairs against {b.size}; a paired test needs the same pairs")
+    d = sign * (a - b)
     n = len(d)
-    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
-    by_photo: dict[str, list[float]] = {}
-    for src, v in zip(ours.get("sources") or [None] * n, d):
-        by_photo.setdefault(str(src), []).append(float(v))
-    photo_means = {k: float(np.mean(v)) for k, v in by_photo.items()}
-    mean = float(d.mean())
-    if n < min_pairs:
-        call = "too few pairs"
-    elif mean > 2 * se and all(m > 0 for m in photo_means.values()):
-        call = "better"
-    elif mean < -2 * se and all(m < 0 for m in photo_means.values()):
-        call = "worse"
+    sources = list(ours.get("sources") or [None] * n)
+    if base.get("sources") and list(base["sources"]) != sources:
+        raise ValueError(f"compare {metric}: the two rows' pairs come from different photos (sources differ)")
+    seeds = list(seeds if seeds is not None else ours.get("seeds") or [None] * n)
+    if len(sources) != n or len(seeds) != n:
+        raise ValueError(f"compare {metric}: {n} pairs but {len(sources)} sources and {len(seeds)} seeds")
+    if base.get("seeds") and list(base["seeds"]) != seeds:
+        raise ValueError(f"compare {metric}: the two rows' pairs come from different seeds (seeds differ)")
+    cells: dict[str, dict[object, list[float]]] = {}
+    for src, seed, v in zip(sources, seeds, d):
+        cells.setdefault(str(src), {}).setdefault(seed, []).append(float(v))
+    photo_means = {k: float(np.mean([np.mean(v) for v in by_seed.values()])) for k, by_seed in cells.items()}
+    m = np.asarray(list(photo_means.values()), float)
+    k = len(m)
+    mean = float(m.mean()) if k else float("nan")
+    se, t, p = float("inf"), float("nan"), float("nan")
+    if k >= 2:
+        se = float(m.std(ddof=1) / np.sqrt(k))
+        if se > 0:
+            t = mean / se
+        elif mean != 0:  # every photo moved by exactly the same amount: no spread to doubt it
+            t = float(np.copysign(np.inf, mean))
+        if not np.isnan(t):
+            p = float(2 * stats.t.sf(abs(t), k - 1))
+    if k < min_photos:
+        call = "too few photos"
+    elif p < alpha:
+        call = "better" if mean > 0 else "worse"
     else:
         call = "no clear difference"
-    return {"metric": metric, "mean_diff": mean, "se": se, "n": n, "per_photo_mean_diff": photo_means, "call": call}
+    return {"metric": metric, "mean_diff": mean, "se": se, "n_photos": k, "n_pairs": n,
+            "n_seeds": len(set(seeds)), "df": k - 1, "t": float(t), "p": p, "alpha": alpha,
+            "per_photo_mean_diff": photo_means, "call": call}
 
 
 def verdict(rows: list[dict], ours: str = "ours", metrics: Sequence[str] = VERDICT_METRICS,
             random_models: bool = False) -> dict:
-    """Whether ``ours`` beats every baseline on each metric at every sigma by a margin the pairs support.
+    """Whether ``ours`` beats every baseline on each metric at every sigma by the paired test (``compare``).
 
     ``ours_beats_baselines`` is True only when every comparison is "better"; None when the models are random
-    (the numbers then show the plumbing, not quality) or there are too few pairs to say.
+    (the numbers then show the plumbing, not quality) or there are too few held-out photos to say.
     """
     by = {(r["method"], r["sigma"]): r for r in rows}
     sigmas = sorted({r["sigma"] for r in rows if r["method"] == ours})
     comparisons = [{"sigma": s, "baseline": b, **compare(by[(ours, s)], by[(b, s)], m)}
                    for s in sigmas for b in BASELINES if (b, s) in by for m in metrics]
     calls = {c["call"] for c in comparisons}
+    photos = min((c["n_photos"] for c in comparisons), default=0)
     if random_models:
         beats, summary = None, "random models: these numbers show that the pipeline runs, not how good the method is"
-    elif not comparisons or "too few pairs" in calls:
-        beats, summary = None, f"too few held-out pairs for a verdict (at least {MIN_PAIRS} needed)"
+    elif not comparisons or "too few photos" in calls:
+        beats, summary = None, (f"too few held-out photos for a verdict ({photos} here, at least {MIN_PHOTOS} needed: "
+                                "the paired test's unit is the photo, as crops of one photo are not independent)")
     else:
         beats = calls == {"better"}
         summary = ("ours beats decoder+bicubic and decoder+Lanczos on " + ", ".join(m.upper() for m in metrics)
-                   + " at every sigma (paired, > 2 standard errors, on every held-out photo)") if beats else (
+                   + f" at every sigma ({RULE}; {photos} photos)") if beats else (
             f"ours is not better everywhere: {sum(c['call'] == 'better' for c in comparisons)} of {len(comparisons)} "
             "comparisons better, " + ", ".join(f"{sum(c['call'] == k for c in comparisons)} {k}"
-                                               for k in ("worse", "no clear difference") if k in calls))
-    return {"ours_beats_baselines": beats, "summary": summary, "metrics": list(metrics), "comparisons": comparisons,
-            "failures": [c for c in comparisons if c["call"] != "better"]}
+                                               for k in ("worse", "no clear difference") if k in calls)
+            + f" ({RULE}; {photos} photos)")
+    return {"ours_beats_baselines": beats, "summary": summary, "rule": RULE, "metrics": list(metrics),
+            "comparisons": comparisons, "failures": [c for c in comparisons if c["call"] != "better"]}
+
+
+def comparisons_table(comparisons: list[dict]) -> str:
+    """The verdict's paired tests as a Markdown table (positive mean difference: ours better)."""
+    if not comparisons:
+        return ""
+    out = ["", f"Paired tests of ours against each baseline ({RULE}); mean difference and its standard error over "
+           "photos, positive: ours better.", "",
+           "| vs | sigma | metric | mean diff | s.e. | photos | pairs | t | p | call |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in comparisons:
+        out.append(f"| {c['baseline']} | {c['sigma']:g} | {c['metric']} | {c['mean_diff']:+.4f} | {c['se']:.4f} | "
+                   f"{c['n_photos']} | {c['n_pairs']} | {c['t']:.2f} | {c['p']:.3g} | {c['call']} |")
+    return "\n".join(out) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -360,6 +429,7 @@ def write_report(rows: list[dict], out: str | os.PathLike, cfg: EvalConfig, info
         md += "\n\n"
     md += markdown_table(rows)
     md += f"\n**Verdict**: {doc['verdict']['summary']}\n"
+    md += comparisons_table(doc["verdict"]["comparisons"])
     if not info.get("lpips_backbone_pretrained", True):
         md += "\nLPIPS used a random (seeded) backbone: torchvision weights were not available offline; HaarPSI needs none.\n"
     atomic_write_bytes(out / "eval.md", md.encode())

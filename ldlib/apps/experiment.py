@@ -195,7 +195,7 @@ def write_results(out: Path, state: dict, held_out, codec, decoders: dict, teach
     """results.json, results.md (tables and the paired answers), metrics.png and crops.png."""
     from matplotlib.figure import Figure
 
-    from .evaluate import BASELINES, DESCRIPTION, compare, comparison_images, crops_figure
+    from .evaluate import BASELINES, DESCRIPTION, RULE, compare, comparison_images, crops_figure
 
     results = state["results"]
     methods = list(dict.fromkeys(r["method"] for r in results["teacher"]))
@@ -214,9 +214,10 @@ def write_results(out: Path, state: dict, held_out, codec, decoders: dict, teach
     # The question: on teacher-degraded latents, do proxy/teacher-trained decoders beat noise- and clean-trained ones?
     by = {(r["method"], r["sigma"]): r for r in results["teacher"]}
     lines += ["## Paired comparisons (teacher-degraded held-out latents)", "",
-              "Mean difference over held-out pairs (positive: the first decoder is better), its standard error, and "
-              "the call (better / worse only beyond 2 standard errors and with the same sign on every held-out photo).",
-              "", "| decoder | vs | sigma | metric | mean diff | s.e. | call |", "|---|---|---:|---|---:|---:|---|"]
+              "Mean difference over held-out photos (each photo's pairs averaged first; positive: the first decoder is "
+              f"better), its standard error over photos, and the call ({RULE}).",
+              "", "| decoder | vs | sigma | metric | mean diff | s.e. | photos | pairs | t | p | call |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     answers = []
     for ours in ("proxy-trained", "teacher-trained"):
         for other, sigmas in (("noise-trained", (0.08, 0.12)), ("clean-trained", (0.0, 0.08, 0.12))):
@@ -224,7 +225,8 @@ def write_results(out: Path, state: dict, held_out, codec, decoders: dict, teach
                 for m in ("psnr", "haarpsi"):
                     c = compare(by[(ours, s)], by[(other, s)], m)
                     answers.append({"decoder": ours, "vs": other, "sigma": s, **c})
-                    lines.append(f"| {ours} | {other} | {s:g} | {m} | {c['mean_diff']:+.4f} | {c['se']:.4f} | {c['call']} |")
+                    lines.append(f"| {ours} | {other} | {s:g} | {m} | {c['mean_diff']:+.4f} | {c['se']:.4f} | "
+                                 f"{c['n_photos']} | {c['n_pairs']} | {c['t']:.2f} | {c['p']:.3g} | {c['call']} |")
     gan = f"{NAMES[state['best']]} + GAN"
     lines += ["", f"## GAN: {gan} vs its twin without GAN ({NAMES[state['best']]})", "",
               f"The run continued with the GAN was chosen by its PSNR on these same held-out pairs (teacher-degraded, "

@@ -31,7 +31,7 @@ from .latents import LatentCache
 from .pairs import read_manifest
 
 
-TEACHER_JSON = "teacher.json"
+TEACHER_DATA_JSON = "teacher.json"  # a teacher data folder (models.teacher.TEACHER_MODEL_JSON is another file)
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ class TeacherSet:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        path = self.folder / TEACHER_JSON
+        path = self.folder / TEACHER_DATA_JSON
         if not path.is_file():
-            raise FileNotFoundError(f"{self.folder}: no {TEACHER_JSON} (not a teacher data folder)")
+            raise FileNotFoundError(f"{self.folder}: no {TEACHER_DATA_JSON} (not a teacher data folder)")
         self.info: dict = json.loads(path.read_text())
         self.spec = TeacherSpec(**self.info["spec"])
         self.refresh()
@@ -188,7 +188,7 @@ def generate_teacher(
     out = Path(out)
     info = {"spec": asdict(spec), "identity": cache.identity, "teacher": teacher_info or {},
             "latents": str(Path(latents).resolve()), "pairs": str(Path(pairs_root).resolve())}
-    path = out / TEACHER_JSON
+    path = out / TEACHER_DATA_JSON
     if path.is_file():
         have = json.loads(path.read_text())
         if have["spec"] != info["spec"] or have["identity"].get("encoder_sha256") != cache.identity.get("encoder_sha256"):

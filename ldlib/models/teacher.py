@@ -13,7 +13,7 @@ import torch
 from ..core.files import atomic_write_bytes
 
 
-TEACHER_JSON = "teacher.json"
+TEACHER_MODEL_JSON = "teacher.json"  # a trained teacher's folder (data.teacher_data.TEACHER_DATA_JSON is another file)
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
 TEACHER_SUBDIR = "teacher"
 TRAIN_COMMAND = "python -m ldlib train-teacher PAIRS OUT --preset taef2"
@@ -33,24 +33,24 @@ def save_teacher(transformer, prompt_embeds: torch.Tensor, folder: str | os.Path
     half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     atomic_write_bytes(weights, save(half, metadata={"format": "pt"}))
     atomic_write_bytes(folder / PROMPT_EMBEDS, save({"prompt_embeds": prompt_embeds.detach().float().cpu().contiguous()}))
-    atomic_write_bytes(folder / TEACHER_JSON, json.dumps(info, indent=2).encode())
+    atomic_write_bytes(folder / TEACHER_MODEL_JSON, json.dumps(info, indent=2).encode())
     return folder
 
 
 def is_teacher_folder(path: str | os.PathLike | None) -> bool:
     """Whether path is a folder written by save_teacher (it holds teacher.json)."""
-    return path is not None and (Path(path) / TEACHER_JSON).is_file()
+    return path is not None and (Path(path) / TEACHER_MODEL_JSON).is_file()
 
 
 def read_teacher_info(folder: str | os.PathLike) -> dict:
     """teacher.json of a teacher folder, or a clear error saying how to make one."""
     folder = Path(folder)
-    if not (folder / TEACHER_JSON).is_file():
+    if not (folder / TEACHER_MODEL_JSON).is_file():
         raise FileNotFoundError(
-            f"{folder}: no trained teacher there ({TEACHER_JSON} missing); train one with `{TRAIN_COMMAND}` and "
+            f"{folder}: no trained teacher there ({TEACHER_MODEL_JSON} missing); train one with `{TRAIN_COMMAND}` and "
             f"use OUT/{TEACHER_SUBDIR} (for the taef2 preset: set $LDLIB_TAEF2_TEACHER to it)"
         )
-    return json.loads((folder / TEACHER_JSON).read_text())
+    return json.loads((folder / TEACHER_MODEL_JSON).read_text())
 
 
 def load_teacher(folder: str | os.PathLike, device: str | torch.device | None = None,

@@ -40,7 +40,7 @@ from ..core.runs import (GlobalBatchSampler, RunLogger, build_ema, build_optimiz
 from ..data.latents import LatentCache, default_cache_dir
 from ..data.pairs import read_manifest, split_by_source
 from ..degrade import DiffusionDegrader
-from ..models.teacher import TEACHER_JSON, TEACHER_SUBDIR, TRAIN_COMMAND, load_teacher, save_teacher
+from ..models.teacher import TEACHER_MODEL_JSON, TEACHER_SUBDIR, TRAIN_COMMAND, load_teacher, save_teacher
 from ..models.velocity import flow_velocity
 from ..presets import get_preset
 from .loop import Progress, guarded_update, resume_progress, run_steps, summary_fields
@@ -438,7 +438,7 @@ def train_teacher(
         folder = out / TEACHER_SUBDIR
         # Written in a staging folder that replaces OUT/teacher whole: never weights of one run beside the
         # eval of another. Eval and samples come from what was saved (fp16 on disk, loaded as float32).
-        with replaced_folder(folder, TEACHER_JSON) as staging:
+        with replaced_folder(folder, TEACHER_MODEL_JSON) as staging:
             save_teacher(ema_model(), emb, staging, info)
             teacher, t_emb, _ = load_teacher(staging, device)
             if len(val_x):
