@@ -221,8 +221,9 @@ def write_page(out: Path, summary: dict, doc: dict, sweeps: dict, preset) -> Pat
             f"(<code>{html.escape(summary['shipped_decoder'])}</code>, its model card says how) and scored here on the "
             "same held-out crops and teacher draws as the demo's own short run. PSNR against decoder+bicubic: "
             + ", ".join(f"{g:+.2f} dB at sigma {k:g}" for k, g in sg.items())
-            + f". <b>Verdict</b> of the paired test: {html.escape(summary['shipped_verdict'])}. This is what "
-            "<code>python -m ldlib upscale PHOTO</code> uses.</p>")
+            + f". <b>Verdict</b> of the paired test: {html.escape(summary['shipped_verdict'])}. Its model card "
+            f"(<code>{html.escape(summary['shipped_decoder'])}/README.md</code>) has the same test on six held-out "
+            "photos. This is what <code>python -m ldlib upscale PHOTO</code> uses.</p>")
     if preset.random_weights:
         meaning = ("This run used the <b>tiny</b> preset: every model is random and tiny, so the pictures are noise and "
                    "the numbers only show that each stage runs and hands its output to the next. Run <code>make demo</code> "
