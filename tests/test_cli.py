@@ -66,6 +66,42 @@ def test_registries_drive_every_preset_and_degrader_flag():
     assert PRESET_HELP in train_help  # the TrainConfig flag's help is the registry's list
 
 
+def test_every_preset_flag_refuses_a_name_outside_the_registry(capsys):
+    """Issue 25: --preset flags generated from config dataclasses (TrainConfig, TeacherConfig, ExperimentConfig) take
+    their choices from the registry too, so a wrong name is refused by argparse, naming the choices."""
+    from ldlib.apps.cli import build_parser
+    from ldlib.presets import PRESETS
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    with_preset = [name for name, sub in commands.items()
+                   if any("--preset" in a.option_strings for a in sub._actions)]
+    assert {"train-decoder", "train-teacher", "experiment"} <= set(with_preset)
+    for name in with_preset:
+        flag = next(a for a in commands[name]._actions if "--preset" in a.option_strings)
+        assert flag.choices is not None and tuple(flag.choices) == PRESETS, name
+    for argv in (["train-decoder", "pairs", "run"], ["train-teacher", "pairs", "out"], ["experiment", "out"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--preset", "wan2.2"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --preset: invalid choice: 'wan2.2'" in err, err
+        assert all(repr(p) in err for p in PRESETS), err  # argparse names every choice
+        assert build_parser().parse_args([*argv, "--preset", "tiny"]).preset == "tiny"
+
+
+def test_config_field_choices_need_a_str_or_int_field():
+    import argparse
+    from dataclasses import dataclass, field
+
+    from ldlib.core.config import add_config_arguments
+
+    @dataclass
+    class Bad:
+        sigmas: tuple[float, ...] = field(default=(0.0,), metadata={"choices": ((0.0,),)})
+
+    with pytest.raises(TypeError, match="Bad.sigmas: metadata choices"):
+        add_config_arguments(argparse.ArgumentParser(), Bad)
+
+
 # --- issue 28, item 9: notebook parameters from LDLIB_* variables ---------------------------------------------------
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..build import codec_of
 from ..core.files import atomic_write_bytes, save_figure
+from ..presets import PRESET_HELP, PRESETS
 
 
 DEGRADERS = ("none", "noise", "proxy", "teacher")
@@ -38,7 +39,8 @@ NAMES = {"none": "clean-trained", "noise": "noise-trained", "proxy": "proxy-trai
 class ExperimentConfig:
     """Settings of the experiment (defaults: about two hours on 2 CPU cores at taef2)."""
 
-    preset: str = field(default="taef2", metadata={"help": "the preset (its VAE and its diffusion teacher)"})
+    preset: str = field(default="taef2", metadata={"help": f"the preset (its VAE and its diffusion teacher): {PRESET_HELP}",
+                                                   "choices": PRESETS})
     photos: str | None = field(default=None, metadata={"help": "photo folder (default: ../shared/data/photos, else the shipped photos)"})
     crops_per_image: int = field(default=16, metadata={"help": "crops per photo"})
     val_fraction: float = field(default=0.2, metadata={"help": "held-out share of the photos"})

@@ -86,8 +86,12 @@ def _default(f: dataclasses.Field):
     return dataclasses.MISSING
 
 
-def config_fields(cls) -> list[tuple[str, Any, Any, str]]:
-    """(name, type, default, help) of every leaf field, nested dataclasses flattened in declaration order."""
+def config_fields(cls) -> list[tuple[str, Any, Any, str, tuple | None]]:
+    """(name, type, default, help, choices) of every leaf field, nested dataclasses flattened in declaration order.
+
+    ``choices``: the field's ``metadata["choices"]`` (the values its flag accepts, e.g. the preset registry's
+    names), or None.
+    """
     out = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -95,7 +99,9 @@ def config_fields(cls) -> list[tuple[str, Any, Any, str]]:
         if dataclasses.is_dataclass(tp):
             out += config_fields(tp)
         else:
-            out.append((f.name, tp, _default(f), f.metadata.get("help", "")))
+            choices = f.metadata.get("choices")
+            out.append((f.name, tp, _default(f), f.metadata.get("help", ""),
+                        tuple(choices) if choices is not None else None))
     return out
 
 
@@ -104,11 +110,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
     """One ``--flag`` per (flattened) field of a config dataclass; an absent flag leaves the default in place.
 
     ``preset_sized``: fields whose default comes from --preset, not the dataclass: help says so (not a number
-    that is true for one preset only).
+    that is true for one preset only). A field with ``metadata["choices"]`` accepts only those values (argparse
+    refuses another and names the choices).
     """
     target = parser.add_argument_group(title) if title else parser
     seen: set[str] = set()
-    for name, tp, default, help_text in config_fields(cls):
+    for name, tp, default, help_text, choices in config_fields(cls):
         if name in skip:
             continue
         if name in seen:
@@ -132,6 +139,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
             kwargs["type"] = base
         else:
             raise TypeError(f"{cls.__name__}.{name}: no command-line form for type {tp}")
+        if choices is not None:
+            if base not in (int, str):
+                raise TypeError(f"{cls.__name__}.{name}: metadata choices need an int or str field, not {tp}")
+            # The metavar keeps the usage line short; the help names the values, argparse's error names them too.
+            kwargs.update(choices=choices, metavar=name.upper())
         target.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 

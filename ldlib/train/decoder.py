@@ -45,7 +45,7 @@ from ..data.latents import LatentCache, default_cache_dir
 from ..models.codecs import HEAD_INITS
 from ..models.decoder import TwoXDecoder
 from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
-from ..presets import PRESET_HELP, get_preset, vae_overrides
+from ..presets import PRESET_HELP, PRESETS, get_preset, vae_overrides
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TrainConfig:
     """Decoder training settings; the defaults are the recipe's (README, "The recipe")."""
 
     # The real offline recipe by default; tiny (random models, 128 px) only where asked: it is plumbing.
-    preset: str = field(default="taef2", metadata={"help": PRESET_HELP})
+    preset: str = field(default="taef2", metadata={"help": PRESET_HELP, "choices": PRESETS})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     vae: str | None = field(default=None, metadata={"help": "local VAE replacing the preset's: a diffusers folder or "
                                                             "one .safetensors/.pth (original Wan layout for wan2.1-*, qwen-image)"})

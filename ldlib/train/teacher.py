@@ -42,7 +42,7 @@ from ..data.pairs import read_manifest, split_by_source
 from ..degrade import DiffusionDegrader
 from ..models.teacher import TEACHER_MODEL_JSON, TEACHER_SUBDIR, TRAIN_COMMAND, load_teacher, save_teacher
 from ..models.velocity import flow_velocity
-from ..presets import get_preset
+from ..presets import PRESET_HELP, PRESETS, get_preset
 from .loop import Progress, guarded_update, resume_progress, run_steps, summary_fields
 
 
@@ -50,7 +50,9 @@ from .loop import Progress, guarded_update, resume_progress, run_steps, summary_
 class TeacherConfig:
     """Teacher size and training settings; the defaults are the ones the shipped taef2 teacher was trained with."""
 
-    preset: str = field(default="taef2", metadata={"help": "whose codec defines the latent space (its latents; its decoder for samples.png)"})
+    preset: str = field(default="taef2", metadata={
+        "help": f"whose codec defines the latent space (its latents; its decoder for samples.png): {PRESET_HELP}",
+        "choices": PRESETS})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     # --- the model: a WanTransformer3DModel, patch 1x2x2 ------------------------------------------------------
     layers: int = field(default=4, metadata={"help": "transformer blocks"})
