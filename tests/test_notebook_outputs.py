@@ -10,11 +10,7 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="its committed run predates the clean outputs; "
-                                                                "re-run at taef2 with the fitted 2x head"))
-    if p.name.startswith("04_") else p
-    for p in NOTEBOOKS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_outputs_show_no_warning_boxes(path):
     # A fact such as LPIPS' random backbone is said once in the notebook's words; a stderr box (a warning repeated
     # per call, with the library's file and line) is what a reader should not have to decode.

@@ -237,7 +237,7 @@ def plot_curves(curves: dict, fig=None):
             ax.plot(curves["steps"], per[m], marker="o", ms=3, color=colour, label=f"ours, sigma {s:g}")
             ax.axhline(curves["decoder+bicubic"][s][m], color=colour, ls="--", lw=0.8,
                        label=f"decoder+bicubic, sigma {s:g}")
-        ax.set_title(f"held-out {m.upper()} ({DESCRIPTION[m]})", fontsize=9)
+        ax.set_title(f"held-out {m.upper()}" + (" (lower is better)" if not HIGHER_IS_BETTER[m] else ""), fontsize=9)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -688,13 +688,13 @@ def plot_history(run: str | os.PathLike, panels: dict[str, Sequence[str]], marks
             pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
             if pts:
                 steps, values = [p[0] for p in pts], np.asarray([p[1] for p in pts], float)
-                if smooth > 1 and len(values) > 1:
+                smoothed = smooth > 1 and len(values) > 1 and key != "lr"  # a schedule is not noisy: drawn as it is
+                if smoothed:
                     ax.plot(steps, values, lw=0.5, alpha=0.3, color=f"C{k}")
                     sums = np.cumsum(np.insert(values, 0, 0.0))
                     lo = np.maximum(np.arange(1, len(values) + 1) - smooth, 0)
                     values = (sums[1:] - sums[lo]) / (np.arange(1, len(values) + 1) - lo)
-                ax.plot(steps, values, lw=1.0, color=f"C{k}",
-                        label=f"{key} (mean of {smooth})" if smooth > 1 else key)
+                ax.plot(steps, values, lw=1.0, color=f"C{k}", label=f"{key} (mean of {smooth})" if smoothed else key)
                 plotted += 1
         if not plotted:  # e.g. the GAN's terms in a run without GAN
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, fontsize=8)
