@@ -449,7 +449,7 @@ def test_hot_loop_reads_the_device_once_per_optimiser_step(setup, tmp_path, monk
     assert res.step == 4 and "adaptive_weight" in res.history[-1] and len(res.history) == 4
     # The head fit reads its sums once per batch before the first step: set-up, like a checkpoint, not the loop.
     in_steps = [r for r in mode.reads if "_save_checkpoint" not in r and "fit_head_2x" not in r]
-    assert all(r[-2:] in {("train_decoder", "all_finite"), ("flush", "read")} for r in in_steps), in_steps
+    assert all(r[-2:] in {("one_step", "all_finite"), ("flush", "read")} for r in in_steps), in_steps
     # 4 optimiser steps (8 micro-steps): 4 skip flags; terms read at step 0 and before the final checkpoint.
     assert sum(r[-1] == "all_finite" for r in in_steps) == 4
     assert sum(r[-1] == "read" for r in in_steps) == 2
@@ -711,7 +711,7 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
     from ldlib.apps.bench import _bench_train_config, _model_flops
     from ldlib.core.runs import make_accelerator
     from ldlib.models import wan_image
-    from ldlib.train.decoder import _build_models
+    from ldlib.train.decoder import build_models
 
     cfg = _bench_train_config("tiny", None, 2)
     codec = codec_of(get_preset("tiny"))
@@ -720,7 +720,7 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
     counted = _model_flops(cfg, codec, batch)
 
     acc = make_accelerator(cfg.mixed_precision)
-    m = _build_models(cfg, codec, acc, None)
+    m = build_models(cfg, codec, acc, None)
     total, seen, attention = 0, {}, []
 
     def add(conv, x, out, kernel):
@@ -908,7 +908,7 @@ def test_a_run_whose_weights_stop_being_finite_stops_and_never_exports(setup, tm
     from ldlib.apps.cli import main
     from ldlib.apps.export import export_run
 
-    real_step = train_mod._optimizer_step
+    real_step = train_mod.optimizer_step
 
     def diverging_step(m, acc, cfg, skip, d_active):  # the update of step 2 overflows one weight
         real_step(m, acc, cfg, skip, d_active)
@@ -916,7 +916,7 @@ def test_a_run_whose_weights_stop_being_finite_stops_and_never_exports(setup, tm
             with torch.no_grad():
                 m.params[0].fill_(float("inf"))
 
-    monkeypatch.setattr(train_mod, "_optimizer_step", diverging_step)
+    monkeypatch.setattr(train_mod, "optimizer_step", diverging_step)
     cfg = _cfg(steps=6, checkpoint_every=2, loss=LossConfig(lpips_net="alex", gan_start=100))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="weights stopped being finite by step [34]") as e:

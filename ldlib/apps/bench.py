@@ -724,12 +724,12 @@ def _model_flops(cfg, codec, batch: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from ..core.runs import make_accelerator
-    from ..train.decoder import _build_models, _micro_step
+    from ..train.decoder import build_models, micro_step
 
     acc = make_accelerator(cfg.mixed_precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LPIPS' random-backbone notice: reported in the notes
-        m = _build_models(cfg, codec, acc, None)
+        m = build_models(cfg, codec, acc, None)
     if m.loss_fn.gan_active(0):
         raise ValueError("_model_flops counts the GAN-off step: the config's GAN is on at step 0")
     aten = torch.ops.aten
@@ -740,7 +740,7 @@ def _model_flops(cfg, codec, batch: dict) -> float:
             lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
     }
     with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        _micro_step(m, acc, batch["latent"].to(acc.device), batch["hq"].to(acc.device), 0, None)
+        micro_step(m, acc, batch["latent"].to(acc.device), batch["hq"].to(acc.device), 0, None)
     return float(counter.get_total_flops())
 
 
@@ -800,13 +800,13 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
     from ..core.runs import make_accelerator
     from ..models.losses import LossConfig
     from ..presets import get_preset
-    from ..train.decoder import TrainConfig, _build_models, _optimizer_step
+    from ..train.decoder import TrainConfig, build_models, optimizer_step
 
     cfg = TrainConfig(preset=preset_name, loss=LossConfig(lpips_net="alex", lpips_weight=0.0))
     acc = make_accelerator("auto")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = _build_models(cfg, codec_of(get_preset(preset_name)), acc, None)
+        m = build_models(cfg, codec_of(get_preset(preset_name)), acc, None)
     params = list(m.params) + list(m.disc.parameters())
     g = torch.Generator().manual_seed(0)
     grads = [(torch.randn(p.shape, generator=g) * 1e-3).to(p.device) for p in params]
@@ -815,7 +815,7 @@ def _update_threads_ab(preset_name: str, device, rounds: int) -> dict:
     def step(c) -> None:
         for p, gr in zip(params, grads):
             p.grad = gr.clone()
-        _optimizer_step(m, acc, c, skip=False, d_active=True)
+        optimizer_step(m, acc, c, skip=False, d_active=True)
 
     t = timed_interleaved({k: (lambda c=c: step(c)) for k, c in configs.items()}, repeats=rounds, warmup=1,
                           sync=_sync(device))
