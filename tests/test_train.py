@@ -354,7 +354,7 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
 def test_gan_steps_train_as_the_textbook_two_pass_steps(setup, tmp_path):
     # The loop with the one-pass GAN gradients (DecoderLoss.generator) against the same loop with the textbook
     # two-pass ones (the bench's baseline): GAN on from step 1, two micro-steps per step, the same run to rounding.
-    from ldlib.apps.bench import _two_pass_loss
+    from ldlib.apps.bench.train import _two_pass_loss
 
     codec, data, lp = setup
     cfg = _cfg(steps=4, grad_accum=2, checkpoint_every=4)
@@ -618,7 +618,7 @@ def test_device_busy_time_is_the_union_of_spans():
     # Against a 1-microsecond grid in numpy: overlapping, nested, touching and disjoint spans.
     import numpy as np
 
-    from ldlib.apps.bench import _union_seconds
+    from ldlib.apps.bench.train import _union_seconds
 
     rng = np.random.default_rng(0)
     starts = rng.integers(0, 900, 40)
@@ -636,7 +636,8 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     from PIL import Image
 
     import ldlib.presets
-    from ldlib.apps.bench import _bench_pairset, _shared_photos
+    from ldlib.apps.bench.common import shared_photos
+    from ldlib.apps.bench.train import _bench_pairset
     from ldlib.core.images import load_rgb8
 
     photos = tmp_path / "shared" / "data" / "photos"
@@ -645,7 +646,7 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     for name in ("b.jpg", "a.png"):
         Image.fromarray(torch.randint(0, 256, (320, 384, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()).save(photos / name)
     monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "shared")
-    assert _shared_photos() == [photos / "a.png", photos / "b.jpg"]
+    assert shared_photos() == [photos / "a.png", photos / "b.jpg"]
     preset = get_preset("tiny")
     pairs, latents, origin = _bench_pairset(tmp_path / "bench", preset, codec_of(preset), count=2)
     assert origin == "../shared/data/photos"
@@ -654,12 +655,12 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     assert len(manifest) == 2 and all(load_rgb8(pairs / m["hq"])[0].shape[:2] == (preset.hq_size,) * 2 for m in manifest)
     assert len(ldlib.data.datasets.PairDataset(pairs, latents=latents)) == 2
     monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "nowhere")
-    assert _shared_photos() == []
+    assert shared_photos() == []
 
 
 def test_train_step_bench_smoke(tmp_path):
     # The bench's plumbing at tiny size: real train_decoder runs, the breakdown adds up to the step.
-    from ldlib.apps.bench import NON_MODEL, STEP_GROUPS, bench_train_step
+    from ldlib.apps.bench.train import NON_MODEL, STEP_GROUPS, bench_train_step
 
     result = bench_train_step("tiny", quick=True, variants={
         "default": {}, "channels_last": {"channels_last": True},
@@ -708,7 +709,7 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
 
     import torch.nn.functional as F
 
-    from ldlib.apps.bench import _bench_train_config, _model_flops
+    from ldlib.apps.bench.train import _bench_train_config, _model_flops
     from ldlib.core.runs import make_accelerator
     from ldlib.models import wan_image
     from ldlib.train.decoder import build_models
