@@ -102,7 +102,7 @@ def _textbook_gan_step(loss, decoder, last_layer, disc, z, y, step):
 
 def test_gan_step_gradients_equal_the_textbook_two_pass_ones(lp):
     # generator differentiates LPIPS and the discriminator once; the gradients are those of the written-out recipe.
-    from ldlib.apps.bench import _two_pass_loss
+    from ldlib.apps.bench.train import _two_pass_loss
 
     torch.manual_seed(0)
     decoder = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 12, 3, padding=1),
@@ -135,7 +135,7 @@ def test_gan_step_gradients_equal_the_textbook_two_pass_ones(lp):
 
 def test_gan_step_with_a_bf16_prediction_and_no_double_backward(lp):
     # Under bf16 autocast the prediction is bf16: its gradient comes back through the float copy the losses see.
-    from ldlib.apps.bench import _two_pass_loss
+    from ldlib.apps.bench.train import _two_pass_loss
 
     torch.manual_seed(0)
     decoder = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 12, 3, padding=1),

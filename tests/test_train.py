@@ -354,7 +354,7 @@ def test_proxy_degrader_from_folder(setup, tmp_path):
 def test_gan_steps_train_as_the_textbook_two_pass_steps(setup, tmp_path):
     # The loop with the one-pass GAN gradients (DecoderLoss.generator) against the same loop with the textbook
     # two-pass ones (the bench's baseline): GAN on from step 1, two micro-steps per step, the same run to rounding.
-    from ldlib.apps.bench import _two_pass_loss
+    from ldlib.apps.bench.train import _two_pass_loss
 
     codec, data, lp = setup
     cfg = _cfg(steps=4, grad_accum=2, checkpoint_every=4)
@@ -449,7 +449,7 @@ def test_hot_loop_reads_the_device_once_per_optimiser_step(setup, tmp_path, monk
     assert res.step == 4 and "adaptive_weight" in res.history[-1] and len(res.history) == 4
     # The head fit reads its sums once per batch before the first step: set-up, like a checkpoint, not the loop.
     in_steps = [r for r in mode.reads if "_save_checkpoint" not in r and "fit_head_2x" not in r]
-    assert all(r[-2:] in {("train_decoder", "all_finite"), ("flush", "read")} for r in in_steps), in_steps
+    assert all(r[-2:] in {("one_step", "all_finite"), ("flush", "read")} for r in in_steps), in_steps
     # 4 optimiser steps (8 micro-steps): 4 skip flags; terms read at step 0 and before the final checkpoint.
     assert sum(r[-1] == "all_finite" for r in in_steps) == 4
     assert sum(r[-1] == "read" for r in in_steps) == 2
@@ -618,7 +618,7 @@ def test_device_busy_time_is_the_union_of_spans():
     # Against a 1-microsecond grid in numpy: overlapping, nested, touching and disjoint spans.
     import numpy as np
 
-    from ldlib.apps.bench import _union_seconds
+    from ldlib.apps.bench.train import _union_seconds
 
     rng = np.random.default_rng(0)
     starts = rng.integers(0, 900, 40)
@@ -636,7 +636,8 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     from PIL import Image
 
     import ldlib.presets
-    from ldlib.apps.bench import _bench_pairset, _shared_photos
+    from ldlib.apps.bench.common import shared_photos
+    from ldlib.apps.bench.train import _bench_pairset
     from ldlib.core.images import load_rgb8
 
     photos = tmp_path / "shared" / "data" / "photos"
@@ -645,7 +646,7 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     for name in ("b.jpg", "a.png"):
         Image.fromarray(torch.randint(0, 256, (320, 384, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()).save(photos / name)
     monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "shared")
-    assert _shared_photos() == [photos / "a.png", photos / "b.jpg"]
+    assert shared_photos() == [photos / "a.png", photos / "b.jpg"]
     preset = get_preset("tiny")
     pairs, latents, origin = _bench_pairset(tmp_path / "bench", preset, codec_of(preset), count=2)
     assert origin == "../shared/data/photos"
@@ -654,12 +655,12 @@ def test_bench_pair_set_takes_only_the_shared_folders_images(tmp_path, monkeypat
     assert len(manifest) == 2 and all(load_rgb8(pairs / m["hq"])[0].shape[:2] == (preset.hq_size,) * 2 for m in manifest)
     assert len(ldlib.data.datasets.PairDataset(pairs, latents=latents)) == 2
     monkeypatch.setattr(ldlib.presets, "SHARED_DIR", tmp_path / "nowhere")
-    assert _shared_photos() == []
+    assert shared_photos() == []
 
 
 def test_train_step_bench_smoke(tmp_path):
     # The bench's plumbing at tiny size: real train_decoder runs, the breakdown adds up to the step.
-    from ldlib.apps.bench import NON_MODEL, STEP_GROUPS, bench_train_step
+    from ldlib.apps.bench.train import NON_MODEL, STEP_GROUPS, bench_train_step
 
     result = bench_train_step("tiny", quick=True, variants={
         "default": {}, "channels_last": {"channels_last": True},
@@ -708,10 +709,10 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
 
     import torch.nn.functional as F
 
-    from ldlib.apps.bench import _bench_train_config, _model_flops
+    from ldlib.apps.bench.train import _bench_train_config, _model_flops
     from ldlib.core.runs import make_accelerator
     from ldlib.models import wan_image
-    from ldlib.train.decoder import _build_models
+    from ldlib.train.decoder import build_models
 
     cfg = _bench_train_config("tiny", None, 2)
     codec = codec_of(get_preset("tiny"))
@@ -720,7 +721,7 @@ def test_model_flops_are_the_closed_form_of_the_steps_convolutions_and_attention
     counted = _model_flops(cfg, codec, batch)
 
     acc = make_accelerator(cfg.mixed_precision)
-    m = _build_models(cfg, codec, acc, None)
+    m = build_models(cfg, codec, acc, None)
     total, seen, attention = 0, {}, []
 
     def add(conv, x, out, kernel):
@@ -908,7 +909,7 @@ def test_a_run_whose_weights_stop_being_finite_stops_and_never_exports(setup, tm
     from ldlib.apps.cli import main
     from ldlib.apps.export import export_run
 
-    real_step = train_mod._optimizer_step
+    real_step = train_mod.optimizer_step
 
     def diverging_step(m, acc, cfg, skip, d_active):  # the update of step 2 overflows one weight
         real_step(m, acc, cfg, skip, d_active)
@@ -916,7 +917,7 @@ def test_a_run_whose_weights_stop_being_finite_stops_and_never_exports(setup, tm
             with torch.no_grad():
                 m.params[0].fill_(float("inf"))
 
-    monkeypatch.setattr(train_mod, "_optimizer_step", diverging_step)
+    monkeypatch.setattr(train_mod, "optimizer_step", diverging_step)
     cfg = _cfg(steps=6, checkpoint_every=2, loss=LossConfig(lpips_net="alex", gan_start=100))
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="weights stopped being finite by step [34]") as e:

@@ -22,10 +22,10 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,8 @@ from ..models.codecs import HEAD_INITS
 from ..models.decoder import TwoXDecoder
 from ..models.losses import DecoderLoss, LossConfig, PatchDiscriminator
 from ..presets import PRESET_HELP, PRESETS, get_preset, vae_overrides
+from .loop import (PendingRecords, Progress, Update, accumulation_windows, apply_update, restore_progress,
+                   resume_progress, run_steps)
 
 
 @dataclass
@@ -232,7 +234,7 @@ def validation_images(
 
 
 @dataclass
-class _Models:
+class DecoderModels:
     """Everything a decoder step touches: the 2x decoder (wrapped and raw), discriminator, loss, EMA, optimisers."""
 
     original: nn.Module  # the frozen 1x codec (baseline column of the validation grid)
@@ -267,7 +269,7 @@ def head_fit_batches(cfg: TrainConfig, train_set, degrader, device: torch.device
         yield z, torch.stack([it["hq"] for it in items]).float()
 
 
-def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None, fit_data=None) -> _Models:
+def build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None, fit_data=None) -> DecoderModels:
     """The 2x decoder (its head as cfg.head_init, fitted on fit_data), discriminator, loss, EMA and optimisers."""
     device = acc.device
     original = codec.eval().to(device)
@@ -295,33 +297,24 @@ def _build_models(cfg: TrainConfig, codec, acc, loss_fn: DecoderLoss | None, fit
     opt_g, sched_g = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
     opt_d, sched_d = build_optimizer(disc.parameters(), cfg.disc_lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                      cfg.warmup_steps, cfg.steps)
-    return _Models(original, model, model, disc, disc, loss_fn, ema, names, params, opt_g, sched_g, opt_d, sched_d)
+    return DecoderModels(original, model, model, disc, disc, loss_fn, ema, names, params, opt_g, sched_g, opt_d, sched_d)
 
 
 CHECKPOINT_TENSORS = ("decoder", "ema", "discriminator")
 
 
-def _resume(m: _Models, ckpts: CheckpointManager, acc) -> tuple[int, list[int]]:
-    """Restore models, EMA, optimisers and schedules from the newest intact checkpoint: (step, skipped steps).
-
-    (0, []) when the run has no checkpoint yet; an unreadable checkpoint is skipped for the previous one.
-    """
-    found = ckpts.load_intact(CHECKPOINT_TENSORS, warn=acc.print)
-    return (0, []) if found is None else _restore(m, found, acc)
-
-
-def _start_from(m: _Models, cfg: TrainConfig, acc) -> tuple[int, list[int]]:
+def _start_from(m: DecoderModels, cfg: TrainConfig, acc) -> Progress:
     """A new run continuing cfg.init_from's checkpoint (weights, EMA, optimiser moments, step) with cfg's settings."""
     path = Path(cfg.init_from)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path}: init_from must be a checkpoint folder (RUN/checkpoints/step_N)")
-    tensors, objects, state = CheckpointManager(path.parent, acc).load(path, CHECKPOINT_TENSORS)
-    restored = _restore(m, (path, tensors, objects, state), acc)
+    found = (path, *CheckpointManager(path.parent, acc).load(path, CHECKPOINT_TENSORS))
+    progress = restore_progress(acc, found, partial(_restore, m, acc))
     _use_own_settings(m, cfg)
-    return restored
+    return progress
 
 
-def _use_own_settings(m: _Models, cfg: TrainConfig) -> None:
+def _use_own_settings(m: DecoderModels, cfg: TrainConfig) -> None:
     """Make restored optimisers, schedules and EMA use cfg's lr, disc_lr, betas, weight_decay and ema_decay."""
     # The other run's states carry its own settings (param_groups, the schedules' base_lrs, the EMA's decay), which
     # would win over the ones this run's config.json records; its moments, step counts and weights are what continues.
@@ -335,8 +328,8 @@ def _use_own_settings(m: _Models, cfg: TrainConfig) -> None:
     m.ema.decay = cfg.ema_decay
 
 
-def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
-    path, tensors, objects, state = found
+def _restore(m: DecoderModels, acc, path: Path, tensors: dict, objects: dict, state: dict) -> None:
+    """Load a checkpoint's decoder, discriminator, EMA, optimisers and schedules into m."""
     device = acc.device
     m.model.load_trainable_state(tensors["decoder"], str(path))
     m.disc_raw.load_state_dict(tensors["discriminator"])
@@ -348,11 +341,9 @@ def _restore(m: _Models, found: tuple, acc) -> tuple[int, list[int]]:
     load_optimizer_state(m.opt_d, objects["opt_d"])
     m.sched_g.load_state_dict(objects["sched_g"])
     m.sched_d.load_state_dict(objects["sched_d"])
-    acc.print(f"resumed from {path} at step {state['step']}")
-    return int(state["step"]), list(state.get("skipped", []))
 
 
-def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: list[int], preset: str, family: str) -> None:
+def _save_checkpoint(m: DecoderModels, ckpts: CheckpointManager, step: int, skipped: list[int], preset: str, family: str) -> None:
     """Write the decoder, EMA, discriminator, optimiser and schedule states at a step (finite weights only)."""
     _check_weights_finite(m, ckpts.folder.parent, step, ckpts)
     ema_meta = {k: v for k, v in m.ema.state_dict().items() if k != "shadow_params"}
@@ -366,7 +357,7 @@ def _save_checkpoint(m: _Models, ckpts: CheckpointManager, step: int, skipped: l
     )
 
 
-def _check_weights_finite(m: _Models, out: Path, step: int, ckpts: CheckpointManager) -> None:
+def _check_weights_finite(m: DecoderModels, out: Path, step: int, ckpts: CheckpointManager) -> None:
     """Stop the run (ValueError, nothing saved) when the decoder's live or EMA weights hold a NaN or inf.
 
     Skipping steps cannot repair such weights (every later loss is NaN), and saving them would make a checkpoint
@@ -388,8 +379,8 @@ def _nan_probe(value: torch.Tensor) -> torch.Tensor:
     return (value.detach().float() * 0).sum()
 
 
-def _micro_step(m: _Models, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, reduce,
-                timer=NO_TIMINGS) -> tuple[dict, torch.Tensor, bool]:
+def micro_step(m: DecoderModels, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, reduce,
+               timer=NO_TIMINGS) -> tuple[dict, torch.Tensor, bool]:
     """Forward, losses and backward of one micro-batch: (loss terms, finiteness probe, GAN on).
 
     Nothing is read back to the host here: the probe is 0 when the losses are finite and NaN when not; the loop sums
@@ -419,107 +410,15 @@ def _micro_step(m: _Models, acc, zd: torch.Tensor, hq: torch.Tensor, step: int, 
     return terms, probe, d_active
 
 
-class _PendingRecords:
-    """The loss terms of the optimiser steps not read yet, left where they were computed (no host sync per step).
-
-    ``read`` fetches all of them in one transfer and builds the history records exactly as an immediate read
-    would: the same floats, the same per-window means, the same key order.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.steps: list[tuple[list[tuple[list[str], dict[str, float], torch.Tensor | None]], dict]] = []
-        self.window: list[tuple[list[str], dict[str, float], torch.Tensor | None]] = []
-
-    def add_micro(self, values: dict[str, torch.Tensor]) -> None:
-        """One micro-step's scalars; those on the training device stay there until ``read``."""
-        # By device type: accelerate's device may name no index (cuda) where tensors do (cuda:0).
-        on_device = [v.detach().reshape(()) for v in values.values() if v.device.type == self.device.type]
-        host = {k: float(v) for k, v in values.items() if v.device.type != self.device.type}  # on the host: free
-        # float32 holds every float32 / bf16 / fp16 value exactly (float64 when a term is float64).
-        dtype = torch.float64 if any(v.dtype == torch.float64 for v in on_device) else torch.float32
-        stacked = torch.stack([v.to(dtype) for v in on_device]) if on_device else None
-        self.window.append((list(values), host, stacked))
-
-    def end_step(self, **meta) -> None:
-        """Close the optimiser step (its micro-steps so far) with its step, lr and skipped flag."""
-        self.steps.append((self.window, meta))
-        self.window = []
-
-    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
-        """The records of the closed steps (one host transfer), oldest first; forgets them.
-
-        ``reduce``: the mean across processes, applied to every value (one collective: every process must call
-        ``read`` at the same step, which it does at the loop's shared points, never on an error's way out).
-        """
-        if not self.steps:
-            return []  # the same on every process (they close the same steps): no collective needed
-        stacks = [s for micros, _ in self.steps for _, _, s in micros if s is not None]
-        flat = torch.cat([s.to(torch.float64) for s in stacks]) if stacks else torch.zeros(0, dtype=torch.float64)
-        hosts = [host[k] for micros, _ in self.steps for names, host, _ in micros for k in names if k in host]
-        if reduce is not None:
-            # Each process logged the terms of its own slice of the global batch: the record is their mean, as one
-            # process would compute it on the whole batch. Every process holds the same keys in the same order.
-            host_t = torch.tensor(hosts, dtype=torch.float64, device=self.device)
-            both = reduce(torch.cat([flat.to(self.device), host_t]))
-            flat, hosts = both[: len(flat)], both[len(flat) :].tolist()
-        flat, host_values = flat.tolist(), iter(hosts)
-        records, i = [], 0
-        for micros, meta in self.steps:
-            window = []
-            for names, host, stacked in micros:
-                n = 0 if stacked is None else len(stacked)
-                dev = iter(flat[i : i + n])
-                i += n
-                window.append({k: next(host_values) if k in host else next(dev) for k in names})
-            rec = {k: sum(t[k] for t in window if k in t) / max(1, sum(k in t for t in window)) for k in window[-1]}
-            rec.update(meta)
-            records.append(rec)
-        self.steps = []
-        return records
-
-
-@contextlib.contextmanager
-def _cpu_threads(n: int):
-    """Run the block with n intra-op CPU threads (0: leave the setting alone)."""
-    before = torch.get_num_threads()
-    if n <= 0 or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _optimizer_step(m: _Models, acc, cfg: TrainConfig, skip: bool, d_active: bool) -> None:
+def optimizer_step(m: DecoderModels, acc, cfg: TrainConfig, skip: bool, d_active: bool) -> None:
     """Apply the accumulated gradients (or drop them when the window had a non-finite loss), step the schedules."""
-    if skip:
-        # NaN/inf anywhere in the window: drop its gradients, leave weights and optimiser states alone.
-        m.opt_g.zero_grad(set_to_none=True)
-        m.opt_d.zero_grad(set_to_none=True)
-    else:
-        if cfg.max_grad_norm > 0:
-            # Norms are reductions (their rounding depends on the thread count): they keep all threads.
-            acc.clip_grad_norm_(m.params, cfg.max_grad_norm)
-            if d_active:
-                acc.clip_grad_norm_(m.disc.parameters(), cfg.max_grad_norm)
-        with _cpu_threads(cfg.update_threads if acc.device.type == "cpu" else 0):
-            m.opt_g.step()
-            m.opt_g.zero_grad(set_to_none=True)
-            if d_active:
-                m.opt_d.step()
-            m.opt_d.zero_grad(set_to_none=True)
-            m.ema.step(m.params)
-    with warnings.catch_warnings():
-        # Schedules follow the step count even on skipped steps / before the GAN starts (torch warns).
-        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
-        m.sched_g.step()
-        m.sched_d.step()
+    apply_update(acc, not skip, [Update(m.opt_g, m.sched_g, m.params),
+                                 Update(m.opt_d, m.sched_d, m.disc.parameters(), d_active)],
+                 cfg.max_grad_norm, after_update=lambda: m.ema.step(m.params),
+                 threads=cfg.update_threads if acc.device.type == "cpu" else 0)
 
 
-def _validate(m: _Models, val_batch: dict, cfg: TrainConfig, degrader) -> tuple[torch.Tensor, dict[str, float]]:
+def _validate(m: DecoderModels, val_batch: dict, cfg: TrainConfig, degrader) -> tuple[torch.Tensor, dict[str, float]]:
     """The validation grid and metrics with the EMA weights."""
     m.ema.store(m.params)
     m.ema.copy_to(m.params)
@@ -610,10 +509,11 @@ def train_decoder(
     if cfg.head_init == "least-squares" and found is None and not cfg.init_from:
         acc.print(f"fitting the 2x head on {min(cfg.head_fit_pairs, len(train_set))} training pairs (least squares)")
         fit_data = head_fit_batches(cfg, train_set, degrader, device)
-    m = _build_models(cfg, codec, acc, loss_fn, fit_data)
-    step, skipped = _resume(m, ckpts, acc) if resume else (0, [])
-    if step == 0 and cfg.init_from:
-        step, skipped = _start_from(m, cfg, acc)
+    m = build_models(cfg, codec, acc, loss_fn, fit_data)
+    progress = resume_progress(ckpts, acc, CHECKPOINT_TENSORS, partial(_restore, m, acc)) if resume else Progress()
+    if progress.step == 0 and cfg.init_from:
+        progress = _start_from(m, cfg, acc)
+    start = progress.step
     write_config(out, acc, cfg.to_dict())  # only now: every setting was accepted and the resume worked
     m.fwd, m.disc, m.opt_g, m.opt_d = acc.prepare(torch.compile(m.model) if cfg.compile else m.model, m.disc_raw,
                                                   m.opt_g, m.opt_d)
@@ -622,7 +522,7 @@ def train_decoder(
 
     stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     sampler = GlobalBatchSampler(len(train_set), cfg.batch, acc.num_processes, acc.process_index, cfg.seed,
-                                 start=step * cfg.grad_accum, stop=stop * cfg.grad_accum)
+                                 start=start * cfg.grad_accum, stop=stop * cfg.grad_accum)
     # Pinned batches make the host-to-GPU copies asynchronous (non_blocking below).
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_pairs,
                                          num_workers=loader_workers(cfg.num_workers, device, acc.num_processes),
@@ -632,31 +532,53 @@ def train_decoder(
         items = collate_pairs([val_set[i] for i in range(min(cfg.val_count, len(val_set)))])
         val_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in items.items()}
 
-    log = RunLogger(out, acc, total=stop, initial=step, desc="train-decoder")
-    history: list[dict] = []
+    log = RunLogger(out, acc, total=stop, initial=start, desc="train-decoder")
     val_metrics: dict[str, float] = {}
-    if step > 0 and step % cfg.val_every == 0 and val_batch is not None:
+    if start > 0 and start % cfg.val_every == 0 and val_batch is not None:
         # The run that reached this step validated here, and this logger hides its events from this step on
         # (purge_step): log it again, the same numbers (the EMA is the checkpoint's), outside the RNG streams the
         # run goes on with.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
+            val_metrics = _log_validation(m, log, start, val_batch, cfg, degrader)
     # Loss terms stay on the device and are read every log_every steps (and before checkpoints and at the end):
     # no host sync per step but the one that decides whether the optimiser step is skipped.
-    pending = _PendingRecords(device)
-    probe = None
+    pending = PendingRecords(device, reduce)
     timer = timings if timings is not None else NO_TIMINGS
 
-    def flush(collective: bool = True) -> None:
-        for rec in pending.read(reduce if collective else None):
-            history.append(rec)
-            log.history(rec)
-            if rec["step"] % cfg.log_every == 0:
-                log.scalars(rec["step"], {k: v for k, v in rec.items() if isinstance(v, float)})
-        if history:
-            log.advance(0, {"rec": history[-1].get("rec", float("nan"))})
+    def one_step(window, step: int) -> None:
+        probe = None
+        for i, batch in enumerate(window):
+            micro = step * cfg.grad_accum + i
+            mine = sampler.global_batch(micro)[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
+            z, hq = batch["latent"].to(device, non_blocking=True), batch["hq"].to(device, non_blocking=True)
+            timer.split("data")
+            zd, sigma = degrade_batch(degrader, z, mine, step, cfg.seed, (cfg.sigma_min, cfg.sigma_max), batch.get("id"))
+            timer.split("degradation")
+            with acc.accumulate(m.fwd, m.disc):
+                terms, p, d_active = micro_step(m, acc, zd, hq, step, reduce, timer)
+            probe = p if probe is None else probe + p
+            pending.add_micro(terms | {"sigma_mean": sigma.mean()})
+            timer.split("logging")
+        # The one host read per optimiser step: an exact skip must know before the optimiser and EMA move.
+        window_ok = all_finite(acc, probe)
+        lr = m.opt_g.param_groups[0]["lr"]  # the one this step uses: optimizer_step moves the schedule on
+        optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
+        timer.split("optimiser + EMA")
+        if not window_ok:
+            _check_weights_finite(m, out, step, ckpts)  # a NaN loss from NaN weights is not one bad batch
+            progress.record_skip(acc)
+        pending.end_step(step=step, lr=lr, skipped=not window_ok)
 
-    t_loop, samples = time.time(), 0
+    def validate(step: int) -> None:
+        nonlocal val_metrics
+        if step % cfg.val_every == 0 and val_batch is not None:
+            val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
+            timer.split("validation", in_step=False)
+
+    def save() -> None:
+        _save_checkpoint(m, ckpts, progress.step, progress.skipped, cfg.preset, codec.family)
+
+    t_loop = time.time()
     with contextlib.ExitStack() as scope:
         if cfg.compile:
             import torch._functorch.config as functorch_config
@@ -670,49 +592,10 @@ def train_decoder(
             scope.callback(lambda: [h.remove() for h in lpips_hooks])
         # (DataLoader workers, when asked for on CPU, are forked inside: they keep reusing their memory too.)
         scope.enter_context(reused_cpu_memory(cfg.reuse_cpu_memory and device.type == "cpu"))
-        # A run that stops with an error still writes the history of the steps it finished: this process's own
-        # terms (under DDP the other processes may never reach a collective mean).
-        scope.push(lambda kind, *_: kind is not None and _flush_quietly(lambda: flush(collective=False)))
-        timer.start()
-        for micro, batch in enumerate(loader, start=step * cfg.grad_accum):
-            mine = sampler.global_batch(micro)[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
-            z, hq = batch["latent"].to(device, non_blocking=True), batch["hq"].to(device, non_blocking=True)
-            timer.split("data")
-            zd, sigma = degrade_batch(degrader, z, mine, step, cfg.seed, (cfg.sigma_min, cfg.sigma_max), batch.get("id"))
-            timer.split("degradation")
-            with acc.accumulate(m.fwd, m.disc):
-                terms, p, d_active = _micro_step(m, acc, zd, hq, step, reduce, timer)
-                probe = p if probe is None else probe + p
-                pending.add_micro(terms | {"sigma_mean": sigma.mean()})
-                timer.split("logging")
-                if not acc.sync_gradients:
-                    continue
-                # The one host read per optimiser step: an exact skip must know before the optimiser and EMA move.
-                window_ok = all_finite(acc, probe)
-                lr = m.opt_g.param_groups[0]["lr"]  # the one this step uses: _optimizer_step moves the schedule on
-                _optimizer_step(m, acc, cfg, skip=not window_ok, d_active=d_active)
-            timer.split("optimiser + EMA")
-            if not window_ok:
-                _check_weights_finite(m, out, step, ckpts)  # a NaN loss from NaN weights is not one bad batch
-                skipped.append(step)
-                acc.print(f"step {step}: non-finite loss, step skipped")
-            pending.end_step(step=step, lr=lr, skipped=not window_ok)
-            if step % cfg.log_every == 0:
-                flush()
-            probe = None
-            step += 1
-            samples += cfg.batch * cfg.grad_accum * acc.num_processes
-            log.advance(1)
-            timer.split("logging")
-            timer.end_step()
-            if step % cfg.val_every == 0 and val_batch is not None:
-                val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
-                timer.split("validation", in_step=False)
-            if step % cfg.checkpoint_every == 0 or step == stop:
-                flush()  # history.jsonl is complete up to every checkpoint
-                _save_checkpoint(m, ckpts, step, skipped, cfg.preset, codec.family)
-                timer.split("checkpoint", in_step=False)
-        flush()
+        run_steps(accumulation_windows(loader, cfg.grad_accum), progress, stop, one_step, log, cfg.log_every,
+                  cfg.checkpoint_every, save, pending=pending, between_steps=validate, bar_key="rec", timer=timer)
+    step, skipped, history = progress.step, progress.skipped, progress.history
+    samples = (step - start) * cfg.batch * cfg.grad_accum * acc.num_processes
     if val_batch is not None and (step % cfg.val_every != 0 or not val_metrics):
         val_metrics = _log_validation(m, log, step, val_batch, cfg, degrader)
     acc.wait_for_everyone()
@@ -745,14 +628,7 @@ def train_decoder(
     return TrainResult(out, step, skipped, history, summary, m.model.codec)
 
 
-def _flush_quietly(flush) -> bool:
-    """Write what can be written while an error propagates; never replaces that error (returns False)."""
-    with contextlib.suppress(Exception):
-        flush()
-    return False
-
-
-def _log_validation(m: _Models, log: RunLogger, step: int, val_batch: dict, cfg: TrainConfig, degrader) -> dict:
+def _log_validation(m: DecoderModels, log: RunLogger, step: int, val_batch: dict, cfg: TrainConfig, degrader) -> dict:
     """Validate with the EMA weights and log the grid and metrics; returns the metrics."""
     grid, metrics = _validate(m, val_batch, cfg, degrader)
     log.image(step, "val/lq-decode+bicubic | ours (EMA) | HQ", grid)

@@ -125,7 +125,7 @@ def train_proxy(
     opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                  cfg.warmup_steps, cfg.steps)
 
-    def restore(tensors: dict, objects: dict, state: dict) -> None:
+    def restore(path: Path, tensors: dict, objects: dict, state: dict) -> None:
         net.load_state_dict(tensors["proxy"])
         load_optimizer_state(opt, objects["opt"])
         sched.load_state_dict(objects["sched"])
@@ -154,6 +154,7 @@ def train_proxy(
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.num_workers)
     log = RunLogger(out, acc, total=stop, initial=progress.step, desc="train-proxy")
     run_steps(loader, progress, stop, one_step, log, cfg.log_every, cfg.checkpoint_every, save, ("loss", "lr"))
+    log.close()
     acc.wait_for_everyone()
     trained = acc.unwrap_model(net_w)
     summary: dict = {**summary_fields(out, progress, cfg.steps, device, t_start, 20, asdict(cfg)),

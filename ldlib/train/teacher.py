@@ -342,7 +342,7 @@ def train_teacher(
     opt, sched = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule, cfg.warmup_steps,
                                  cfg.steps)
 
-    def restore(tensors: dict, objects: dict, state: dict) -> None:
+    def restore(path: Path, tensors: dict, objects: dict, state: dict) -> None:
         model.load_state_dict(tensors["teacher"])
         ema_state = dict(state["ema"])
         ema_state["shadow_params"] = [tensors["ema"][n].to(device) for n in names]
@@ -418,6 +418,7 @@ def train_teacher(
     t_loop, start = time.time(), progress.step
     run_steps(loader, progress, stop, one_step, log, cfg.log_every, cfg.checkpoint_every, save_checkpoint,
               ("loss", "lr", "sigma_mean"), after_step=held_out_check)
+    log.close()
     acc.wait_for_everyone()
     step, done_now = progress.step, progress.step - start
     elapsed = time.time() - t_loop
