@@ -137,14 +137,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from ..data.latents import default_cache_dir, encode_pairs
 
     preset = _preset(args)
-    out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name)
+    out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name, image=args.image)
     result = encode_pairs(
         args.pairs, codec_of(preset), out, batch_size=args.batch_size, shard_size=args.shard_size,
-        shard=args.shard, device=args.device, progress=not args.quiet,
+        shard=args.shard, device=args.device, progress=not args.quiet, image=args.image,
     )
     ident = result["identity"]
     print(
-        f"latents {result['out']}: {result['encoded']} encoded now on {result['device']}, "
+        f"{args.image.upper()} latents {result['out']}: {result['encoded']} encoded now on {result['device']}, "
         f"{result['already_cached']} already cached, {result['cached_total']} in the cache "
         f"({ident['family']}, {ident['latent_channels']} channels, encoder {ident['encoder_sha256'][:12]})"
     )
@@ -388,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="pair set folder (from build-pairs)")
     _add_preset(p)
     _add_vae(p)
-    p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>)")
+    p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>; HQ: PAIRS/latents_hq/<preset>)")
+    p.add_argument("--image", default="lq", choices=["lq", "hq"],
+                   help="which image of each pair: lq (the decoders' inputs) | hq (a latent upscaler's targets); a "
+                        "cache holds one of them only (default: %(default)s)")
     _add_batch_job(p, batch_size=16, shard_size=512, unit="pairs")
     p.set_defaults(func=cmd_encode)
 
