@@ -1,5 +1,6 @@
 """The one place that turns names and strings into objects: a preset's codec, teacher and text encoder, prompt
-embeddings, a degrader from its spec (the degrader vocabulary), a pair set for a preset, a run's 2x decoder.
+embeddings, a degrader from its spec (the degrader vocabulary), a pair set for a preset, a run's 2x decoder, a
+latent upscaler for a preset.
 
 Rule: imports core, presets, models, data and degrade; train and apps get their objects from here, and nothing
 below knows a preset or a degrader by name.
@@ -17,12 +18,15 @@ from typing import Callable
 import torch
 
 from .core.runs import CheckpointManager, load_safetensors
+from .core.samples import ASSETS_DIR
 from .data.datasets import PairDataset
 from .data.latents import _describe, default_cache_dir, encode_pairs, same_codec
 from .data.pairs import PairSpec, build_pairs
 from .degrade import CachedTeacher, DiffusionDegrader, NoiseDegrader, ProxyDegrader
 from .models.codecs import Codec, TAECodec, WanCodec, load_codec
 from .models.decoder import TwoXDecoder, check_finite_weights
+from .models.latent_upscaler import (CONFIG as UPSCALER_CONFIG, WEIGHTS as UPSCALER_WEIGHTS, LatentUpscaler,
+                                     load_latent_upscaler as load_upscaler_folder, read_latent_upscaler_info)
 from .models.prompts import PromptCache, encode_prompt, prompt_cache_dir, resolve_prompt
 from .models.proxy import load_proxy
 from .models.teacher import is_teacher_folder, load_prompt_embeds, load_teacher, read_teacher_info
@@ -342,3 +346,45 @@ def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
     # The run's held-out split (exports made before ldlib recorded it, or not by ldlib, have none: None).
     return codec.eval(), {"model": str(path), "kind": "export", "val_fraction": record.get("val_fraction"),
                           "seed": record.get("split_seed"), "made_with_preset": made_with}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# latent upscalers
+# ------------------------------------------------------------------------------------------------------------
+
+
+UPSCALER_SUBDIR = "upscaler"  # where train-latent-upscaler writes the model inside its run folder
+
+
+def shipped_latent_upscaler(preset: Preset) -> Path | None:
+    """The latent upscaler shipped for a preset (``ldlib/assets/latent_upscaler_<preset>``), None when there is none."""
+    folder = ASSETS_DIR / f"latent_upscaler_{preset.name}"
+    return folder if (folder / UPSCALER_CONFIG).is_file() else None
+
+
+def latent_upscaler_folder(model: str | os.PathLike) -> Path:
+    """The model folder of a latent upscaler given as itself or as the train-latent-upscaler run that made it."""
+    path = Path(model)
+    if not (path / UPSCALER_WEIGHTS).is_file() and (path / UPSCALER_SUBDIR / UPSCALER_WEIGHTS).is_file():
+        return path / UPSCALER_SUBDIR
+    return path
+
+
+def load_latent_upscaler(model: str | os.PathLike, preset: Preset, codec: Codec | None = None,
+                         device: str | torch.device | None = None) -> tuple[LatentUpscaler, dict]:
+    """A trained latent upscaler (its folder, or a run folder holding it) for the preset's latents, and its config.
+
+    One that was trained in another latent space (another preset's VAE) is refused in one line naming its
+    config.json and both presets, before any weight is read.
+    """
+    folder = latent_upscaler_folder(model)
+    info = read_latent_upscaler_info(folder)
+    identity = (codec if codec is not None else codec_of(preset)).identity()
+    have = info.get("codec") or {}
+    if not same_codec(have, identity):
+        made = info.get("preset", "unknown")
+        raise ValueError(
+            f"{folder / UPSCALER_CONFIG}: a latent upscaler for preset {made!r} ({_describe(have)}), not for "
+            f"--preset {preset.name!r} ({_describe(identity)}); it only works in the latent space it was trained "
+            f"in: pass --preset {made} or a latent upscaler trained for {preset.name}")
+    return load_upscaler_folder(folder, device)

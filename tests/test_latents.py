@@ -1,8 +1,9 @@
-"""Latent cache: latents equal the codec's own encode, resume, shards, and refusal to mix codecs."""
+"""Latent cache: latents equal the codec's own encode, resume, shards, and refusal to mix codecs, or LQ and HQ latents."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ldlib.build import codec_of
 from ldlib.core.files import shard_files
 from ldlib.core.images import load_image
 from ldlib.data.datasets import PairDataset
-from ldlib.data.latents import LatentCache, encode_pairs
+from ldlib.data.latents import LatentCache, default_cache_dir, encode_pairs
 from ldlib.data.pairs import PairSpec, build_pairs, read_manifest
 from ldlib.presets import get_preset
 
@@ -125,3 +126,48 @@ def test_train_decoder_on_another_vaes_cache_names_its_own_flags(tiny_pairset, t
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert code == 2 and len(lines) == 1 and "never mixed" in lines[0], lines
     assert "--out" not in lines[0] and "--latents" in lines[0] and "ldlib encode" in lines[0]
+
+
+def test_hq_latents_are_the_hq_encode_in_their_own_cache(pairs, codec):
+    lq_dir, hq_dir = default_cache_dir(pairs, "tiny"), default_cache_dir(pairs, "tiny", image="hq")
+    assert lq_dir == pairs / "latents" / "tiny" and hq_dir == pairs / "latents_hq" / "tiny"
+    encode_pairs(pairs, codec, lq_dir, progress=False)
+    result = encode_pairs(pairs, codec, hq_dir, batch_size=3, progress=False, image="hq")
+    assert result["encoded"] == 8 and result["image"] == "hq"
+    records = read_manifest(pairs)
+    with torch.no_grad():
+        want = codec.encode(torch.cat([load_image(pairs / r["hq"]) for r in records[:2]]))
+    cache = LatentCache(hq_dir, expect=codec, image="hq")
+    torch.testing.assert_close(cache.get_many([r["id"] for r in records[:2]]), want, rtol=1e-4, atol=1e-5)
+    assert json.loads((hq_dir / "identity.json").read_text())["image"] == "hq"
+    item = PairDataset(pairs, latents=lq_dir, hq_latents=hq_dir, load_images=False)[1]
+    assert item["hq_latent"].shape == (16, 8, 8) and item["latent"].shape == (16, 4, 4)
+
+
+def test_lq_and_hq_latent_caches_cannot_be_mixed(pairs, codec, tmp_path, capsys):
+    lq_dir, hq_dir = tmp_path / "lq", tmp_path / "hq"
+    encode_pairs(pairs, codec, lq_dir, progress=False)
+    encode_pairs(pairs, codec, hq_dir, progress=False, image="hq")
+    # Read as the other image: refused by every reader in one line naming the folder and both images.
+    for call in (lambda: LatentCache(hq_dir), lambda: LatentCache(lq_dir, image="hq"),
+                 lambda: PairDataset(pairs, latents=hq_dir), lambda: PairDataset(pairs, hq_latents=lq_dir),
+                 lambda: PairDataset(pairs, latents=lq_dir, hq_latents=LatentCache(lq_dir))):
+        with pytest.raises(ValueError, match="never mixed") as e:
+            call()
+        assert "LQ images" in str(e.value) and "HQ images" in str(e.value) and "\n" not in str(e.value)
+    # Encoding one image into the other's cache is refused before anything is written.
+    before = sorted(p.name for p in lq_dir.iterdir())
+    for out, image in ((lq_dir, "hq"), (hq_dir, "lq")):
+        with pytest.raises(ValueError, match="never mixed"):
+            encode_pairs(pairs, codec, out, progress=False, image=image)
+    assert sorted(p.name for p in lq_dir.iterdir()) == before
+    assert main(["encode", str(pairs), "--preset", "tiny", "--image", "hq", "--out", str(lq_dir), "--quiet"]) == 2
+    assert "never mixed" in capsys.readouterr().err
+    # A file of HQ latents dropped into an LQ cache (same pair ids, same codec) is refused by its metadata.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(lq_dir, mixed)
+    for shard in shard_files(hq_dir):
+        shutil.copy(shard, mixed / shard.name)
+    with pytest.raises(ValueError, match="never mixed") as e:
+        LatentCache(mixed)
+    assert "latents-hq" in str(e.value)

@@ -2,7 +2,8 @@
 
 Each command is a ``cmd_<name>(args)`` function plus its parser in ``build_parser``; the work itself lives in the
 ldlib modules, so notebooks and scripts call the same code. Settings that have a config dataclass (TrainConfig,
-ProxyTrainConfig, EvalConfig, SweepConfig, PairSpec, TeacherSpec) get their flags, defaults and help from it
+ProxyTrainConfig, EvalConfig, SweepConfig, PairSpec, TeacherSpec, LatentUpscalerConfig, LatentEvalConfig) get their
+flags, defaults and help from it
 (``ldlib.core.config``): each setting is declared once.
 """
 
@@ -137,14 +138,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from ..data.latents import default_cache_dir, encode_pairs
 
     preset = _preset(args)
-    out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name)
+    out = Path(args.out) if args.out else default_cache_dir(args.pairs, preset.name, image=args.image)
     result = encode_pairs(
         args.pairs, codec_of(preset), out, batch_size=args.batch_size, shard_size=args.shard_size,
-        shard=args.shard, device=args.device, progress=not args.quiet,
+        shard=args.shard, device=args.device, progress=not args.quiet, image=args.image,
     )
     ident = result["identity"]
     print(
-        f"latents {result['out']}: {result['encoded']} encoded now on {result['device']}, "
+        f"{args.image.upper()} latents {result['out']}: {result['encoded']} encoded now on {result['device']}, "
         f"{result['already_cached']} already cached, {result['cached_total']} in the cache "
         f"({ident['family']}, {ident['latent_channels']} channels, encoder {ident['encoder_sha256'][:12]})"
     )
@@ -254,6 +255,49 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_latent_upscaler(args: argparse.Namespace) -> int:
+    """Train a latent 2x upscaler on a pair set (enc(LQ), degraded -> enc(HQ)); writes the run and OUT/upscaler."""
+    from ..core.config import config_from_args
+    from ..train.latent_upscaler import LatentUpscalerConfig, train_latent_upscaler
+
+    cfg = config_from_args(LatentUpscalerConfig, args)
+    s = train_latent_upscaler(cfg, args.pairs, args.out, latents=args.latents, hq_latents=args.hq_latents,
+                              resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # one report per run, not per DDP process
+        return 0
+    print(f"train-latent-upscaler {args.out}: {s['steps_done']}/{s['steps_target']} steps, "
+          f"{s['parameters'] / 1e6:.2f}M parameters, {s['train_pairs']} training pairs, "
+          f"{s['steps_per_s_this_run'] or 0:.2f} steps/s this run; model: {s['upscaler']}")
+    for key, value in s.get("held_out", {}).items():
+        print(f"held-out {key}: {value:.4f}")
+    return 0
+
+
+def cmd_evaluate_latent_upscaler(args: argparse.Namespace) -> int:
+    """Compare a latent upscaler with latent nearest/bilinear/bicubic, decode-bicubic-encode and enc(HQ)."""
+    from ..core.config import config_from_args
+    from .latent_upscale import LatentEvalConfig, markdown_table, run_latent_evaluation, verdict_lines
+
+    cfg = config_from_args(LatentEvalConfig, args)
+    out = Path(args.out)
+    doc = run_latent_evaluation(args.model, args.pairs, out, preset_name=args.preset, cfg=cfg, latents=args.latents,
+                                hq_latents=args.hq_latents, taef2_dir=args.taef2_dir, progress=not args.quiet)
+    print(markdown_table(doc["rows"]) + verdict_lines(doc["verdicts"]), end="")
+    print(f"wrote {out / 'eval.json'}, eval.md, crops.png")
+    return 0
+
+
+def cmd_upscale_latents(args: argparse.Namespace) -> int:
+    """Upscale latent files 2x with a latent upscaler; write <stem>_2x.safetensors."""
+    from .latent_upscale import upscale_latent_files
+
+    written = upscale_latent_files(args.inputs, args.model, args.out, preset_name=args.preset,
+                                   raw=args.latents == "raw", overwrite=args.overwrite, taef2_dir=args.taef2_dir)
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a 2x decoder (run or export) against decoder+bicubic / +Lanczos per sigma on held-out pairs."""
     from ..core.config import config_from_args
@@ -349,9 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     from ..train.decoder import TrainConfig
     from ..train.proxy import ProxyTrainConfig
     from ..train.teacher import TeacherConfig
+    from ..train.latent_upscaler import LatentUpscalerConfig
     from .analysis import SweepConfig
     from .evaluate import EvalConfig
     from .experiment import ExperimentConfig
+    from .latent_upscale import LatentEvalConfig
 
     # allow_abbrev=False everywhere: an old or mistyped flag (--crop) must not silently mean another (--crops-per-image).
     parser = argparse.ArgumentParser(
@@ -390,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="pair set folder (from build-pairs)")
     _add_preset(p)
     _add_vae(p)
-    p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>)")
+    p.add_argument("--out", default=None, help="cache folder (default: PAIRS/latents/<preset>; HQ: PAIRS/latents_hq/<preset>)")
+    p.add_argument("--image", default="lq", choices=["lq", "hq"],
+                   help="which image of each pair: lq (the decoders' inputs) | hq (a latent upscaler's targets); a "
+                        "cache holds one of them only (default: %(default)s)")
     _add_batch_job(p, batch_size=16, shard_size=512, unit="pairs")
     p.set_defaults(func=cmd_encode)
 
@@ -495,6 +544,42 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default: refuse, naming the file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (shown for inputs of more than one tile)")
     p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("train-latent-upscaler", allow_abbrev=False,
+                       help="train a latent 2x upscaler (hires fix in latent space) on a pair set's LQ and HQ latents")
+    p.add_argument("pairs", help="pair set folder (LQ latents from `encode`; HQ latents are encoded when missing)")
+    p.add_argument("out", help="run folder; the model goes to OUT/upscaler (safetensors + config.json)")
+    p.add_argument("--latents", default=None, help="LQ latent cache (default: PAIRS/latents/<preset>)")
+    p.add_argument("--hq-latents", default=None, help="HQ latent cache (default: PAIRS/latents_hq/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(p, LatentUpscalerConfig, title="latent upscaler (LatentUpscalerConfig)")
+    p.set_defaults(func=cmd_train_latent_upscaler)
+
+    p = sub.add_parser("evaluate-latent-upscaler", allow_abbrev=False,
+                       help="a latent upscaler vs latent nearest/bilinear/bicubic, decode-bicubic-encode and enc(HQ)")
+    p.add_argument("pairs", help="pair set folder (a separate test set, or --split held-out of the training set)")
+    p.add_argument("--model", default=None, help="latent upscaler folder or its train-latent-upscaler run "
+                                                 "(default: the one shipped for --preset)")
+    _add_preset(p)
+    p.add_argument("--latents", default=None, help="LQ latent cache (default: PAIRS/latents/<preset>)")
+    p.add_argument("--hq-latents", default=None, help="HQ latent cache (default: PAIRS/latents_hq/<preset>, encoded "
+                                                      "when missing)")
+    p.add_argument("--out", default="runs/latent_upscaler_eval", help="report folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(p, LatentEvalConfig, title="evaluation (LatentEvalConfig)")
+    p.set_defaults(func=cmd_evaluate_latent_upscaler)
+
+    p = sub.add_parser("upscale-latents", allow_abbrev=False,
+                       help="upscale latent files 2x with a latent upscaler (<stem>_2x.safetensors)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="latent files (.safetensors / .pt: C x h x w or N x C x h x w)")
+    p.add_argument("--model", default=None, help="latent upscaler folder or its run (default: the one shipped for --preset)")
+    _add_preset(p)
+    p.add_argument("--out", default="runs/upscale_latents", help="output folder (default: %(default)s)")
+    p.add_argument("--latents", default="normalised", choices=["normalised", "raw"],
+                   help="the files hold the diffusion model's normalised latents or raw VAE latents (output: the same)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files of the same name")
+    p.set_defaults(func=cmd_upscale_latents)
 
     p = sub.add_parser("bench", allow_abbrev=False, help="benchmarks (ratios measured in one run), written under runs/bench/")
     p.add_argument("which", nargs="?", default="all", help="pairs | codec | degrade | train | train-wan | all")

@@ -1,7 +1,8 @@
 """The torch Datasets the training loops read: pairs of a pair set on disk (with their cached latents), in-memory pairs.
 
 ``PairDataset(PAIRS, latents=PAIRS/"latents"/PRESET)`` serves ``id``, ``source``, ``hq``, ``lq`` and ``latent`` per pair
-(images in [-1, 1]); ``.split(val_fraction, seed)`` holds out whole source photos. ``TensorPairs`` holds pairs in
+(images in [-1, 1]), and ``hq_latent`` with ``hq_latents=`` (a cache of the HQ images' latents);
+``.split(val_fraction, seed)`` holds out whole source photos. ``TensorPairs`` holds pairs in
 memory (tests, quick experiments); ``collate_pairs`` batches either kind.
 """
 
@@ -26,8 +27,10 @@ class PairDataset(torch.utils.data.Dataset):
     ``PairDataset(root, ids=None, latents=None)``; item ``i`` is a dict:
     ``id`` (str), ``source`` (str, path relative to the source folder), ``hq`` (3 x S x S float in [-1, 1]),
     ``lq`` (3 x S/f x S/f float in [-1, 1]) and, when ``latents`` (a folder or LatentCache) is given,
-    ``latent`` (C x h x w normalised latent of that LQ). ``records`` holds the manifest lines in item order;
-    ``split(val_fraction, seed)`` returns (train, val) datasets split by source image.
+    ``latent`` (C x h x w normalised latent of that LQ); when ``hq_latents`` is given, ``hq_latent`` (the HQ's,
+    C x 2h x 2w at lq_factor 2). Each cache must hold latents of its own image of the pairs (LatentCache's
+    ``image``). ``records`` holds the manifest lines in item order; ``split(val_fraction, seed)`` returns (train,
+    val) datasets split by source image.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class PairDataset(torch.utils.data.Dataset):
         ids: Sequence[str] | None = None,
         latents: "str | os.PathLike | object | None" = None,
         load_images: bool = True,
+        hq_latents: "str | os.PathLike | object | None" = None,
     ) -> None:
         self.root = Path(root)
         records = read_manifest(self.root)
@@ -47,19 +51,27 @@ class PairDataset(torch.utils.data.Dataset):
             records = [by_id[i] for i in ids]
         self.records: list[dict] = records
         self.load_images = load_images
-        self.latents = None
-        if latents is not None:
-            self.latents = latents if isinstance(latents, LatentCache) else LatentCache(latents)
-            cut = self.latents.info.get("pairset")
-            mine = json.loads((self.root / PAIRSET_JSON).read_text())["spec"] if (self.root / PAIRSET_JSON).is_file() else None
-            if cut and mine and cut != mine:
-                raise ValueError(f"{self.latents.folder}: latents of pairs cut with {cut}, this pair set is {mine}")
-            absent = [r["id"] for r in records if r["id"] not in self.latents]
-            if absent:
-                raise KeyError(
-                    f"{self.latents.folder}: no latents for {len(absent)} of {len(records)} pairs "
-                    f"(e.g. {absent[0]!r}); run `python -m ldlib encode {self.root}` first"
-                )
+        self.latents = self._cache(latents, "lq")
+        self.hq_latents = self._cache(hq_latents, "hq")
+
+    def _cache(self, latents, image: str) -> LatentCache | None:
+        """The latent cache of one image of the pairs, checked: that image, this pair set's cut, every pair there."""
+        if latents is None:
+            return None
+        cache = latents if isinstance(latents, LatentCache) else LatentCache(latents, image=image)
+        if cache.image != image:  # a LatentCache opened for the other image
+            LatentCache(cache.folder, image=image)  # raises, naming both
+        cut = cache.info.get("pairset")
+        mine = json.loads((self.root / PAIRSET_JSON).read_text())["spec"] if (self.root / PAIRSET_JSON).is_file() else None
+        if cut and mine and cut != mine:
+            raise ValueError(f"{cache.folder}: latents of pairs cut with {cut}, this pair set is {mine}")
+        absent = [r["id"] for r in self.records if r["id"] not in cache]
+        if absent:
+            raise KeyError(
+                f"{cache.folder}: no latents for {len(absent)} of {len(self.records)} pairs "
+                f"(e.g. {absent[0]!r}); run `python -m ldlib encode {self.root}{' --image hq' if image == 'hq' else ''}` first"
+            )
+        return cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -82,14 +94,16 @@ class PairDataset(torch.utils.data.Dataset):
             item["lq"] = to_tensor(load_rgb8(self.root / r["lq"])[0])[0]
         if self.latents is not None:
             item["latent"] = self.latents.get(r["id"])
+        if self.hq_latents is not None:
+            item["hq_latent"] = self.hq_latents.get(r["id"])
         return item
 
     def split(self, val_fraction: float = 0.1, seed: int = 0) -> tuple["PairDataset", "PairDataset"]:
         """(train, val) datasets split by source image (see split_by_source)."""
         train, val = split_by_source(self.records, val_fraction, seed)
         return (
-            PairDataset(self.root, train, self.latents, self.load_images),
-            PairDataset(self.root, val, self.latents, self.load_images),
+            PairDataset(self.root, train, self.latents, self.load_images, self.hq_latents),
+            PairDataset(self.root, val, self.latents, self.load_images, self.hq_latents),
         )
 
 
@@ -137,8 +151,8 @@ def _even_crop(x: torch.Tensor) -> torch.Tensor:
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Stack the tensors of dataset items (latent, hq) into a batch; pair ids (when present) stay a list."""
-    out = {k: torch.stack([it[k] for it in items]) for k in ("latent", "hq") if k in items[0]}
+    """Stack the tensors of dataset items (latent, hq, hq_latent) into a batch; pair ids (when present) stay a list."""
+    out = {k: torch.stack([it[k] for it in items]) for k in ("latent", "hq", "hq_latent") if k in items[0]}
     if "id" in items[0]:
         out["id"] = [it["id"] for it in items]
     return out

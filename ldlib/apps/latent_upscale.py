@@ -1,0 +1,304 @@
+"""The latent upscaler against what people use for a hires fix, and upscaling latent files with it.
+
+Methods, each taking the same (degraded) LQ latent to a 2x latent:
+- ``latent nearest`` / ``latent bilinear`` / ``latent bicubic``: the latent resized like an image (torch);
+- ``decode-bicubic-encode``: the preset's decoder, bicubic 2x of the image, its encoder (slow, and it blurs);
+- ``ours``: the trained ``LatentUpscaler``;
+- ``enc(HQ)``: the latent of the HQ image itself, the ceiling (not degraded: what a perfect upscaler would give).
+
+Per pair: the latent error relative to ``enc(HQ)`` (``|up - enc(HQ)| / |enc(HQ)|``), and PSNR, HaarPSI and colour
+shift of ``decode(up)`` against the HQ pixels (``ldlib.core.metrics``), plus the wall time per latent of each method
+(the upscale alone: for decode-bicubic-encode its decode, resize and encode). The degradation is
+``apps.evaluate.degrade_for_eval``'s (per sample, keyed by seed, sigma and index: identical for every method), the
+paired verdicts ``apps.evaluate.compare``'s. Outputs: ``eval.json`` (rows with per-pair values, verdicts),
+``eval.md`` (one table), ``crops.png`` (the same crop decoded from each method's latent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..build import codec_of, load_latent_upscaler, shipped_latent_upscaler, vocabulary
+from ..core.config import check_sigmas
+from ..core.files import atomic_write_bytes, atomic_write_file, save_figure
+from ..core.metrics import colour_shift, haarpsi, psnr
+from .evaluate import bicubic_2x, compare, degrade_for_eval
+
+METRICS = ("rel_err", "psnr", "haarpsi", "colour_shift", "seconds")
+VERDICT_METRICS = ("psnr", "haarpsi", "colour_shift")
+OURS, DBE, CEILING = "ours", "decode-bicubic-encode", "enc(HQ)"
+VERDICT_BASELINES = (DBE, "latent bicubic")
+
+
+@dataclass
+class LatentEvalConfig:
+    """What to evaluate a latent upscaler on: sigmas, degrader, which pairs, batch, seed."""
+
+    sigmas: tuple[float, ...] = field(default=(0.0, 0.08), metadata={"help": "sigmas, comma-separated"})
+    degrader: str = field(default="diffusion", metadata={"help": f"how the LQ latents are degraded: {vocabulary(live=True)}"})
+    split: Literal["all", "held-out"] = field(default="all", metadata={
+        "help": "all (a separate test set: every pair) | held-out (the photos the model's run held out of PAIRS)"})
+    per_photo: int | None = field(default=None, metadata={"help": "at most this many pairs of each photo (default: all)"})
+    batch: int = field(default=4, metadata={"help": "latents per call"})
+    seed: int = field(default=0, metadata={"help": "noise seed (the same draws for every method)"})
+
+    def __post_init__(self) -> None:
+        self.sigmas = tuple(float(s) for s in self.sigmas)
+        check_sigmas(self.sigmas, "LatentEvalConfig.sigmas")
+        if self.batch < 1 or (self.per_photo is not None and self.per_photo < 1):
+            raise ValueError(f"LatentEvalConfig: batch and per_photo must be >= 1, got {self.batch}, {self.per_photo}")
+        if self.split not in ("all", "held-out"):
+            raise ValueError(f"LatentEvalConfig.split must be all or held-out, got {self.split!r}")
+
+
+def baselines(codec) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The latent 2x methods people use, by name (normalised latents in and out)."""
+    def resize(mode: str):
+        kw = {} if mode == "nearest" else {"align_corners": False}
+        return lambda z: F.interpolate(z.float(), scale_factor=2, mode=mode, **kw)
+
+    return {"latent nearest": resize("nearest"), "latent bilinear": resize("bilinear"),
+            "latent bicubic": resize("bicubic"), DBE: lambda z: codec.encode(bicubic_2x(codec.decode(z)).clamp(-1, 1))}
+
+
+def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``|up - target| / |target|`` (Frobenius norms)."""
+    return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def _timed(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = fn(z)
+    return out, (time.perf_counter() - t0) / len(z)
+
+
+@torch.no_grad()
+def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cfg: LatentEvalConfig | None = None,
+                              degrader=None, indices: Sequence[int] | None = None, progress: bool = True) -> list[dict]:
+    """Rows ``{method, sigma, n, <metric means>, per_pair: {metric: [...]}, sources: [...]}`` per method and sigma.
+
+    ``upscalers``: name -> latent 2x function (the trained upscalers); the baselines and the ceiling are added.
+    Dataset items need ``latent``, ``hq_latent``, ``hq`` (and ``id``, ``source``). ``indices``: which items.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or LatentEvalConfig()
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    if not indices:
+        raise ValueError("evaluate-latent-upscaler: no pairs to evaluate")
+    methods = {**baselines(codec), **upscalers}
+    values: dict[tuple[str, float], dict[str, list[float]]] = {}
+    sources: list[str | None] = []
+
+    def scores(up: torch.Tensor, hq: torch.Tensor, z_hq: torch.Tensor) -> dict[str, list[float]]:
+        image = codec.decode(up.float()).float().clamp(-1, 1)
+        return {"rel_err": relative_error(up, z_hq).tolist(), "psnr": psnr(image, hq).tolist(),
+                "haarpsi": haarpsi(image, hq).tolist(), "colour_shift": colour_shift(image, hq).tolist()}
+
+    def add(name: str, sigma: float, vals: dict[str, list[float]], seconds: float | None) -> None:
+        cell = values.setdefault((name, sigma), {k: [] for k in METRICS})
+        for k, v in vals.items():
+            cell[k] += [float(x) for x in v]
+        if seconds is not None:  # the ceiling has no time: it is not an upscale
+            cell["seconds"] += [seconds] * len(vals["psnr"])
+
+    with torch.no_grad():  # a first call of each method outside the timings (lazy initialisation, allocations)
+        first = dataset[indices[0]]["latent"][None].float()
+        for fn in methods.values():
+            fn(first)
+
+    bar = tqdm(total=len(indices), desc="evaluate latent upscalers", disable=not progress)
+    for start in range(0, len(indices), cfg.batch):
+        idx = indices[start : start + cfg.batch]
+        items = [dataset[i] for i in idx]
+        sources += [it.get("source") for it in items]
+        z = torch.stack([it["latent"] for it in items]).float()
+        z_hq = torch.stack([it["hq_latent"] for it in items]).float()
+        hq = torch.stack([it["hq"] for it in items]).float()
+        ceiling = scores(z_hq, hq, z_hq)  # not degraded: the same at every sigma
+        for sigma in cfg.sigmas:
+            zd = degrade_for_eval(degrader, z, idx, sigma, cfg.seed, [it.get("id") for it in items])
+            for name, fn in methods.items():
+                up, seconds = _timed(fn, zd)
+                if up.shape != z_hq.shape:
+                    raise ValueError(f"{name}: upscaled latents are {tuple(up.shape[1:])}, the HQ latents "
+                                     f"{tuple(z_hq.shape[1:])}: a 2x upscaler needs pairs whose HQ is 2x their LQ")
+                add(name, sigma, scores(up, hq, z_hq), seconds)
+            add(CEILING, sigma, ceiling, None)
+        bar.update(len(idx))
+    bar.close()
+    return [{"method": name, "sigma": sigma, "n": len(v["psnr"]),
+             **{k: float(np.mean(v[k])) if v[k] else None for k in METRICS}, "per_pair": v, "sources": sources}
+            for (name, sigma), v in values.items()]
+
+
+def verdicts(rows: list[dict], ours: str = OURS, baselines_: Sequence[str] = VERDICT_BASELINES,
+             metrics: Sequence[str] = VERDICT_METRICS) -> list[dict]:
+    """``compare`` (apps.evaluate's paired verdict) of ours against each baseline, per sigma and metric."""
+    by = {(r["method"], r["sigma"]): r for r in rows}
+    return [{"sigma": s, "baseline": b, **compare(by[(ours, s)], by[(b, s)], m)}
+            for s in sorted({r["sigma"] for r in rows if r["method"] == ours})
+            for b in baselines_ if (b, s) in by for m in metrics]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One table: methods x sigmas, relative latent error, PSNR, HaarPSI, colour shift and ms per latent."""
+    lines = ["| method | sigma | latent error vs enc(HQ) | PSNR dB | HaarPSI | colour shift | ms / latent |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sigma"], _order(r["method"]))):
+        ms = "-" if r["seconds"] is None else f"{1000 * r['seconds']:.1f}"
+        lines.append(f"| {r['method']} | {r['sigma']:g} | {r['rel_err']:.3f} | {r['psnr']:.2f} | {r['haarpsi']:.4f} "
+                     f"| {r['colour_shift']:.2f} | {ms} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_lines(comparisons: list[dict]) -> str:
+    """Markdown bullets: ours vs each baseline per sigma, every metric's call with its mean paired difference."""
+    out = []
+    for (s, b) in dict.fromkeys((c["sigma"], c["baseline"]) for c in comparisons):
+        parts = [f"{c['metric']} {c['call']} ({c['mean_diff']:+.3g} +- {c['se']:.2g})" for c in comparisons
+                 if c["sigma"] == s and c["baseline"] == b]
+        out.append(f"- sigma {s:g}, ours vs {b}: " + "; ".join(parts))
+    return "\n".join(out) + "\n"
+
+
+def _order(method: str) -> int:
+    known = ["latent nearest", "latent bilinear", "latent bicubic", DBE, OURS, CEILING]
+    return known.index(method) if method in known else len(known) - 1
+
+
+def photo_subset(records: Sequence[dict], per_photo: int | None) -> list[int]:
+    """Indices of the first ``per_photo`` pairs of each source photo (all when None), in record order."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, r in enumerate(records):
+        seen[r["source"]] = seen.get(r["source"], 0) + 1
+        if per_photo is None or seen[r["source"]] <= per_photo:
+            keep.append(i)
+    return keep
+
+
+def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathLike, out: str | os.PathLike,
+                          preset_name: str = "taef2", cfg: LatentEvalConfig | None = None,
+                          latents: str | os.PathLike | None = None, hq_latents: str | os.PathLike | None = None,
+                          taef2_dir: str | None = None, progress: bool = True) -> dict:
+    """Evaluate a latent upscaler (a folder, its run, or None: the preset's shipped one) on a pair set; write
+    eval.json, eval.md and crops.png under out; return the JSON document."""
+    from ..presets import get_preset
+    from ..train.latent_upscaler import pairs_with_hq_latents
+
+    cfg = cfg or LatentEvalConfig()
+    preset = get_preset(preset_name, taef2_path=taef2_dir)
+    codec = codec_of(preset)
+    model = model or shipped_latent_upscaler(preset)
+    if model is None:
+        raise ValueError(f"preset {preset.name!r} ships no latent upscaler: give one (--model)")
+    net, info = load_latent_upscaler(model, preset, codec)
+    data = pairs_with_hq_latents(pairs, codec, preset.name, latents, hq_latents, progress=progress)
+    if cfg.split == "held-out":
+        training = info.get("training", {})
+        seed = training.get("split_seed") if training.get("split_seed") is not None else training.get("seed")
+        if training.get("val_fraction") is None or seed is None:
+            raise ValueError(f"{model}: records no training split; pass --split all (a separate test set)")
+        data = data.split(training["val_fraction"], seed)[1]
+    indices = photo_subset(data.records, cfg.per_photo)
+    from ..build import parse_degrader
+
+    degrader = parse_degrader(cfg.degrader, preset, codec, device="cpu")
+    rows = evaluate_latent_upscalers(codec, {OURS: net}, data, cfg, degrader, indices, progress)
+    comparisons = verdicts(rows)
+    scored = sorted({data.records[i]["source"] for i in indices})
+    doc = {"config": asdict(cfg), "model": str(model), "model_info": {k: v for k, v in info.items() if k != "codec"},
+           "pairs": str(pairs), "preset": preset.name, "pairs_scored": len(indices), "photos": scored,
+           "torch_threads": torch.get_num_threads(), "rows": rows, "verdicts": comparisons,
+           "random_models": preset.random_weights}
+    out = Path(out)
+    atomic_write_bytes(out / "eval.json", json.dumps(doc, indent=2).encode())
+    md = (f"# Latent upscaler vs the hires-fix baselines\n\n{len(indices)} pairs of {len(scored)} photos "
+          f"({', '.join(scored)}) of `{pairs}`, preset {preset.name}; LQ latents degraded by `{cfg.degrader}`; "
+          f"model `{model}`; wall time per latent with {torch.get_num_threads()} CPU thread(s).\n\n"
+          + markdown_table(rows) + "\nPaired verdicts (mean difference, ours minus baseline, signed so that + is "
+          "better, +- one standard error):\n\n" + verdict_lines(comparisons))
+    if preset.random_weights:
+        md += "\nRandom models (preset tiny): these numbers show that the pipeline runs, not how good the method is.\n"
+    atomic_write_bytes(out / "eval.md", md.encode())
+    picks = [next(i for i in indices if data.records[i]["source"] == s) for s in scored][:4]
+    figure = crops_figure_of(codec, net, [data[i] for i in picks], max(cfg.sigmas), degrader, cfg.seed, picks)
+    save_figure(figure, out / "crops.png")
+    return doc
+
+
+@torch.no_grad()
+def comparison_decodes(codec, upscaler, items: Sequence[dict], sigma: float, degrader, seed: int = 0,
+                       indices: Sequence[int] | None = None,
+                       methods: Sequence[str] = ("latent bicubic", DBE)) -> dict[str, torch.Tensor]:
+    """Decodes of each method's 2x latent of the items' (degraded) LQ latents, then ``ours``, ``enc(HQ)`` and ``HQ``:
+    name -> N x 3 x H x W in [-1, 1] (the noise draws are the evaluation's when ``indices`` are the items')."""
+    z = torch.stack([it["latent"] for it in items]).float()
+    keys = list(indices) if indices is not None else list(range(len(items)))
+    zd = degrade_for_eval(degrader, z, keys, float(sigma), seed, [it.get("id") for it in items])
+    fns = baselines(codec)
+    out = {name: codec.decode(fns[name](zd)) for name in methods}
+    out[OURS] = codec.decode(upscaler(zd))
+    out[CEILING] = codec.decode(torch.stack([it["hq_latent"] for it in items]).float())
+    out["HQ"] = torch.stack([it["hq"] for it in items]).float()
+    return {k: v.float().clamp(-1, 1) for k, v in out.items()}
+
+
+def crops_figure_of(codec, upscaler, items, sigma, degrader, seed=0, indices=None, crop: int = 160):
+    """apps.evaluate's crops figure (same centre crop per method, PSNR in each title) of ``comparison_decodes``."""
+    from matplotlib.figure import Figure
+
+    from .evaluate import crops_figure
+
+    images = comparison_decodes(codec, upscaler, items, sigma, degrader, seed, indices)
+    crop = min(crop, images["HQ"].shape[-1])
+    return crops_figure(images, crop=crop, title=f"decode of each 2x latent, LQ latents degraded at sigma {sigma:g}",
+                        fig=Figure(figsize=(2.6 * len(images), 2.75 * len(items)), dpi=100))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# upscale-latents: latent files in, 2x latent files out
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def upscale_latent_files(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | None, out_dir: str | os.PathLike,
+                         preset_name: str = "taef2", raw: bool = False, overwrite: bool = False,
+                         taef2_dir: str | None = None) -> list[Path]:
+    """Upscale latent files (.safetensors / .pt: C x h x w or N x C x h x w) 2x; write ``<stem>_2x.safetensors``
+    (tensor ``latents``, N x C x 2h x 2w, the input's space: normalised, or raw with ``raw``) into out_dir."""
+    from safetensors.torch import save_file
+
+    from ..presets import get_preset
+    from .upscale import read_latents
+
+    preset = get_preset(preset_name, taef2_path=taef2_dir)
+    codec = codec_of(preset)
+    model = model or shipped_latent_upscaler(preset)
+    if model is None:
+        raise ValueError(f"preset {preset.name!r} ships no latent upscaler: give one (--model)")
+    net, _ = load_latent_upscaler(model, preset, codec)
+    out_dir = Path(out_dir)
+    targets = [out_dir / f"{Path(p).stem}_2x.safetensors" for p in inputs]
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target}: exists already; pass --overwrite to replace it, or choose another --out")
+    written = []
+    for path, target in zip(inputs, targets):
+        z = read_latents(path, net.channels)
+        up = net(codec.normalise(z) if raw else z)
+        up = codec.denormalise(up) if raw else up
+        data = {"latents": up.contiguous()}
+        atomic_write_file(target, lambda tmp: save_file(data, str(tmp), metadata={"upscaled_by": str(model)}))
+        written.append(target)
+    return written

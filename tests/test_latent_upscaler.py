@@ -1,0 +1,177 @@
+"""The latent 2x upscaler: shapes and its nearest start, its folder, exact resume, refusal of another preset's
+upscaler, the image loss, the commands (train, evaluate, upscale-latents) at tiny size. (That LQ and HQ latent caches
+cannot be mixed: tests/test_latents.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldlib.apps.cli import main
+from ldlib.data.latents import default_cache_dir, encode_pairs
+from ldlib.models.latent_upscaler import (LatentUpscaler, load_latent_upscaler, nearest_2x, read_latent_upscaler_info,
+                                          save_latent_upscaler)
+from ldlib.presets import get_preset
+from ldlib.train.latent_upscaler import LatentUpscalerConfig, train_latent_upscaler
+
+TINY = dict(preset="tiny", width=16, depth=2, batch=2, crop=4, warmup_steps=1, lr=1e-3, val_every=2, val_count=2,
+            checkpoint_every=2, log_every=1, val_fraction=0.2, split_seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_pairset, tmp_path_factory):
+    """A private copy of the tiny pair set (with its LQ latents): the tests add an HQ cache to it."""
+    root = tmp_path_factory.mktemp("latup") / "pairs"
+    shutil.copytree(tiny_pairset["pairs"], root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hq_cache(pairs, tiny_pairset):
+    out = default_cache_dir(pairs, "tiny", image="hq")
+    encode_pairs(pairs, tiny_pairset["codec"], out, batch_size=4, progress=False, device="cpu", image="hq")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(pairs, hq_cache, tiny_pairset, tmp_path_factory):
+    """A 4-step tiny run (the live tiny teacher degrades its inputs)."""
+    out = tmp_path_factory.mktemp("latup_run") / "run"
+    summary = train_latent_upscaler(LatentUpscalerConfig(steps=4, **TINY), pairs, out, codec=tiny_pairset["codec"],
+                                    progress=False)
+    return out, summary
+
+
+def test_shapes_and_the_start_is_nearest_upsampling_exactly():
+    torch.manual_seed(0)
+    net = LatentUpscaler(channels=16, width=24, depth=3)
+    z = torch.randn(3, 16, 7, 5)
+    up = net(z)
+    assert up.shape == (3, 16, 14, 10)
+    assert torch.equal(up, F.interpolate(z, scale_factor=2, mode="nearest")) and torch.equal(up, nearest_2x(z))
+    # The taef2 default size: a few million parameters at most.
+    n = sum(p.numel() for p in LatentUpscaler(32).parameters())
+    assert 0.5e6 < n < 2e6, n
+    with pytest.raises(ValueError, match="parameters"):
+        LatentUpscaler(32, width=512, depth=8)
+    with pytest.raises(ValueError, match="N x 16 x h x w"):
+        net(torch.randn(1, 32, 4, 4))
+
+
+def test_folder_round_trip_in_float16_is_atomic_and_checked(tmp_path):
+    torch.manual_seed(0)
+    net = LatentUpscaler(channels=8, width=8, depth=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    save_latent_upscaler(net, tmp_path / "m", {"preset": "tiny"}, dtype=torch.float16)
+    info = read_latent_upscaler_info(tmp_path / "m")
+    assert info["dtype"] == "float16" and info["preset"] == "tiny" and info["config"]["factor"] == 2
+    back, _ = load_latent_upscaler(tmp_path / "m")
+    z = torch.randn(2, 8, 4, 4)
+    ref = LatentUpscaler(8, 8, 1)
+    ref.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})
+    assert torch.equal(back(z), ref(z))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "latent_upscaler.safetensors"]
+    with pytest.raises(FileNotFoundError, match="not a latent upscaler"):
+        read_latent_upscaler_info(tmp_path)
+
+
+def test_resumed_training_equals_an_uninterrupted_run(pairs, hq_cache, tiny_pairset, tmp_path):
+    cfg = LatentUpscalerConfig(steps=4, **TINY)
+    codec = tiny_pairset["codec"]
+    whole = train_latent_upscaler(cfg, pairs, tmp_path / "a", codec=codec, progress=False)
+    train_latent_upscaler(cfg, pairs, tmp_path / "b", codec=codec, stop_at=2, progress=False)
+    resumed = train_latent_upscaler(cfg, pairs, tmp_path / "b", codec=codec, resume=True, progress=False)
+    a, _ = load_latent_upscaler(tmp_path / "a" / "upscaler")
+    b, _ = load_latent_upscaler(tmp_path / "b" / "upscaler")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert [r["loss"] for r in whole["history"]][2:] == [r["loss"] for r in resumed["history"]]
+    lines = [json.loads(s) for s in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert resumed["steps_done"] == 4 and resumed["finished"]
+    # The run learned something: its held-out check moved away from the nearest start.
+    assert whole["held_out"]["val_rel_err_clean"] != whole["held_out"]["nearest_rel_err_clean"]
+
+
+def test_an_upscaler_of_another_preset_is_refused_in_one_line(trained, capsys, tmp_path):
+    from ldlib.build import load_latent_upscaler as load_for
+
+    run, _ = trained
+    with pytest.raises(ValueError) as e:
+        load_for(run, get_preset("taef2"))
+    msg = str(e.value)
+    assert "\n" not in msg and str(run / "upscaler" / "config.json") in msg
+    assert "'tiny'" in msg and "'taef2'" in msg
+    # The same line from the commands, no traceback.
+    z = tmp_path / "z.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"latents": torch.zeros(1, 32, 4, 4)}, str(z))
+    assert main(["upscale-latents", str(z), "--model", str(run), "--preset", "taef2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'tiny'" in err and "'taef2'" in err and "config.json" in err
+
+
+def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pairset, tmp_path):
+    codec = tiny_pairset["codec"]
+    before = {k: v.clone() for k, v in codec.state_dict().items()}
+    s = train_latent_upscaler(LatentUpscalerConfig(steps=2, image_weight=1.0, degrader="noise", **TINY), pairs,
+                              tmp_path / "img", codec=codec, progress=False)
+    assert all("image_l1" in r and r["loss"] > r["latent_loss"] for r in s["history"])
+    assert all(torch.equal(before[k], v) for k, v in codec.state_dict().items())  # the VAE stays frozen
+
+
+def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train-latent-upscaler", str(pairs), str(run), "--preset", "tiny", "--steps", "3", "--width", "8",
+            "--depth", "1", "--batch", "2", "--crop", "0", "--warmup-steps", "1", "--val-fraction", "0.2",
+            "--degrader", "noise", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "3/3 steps" in out and str(run / "upscaler") in out
+    ev = tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["evaluate-latent-upscaler", str(pairs), "--model", str(run), "--preset", "tiny", "--out", str(ev),
+                     "--sigmas", "0,0.08", "--degrader", "diffusion", "--per-photo", "1", "--quiet"]) == 0
+    doc = json.loads((ev / "eval.json").read_text())
+    methods = {r["method"] for r in doc["rows"]}
+    assert methods == {"latent nearest", "latent bilinear", "latent bicubic", "decode-bicubic-encode", "ours", "enc(HQ)"}
+    assert doc["pairs_scored"] == 5 and {r["sigma"] for r in doc["rows"]} == {0.0, 0.08}
+    ceiling = [r for r in doc["rows"] if r["method"] == "enc(HQ)"]
+    assert all(r["rel_err"] == 0 and r["seconds"] is None for r in ceiling)
+    nearest = {r["sigma"]: r for r in doc["rows"] if r["method"] == "latent nearest"}
+    assert nearest[0.08]["rel_err"] > nearest[0.0]["rel_err"] > 0 and nearest[0.0]["seconds"] > 0
+    assert {v["baseline"] for v in doc["verdicts"]} == {"decode-bicubic-encode", "latent bicubic"}
+    assert (ev / "crops.png").is_file() and "| ours | 0.08 |" in (ev / "eval.md").read_text()
+    # upscale-latents: C x h x w and N x C x h x w files, normalised and raw, never overwriting without the flag.
+    from safetensors.torch import load_file, save_file
+
+    z = torch.randn(2, 16, 4, 6)
+    save_file({"latents": z}, str(tmp_path / "a.safetensors"))
+    torch.save(z[0], tmp_path / "b.pt")
+    files = tmp_path / "up"
+    assert main(["upscale-latents", str(tmp_path / "a.safetensors"), str(tmp_path / "b.pt"), "--model", str(run),
+                 "--preset", "tiny", "--out", str(files)]) == 0
+    net, _ = load_latent_upscaler(run / "upscaler")
+    got = load_file(str(files / "a_2x.safetensors"))["latents"]
+    assert got.shape == (2, 16, 8, 12) and torch.allclose(got, net(z))
+    assert load_file(str(files / "b_2x.safetensors"))["latents"].shape == (1, 16, 8, 12)
+    assert main(["upscale-latents", str(tmp_path / "b.pt"), "--model", str(run), "--preset", "tiny", "--out",
+                 str(files)]) == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", [{"width": 0}, {"crop": -1}, {"sigma_max": 2.0}, {"loss": "l2"},
+                                     {"image_weight": -1.0}, {"lr": float("nan")}, {"val_fraction": 1.0}])
+def test_config_mistakes_are_refused_naming_the_setting(setting):
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=name if name != "lr" else "LatentUpscalerConfig.lr"):
+        LatentUpscalerConfig(**setting)
