@@ -32,7 +32,7 @@ from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_o
 from ..data.datasets import PairDataset, collate_pairs
 from ..data.latents import LatentCache, default_cache_dir, encode_pairs
 from ..models.latent_upscaler import CONFIG, LatentUpscaler, nearest_2x, save_latent_upscaler
-from ..presets import PRESET_HELP, get_preset
+from ..presets import PRESET_HELP, PRESETS, get_preset
 from .decoder import degrade_batch
 from .loop import Progress, guarded_update, resume_progress, run_steps, summary_fields
 
@@ -43,7 +43,8 @@ TRAIN_COMMAND = "python -m ldlib train-latent-upscaler"
 class LatentUpscalerConfig:
     """Latent upscaler size and training settings."""
 
-    preset: str = field(default="taef2", metadata={"help": f"whose latent space (its VAE): {PRESET_HELP}"})
+    preset: str = field(default="taef2", metadata={"help": f"whose latent space (its VAE): {PRESET_HELP}",
+                                                   "choices": PRESETS})
     taef2_dir: str | None = field(default=None, metadata={"help": "taef2 weights folder (default: packaged / $LDLIB_TAEF2_DIR)"})
     width: int = field(default=96, metadata={"help": "channels of the residual blocks"})
     depth: int = field(default=6, metadata={"help": "residual blocks (each two 3x3 convs at the input's resolution)"})
