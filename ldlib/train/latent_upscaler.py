@@ -195,7 +195,7 @@ def train_latent_upscaler(
     opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                  cfg.warmup_steps, cfg.steps)
 
-    def restore(tensors: dict, objects: dict, state: dict) -> None:
+    def restore(path: Path, tensors: dict, objects: dict, state: dict) -> None:
         net.load_state_dict(tensors["upscaler"])
         load_optimizer_state(opt, objects["opt"])
         sched.load_state_dict(objects["sched"])
@@ -272,6 +272,7 @@ def train_latent_upscaler(
     t_loop, start = time.time(), progress_.step
     run_steps(loader, progress_, stop, one_step, log, cfg.log_every, cfg.checkpoint_every, save,
               ("loss", "latent_loss", "lr", "sigma_mean"), after_step=after_step)
+    log.close()
     acc.wait_for_everyone()
     elapsed, done_now = time.time() - t_loop, progress_.step - start
     summary: dict = {
