@@ -29,7 +29,7 @@ SHIPPED = "shipped 2x decoder"  # the method name of the preset's shipped decode
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: about 12 minutes on 2 CPU cores at taef2, over half of it the decoder)."""
+    """Sizes of the demo (defaults: about 10 minutes on 2 CPU cores at taef2, a third of it the decoder)."""
 
     preset: str = field(default="taef2", metadata={"help": "taef2 (real models) | tiny (plumbing, random models)"})
     crops_per_image: int = field(default=8, metadata={"help": "crops per shipped photo"})
