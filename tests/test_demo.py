@@ -14,10 +14,11 @@ from ldlib.presets import get_preset
 
 def test_tiny_demo_writes_the_page_from_its_own_results(tmp_path):
     out = tmp_path / "demo"
-    summary = run_demo(out, DemoConfig.for_preset("tiny", decoder_steps=4, proxy_steps=10, teacher_draws=2))
+    cfg = DemoConfig.for_preset("tiny", decoder_steps=4, proxy_steps=10, teacher_draws=2)
+    summary = run_demo(out, cfg)
     photos = sorted(p.name for p in list_images(sample_photos()))
     # The split the page reports is the pair set's own, by source photo.
-    train, held = PairDataset(out / "pairs").split(0.4, 0)
+    train, held = PairDataset(out / "pairs").split(cfg.val_fraction, cfg.split_seed)
     assert summary["train_sources"] == train.sources and summary["held_out_sources"] == held.sources
     assert sorted(summary["train_sources"] + summary["held_out_sources"]) == photos
     assert summary["pairs"] == len(train) + len(held) == 2 * len(photos)
@@ -68,3 +69,15 @@ def test_demo_writes_each_preset_into_its_own_folder(monkeypatch):
     for argv in (["demo"], ["demo", "--preset", "tiny"], ["demo", "--preset", "tiny", "--out", "x"]):
         assert main(argv) == 0
     assert seen == [("runs/demo", "taef2"), ("runs/demo-tiny", "tiny"), ("x", "tiny")]
+
+
+def test_the_demo_holds_out_three_photos_neither_shipped_model_trained_on():
+    from ldlib.data.pairs import split_by_source
+    from ldlib.presets import shipped_decoder
+
+    cfg = DemoConfig()
+    records = [{"id": p.name, "source": p.name} for p in list_images(sample_photos())]
+    _, held = split_by_source(records, cfg.val_fraction, cfg.split_seed)
+    assert sorted(h[:3] for h in held) == ["p09", "p12", "p21"]  # three: the paired test's minimum
+    card = (shipped_decoder(get_preset("taef2")) / "README.md").read_text()
+    assert "never trained on, never used for the head fit): p09, p12, p14, p17, p21, p25" in card

@@ -29,22 +29,23 @@ SHIPPED = "shipped 2x decoder"  # the method name of the preset's shipped decode
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: about 12 minutes on 2 CPU cores at taef2, over half of it the decoder)."""
+    """Sizes of the demo (defaults: about 10 minutes on 2 CPU cores at taef2, a third of it the decoder)."""
 
     preset: str = field(default="taef2", metadata={"help": "taef2 (real models) | tiny (plumbing, random models)"})
     crops_per_image: int = field(default=8, metadata={"help": "crops per shipped photo"})
-    # 200, not more: on the held-out photos a 200-step decoder measured better than a 300-step one (PSNR +0.17 /
-    # +0.16 dB at sigma 0 / 0.08, colour shift 5.5 vs 6.4 levels): at this size, longer training drifts in colour.
-    decoder_steps: int = field(default=200, metadata={"help": "2x decoder training steps"})
+    # The fitted head starts ahead of decoder+bicubic; 100 L1 steps at 2e-5 show the loop move it, and keep the whole
+    # demo within 12 minutes on 2 CPU cores (a decoder step is ~1.4 s there). Longer training is the shipped decoder.
+    decoder_steps: int = field(default=100, metadata={"help": "2x decoder training steps"})
     # Not derived from decoder_steps: a rerun with more steps resumes the run, and a resumed run keeps its warm-up.
     decoder_warmup: int = field(default=20, metadata={"help": "2x decoder learning-rate warm-up steps"})
-    proxy_steps: int = field(default=600, metadata={"help": "proxy training steps"})
+    proxy_steps: int = field(default=400, metadata={"help": "proxy training steps"})
     teacher_draws: int = field(default=8, metadata={"help": "teacher records (sigma, noise) per latent"})
     eval_sigmas: tuple[float, ...] = field(default=(0.0, 0.04, 0.08, 0.12), metadata={"help": "evaluation sigmas"})
     picture_sigma: float = field(default=0.08, metadata={"help": "sigma of the pictures"})
-    # The shipped teacher never saw p09 and p12; with val_fraction 0.4 and split seed 0 they are the held-out pair.
-    val_fraction: float = field(default=0.4, metadata={"help": "held-out share of the photos"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
+    # Neither the shipped teacher nor the shipped 2x decoder saw p09, p12 and p21; with val_fraction 0.5 and split
+    # seed 3 they are the held-out photos of the six shipped: three, the fewest the paired test calls a difference on.
+    val_fraction: float = field(default=0.5, metadata={"help": "held-out share of the photos"})
+    split_seed: int = field(default=3, metadata={"help": "seed of the held-out split"})
     seed: int = field(default=0, metadata={"help": "seed of everything else"})
 
     @classmethod
@@ -144,8 +145,9 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, preset_name: str | None =
         degrader=f"proxy:{proxy_dir}", ema_decay=0.99, checkpoint_every=max(1, cfg.decoder_steps // 3),
         val_every=max(1, cfg.decoder_steps // 3), log_every=5, val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed, seed=cfg.seed,
-        # A GAN needs thousands of steps to help; in a demo-sized run it would only add noise: L1 + LPIPS.
-        loss=LossConfig(lpips_net="alex", lpips_weight=0.5, gan_weight=0.0),
+        # L1 alone, the shipped decoder's loss: L1 + 0.5 LPIPS (random backbone offline) scored the same held-out
+        # PSNR at 23% more time per step (README, "The shipped taef2 2x decoder"); a GAN needs thousands of steps.
+        loss=LossConfig(lpips_net="alex", l1_weight=1.0, lpips_weight=0.0, gan_weight=0.0),
     )
     res = train_decoder(train_cfg, run, pairs=pairs, latents=latents, codec=codec, resume=_resume(run))
     say("decoder", f"decoder: {res.step} steps on proxy-degraded latents")

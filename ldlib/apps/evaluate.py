@@ -326,9 +326,9 @@ def verdict(rows: list[dict], ours: str = "ours", metrics: Sequence[str] = VERDI
                                 "the paired test's unit is the photo, as crops of one photo are not independent)")
     else:
         beats = calls == {"better"}
-        summary = ("ours beats decoder+bicubic and decoder+Lanczos on " + ", ".join(m.upper() for m in metrics)
+        summary = (f"{ours} beats decoder+bicubic and decoder+Lanczos on " + ", ".join(m.upper() for m in metrics)
                    + f" at every sigma ({RULE}; {photos} photos)") if beats else (
-            f"ours is not better everywhere: {sum(c['call'] == 'better' for c in comparisons)} of {len(comparisons)} "
+            f"{ours} is not better everywhere: {sum(c['call'] == 'better' for c in comparisons)} of {len(comparisons)} "
             "comparisons better, " + ", ".join(f"{sum(c['call'] == k for c in comparisons)} {k}"
                                                for k in ("worse", "no clear difference") if k in calls)
             + f" ({RULE}; {photos} photos)")

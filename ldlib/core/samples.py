@@ -1,4 +1,4 @@
-"""The real data shipped with ldlib (``ldlib/assets``, licences in its SOURCES.md): five photos, the taef2 weights.
+"""The real data shipped with ldlib (``ldlib/assets``, licences in its SOURCES.md): six photos, the taef2 weights.
 
 A fresh clone runs the real recipe offline with them: ``make demo``, the tests and the notebooks' defaults.
 """
