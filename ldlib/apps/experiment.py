@@ -105,9 +105,12 @@ def _photos(cfg: ExperimentConfig) -> Path:
 
 def split_photos(src: Path, held_out: tuple[str, ...], out: Path) -> tuple[Path, Path]:
     """Folders ``out/train`` and ``out/test`` of links to src's photos: test holds those named in held_out."""
-    from ..core.images import walk_files
+    from PIL import Image
 
-    files, _ = walk_files(src)
+    from ..core.images import list_images
+
+    # Photos only: the pair builder would skip a licence file with a warning, but it has no place among the photos.
+    files = [p for p in list_images(src) if p.suffix.lower() in Image.registered_extensions()]
     test = [p for p in files if p.name.startswith(held_out)]
     missing = [h for h in held_out if not any(p.name.startswith(h) for p in test)]
     if missing:
