@@ -183,7 +183,8 @@ def test_a_skipped_step_leaves_the_summary_mean_finite_and_valid_json(teacher_di
 
 
 @pytest.mark.parametrize("setting", [dict(eval_bins=0), dict(sigma_floor=0.0), dict(sigma_floor=-0.01),
-                                     dict(val_fraction=1.5), dict(val_fraction=-0.1), dict(max_grad_norm=-1.0)],
+                                     dict(val_fraction=1.5), dict(val_fraction=-0.1), dict(max_grad_norm=-1.0),
+                                     dict(train_sigma_max=0.0)],
                          ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}")
 def test_config_mistakes_are_refused_naming_the_value(setting):
     (name, value), = setting.items()
@@ -219,3 +220,15 @@ def test_resume_with_other_steps_is_refused_where_the_schedule_depends_on_them(t
     train_proxy(_small_cfg(steps=4, **cfg), teacher_dir, tmp_path / "constant", stop_at=3)
     more = train_proxy(_small_cfg(steps=6, **cfg), teacher_dir, tmp_path / "constant", resume=True)
     assert [h["step"] for h in more["history"]] == [3, 4, 5] and {h["lr"] for h in more["history"]} == {2e-3}
+
+
+def test_train_sigma_max_trains_on_the_low_sigma_records_and_scores_every_one(teacher_dir, tmp_path):
+    from ldlib.train.proxy import split_teacher_data
+
+    summary = train_proxy(_small_cfg(steps=4, train_sigma_max=0.15), teacher_dir, tmp_path / "run")
+    train, val = split_teacher_data(TeacherSet(teacher_dir), 0.34, 0)
+    assert summary["train_records"] == sum(r["sigma"] <= 0.15 for r in train.records) < len(train)
+    assert summary["val_records"] == len(val)  # the held-out score covers the whole sigma range
+    assert max(r["sigma_hi"] for r in json.loads((tmp_path / "run" / "eval.json").read_text())["bins"]) > 0.15
+    with pytest.raises(ValueError, match="no training record has sigma <= 1e-09"):
+        train_proxy(_small_cfg(steps=1, train_sigma_max=1e-9), teacher_dir, tmp_path / "none")

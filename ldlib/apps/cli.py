@@ -329,8 +329,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from ..core.config import config_from_args
     from .experiment import ExperimentConfig, run_experiment
 
-    run_experiment(args.out, config_from_args(ExperimentConfig, args))
-    print(f"wrote {args.out}/results.md, results.json, metrics.png, crops.png")
+    state = run_experiment(args.out, config_from_args(ExperimentConfig, args))
+    if state.get("waiting_for"):  # another process trains the rest and writes the results
+        return 0
+    print(f"wrote {args.out}/results.md, results.json, curves.png, metrics.png, crops.png")
     return 0
 
 

@@ -47,6 +47,8 @@ class ProxyTrainConfig:
     width: int = field(default=64, metadata={"help": "ProxyNet channels"})
     blocks: int = field(default=4, metadata={"help": "ProxyNet residual blocks"})
     # The loss divides by max(sigma, floor): each sample's error is measured relative to its own degradation.
+    train_sigma_max: float | None = field(default=None, metadata={
+        "help": "train on the records up to this sigma only (default: all; held-out scores keep every record)"})
     sigma_floor: float = field(default=0.01, metadata={"help": "floor of sigma in the loss's normalisation"})
     val_fraction: float = field(default=0.2, metadata={"help": "held-out share of source photos"})
     split_seed: int | None = field(default=None, metadata={"help": "seed of the held-out split (default: seed)"})
@@ -66,6 +68,9 @@ class ProxyTrainConfig:
                 raise ValueError(f"ProxyTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.sigma_floor > 0:  # the loss divides by max(sigma, floor): 0 divides by 0 at sigma 0
             raise ValueError(f"ProxyTrainConfig.sigma_floor must be > 0, got {self.sigma_floor}")
+        if self.train_sigma_max is not None and not self.train_sigma_max > 0:
+            raise ValueError(f"ProxyTrainConfig.train_sigma_max must be > 0 (or none: every record), "
+                             f"got {self.train_sigma_max}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"ProxyTrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_grad_norm < 0:  # the loop clips only when > 0: a negative value would silently mean "off"
@@ -114,6 +119,10 @@ def train_proxy(
         raise ValueError(f"{teacher}: no teacher records; run `python -m ldlib teacher` first")
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     train_set, val_set = split_teacher_data(ts, cfg.val_fraction, split_seed, latents)
+    if cfg.train_sigma_max is not None:
+        train_set.records = [r for r in train_set.records if r["sigma"] <= cfg.train_sigma_max]
+        if not train_set.records:
+            raise ValueError(f"{teacher}: no training record has sigma <= {cfg.train_sigma_max} (train_sigma_max)")
     channels = int(train_set.latents.identity["latent_channels"])
 
     config = {**asdict(cfg), "teacher": str(teacher)}
