@@ -149,6 +149,7 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_p
     assert all(r["rel_err"] == 0 and r["seconds"] is None for r in ceiling)
     nearest = {r["sigma"]: r for r in doc["rows"] if r["method"] == "latent nearest"}
     assert nearest[0.08]["rel_err"] > nearest[0.0]["rel_err"] > 0 and nearest[0.0]["seconds"] > 0
+    assert nearest[0.0]["cpu_seconds"] > 0 and all(r["cpu_seconds"] is None for r in ceiling)
     assert {v["baseline"] for v in doc["verdicts"]} == {"decode-bicubic-encode", "latent bicubic"}
     assert (ev / "crops.png").is_file() and "| ours | 0.08 |" in (ev / "eval.md").read_text()
     # upscale-latents: C x h x w and N x C x h x w files, normalised and raw, never overwriting without the flag.
