@@ -119,6 +119,20 @@ def test_an_upscaler_of_another_preset_is_refused_in_one_line(trained, capsys, t
     assert err.count("\n") == 0 and "'tiny'" in err and "'taef2'" in err and "config.json" in err
 
 
+def test_a_run_can_start_from_a_trained_upscaler(trained, pairs, hq_cache, tiny_pairset, tmp_path):
+    run, _ = trained
+    start, _ = load_latent_upscaler(run / "upscaler")
+    # Warm-up of one step: the first step's lr is 0, so the weights after it are the start's.
+    cfg = LatentUpscalerConfig(steps=1, **{**TINY, "warmup_steps": 1}, init_from=str(run))
+    train_latent_upscaler(cfg, pairs, tmp_path / "ft", codec=tiny_pairset["codec"], progress=False)
+    got, info = load_latent_upscaler(tmp_path / "ft" / "upscaler")
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), start.state_dict().values()))
+    assert info["training"]["init_from"] == str(run)
+    with pytest.raises(ValueError, match="set --width and --depth to its own"):
+        train_latent_upscaler(LatentUpscalerConfig(steps=1, **{**TINY, "width": 8}, init_from=str(run)), pairs,
+                              tmp_path / "other", codec=tiny_pairset["codec"], progress=False)
+
+
 def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pairset, tmp_path):
     codec = tiny_pairset["codec"]
     before = {k: v.clone() for k, v in codec.state_dict().items()}

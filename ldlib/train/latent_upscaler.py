@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, parse_degrader
+from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, load_latent_upscaler, parse_degrader
 from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, replaced_folder
 from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, holds_run_lock,
@@ -77,6 +77,9 @@ class LatentUpscalerConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     seed: int = field(default=0, metadata={"help": "seeds the weights, batches, crops, sigmas and noise"})
+    init_from: str | None = field(default=None, metadata={"help": "start from a trained latent upscaler of this "
+                                                            "preset (its folder or run; same width and depth): its "
+                                                            "weights, this run's optimiser and schedule"})
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -191,6 +194,12 @@ def train_latent_upscaler(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 31))
         net = LatentUpscaler(channels, cfg.width, cfg.depth).to(device)
+    if cfg.init_from:  # a resumed run's checkpoint replaces these weights below
+        start, _ = load_latent_upscaler(cfg.init_from, preset, codec)
+        if start.config != net.config:
+            raise ValueError(f"{cfg.init_from}: a latent upscaler of {start.config}, this run's is {net.config}; "
+                             "set --width and --depth to its own")
+        net.load_state_dict(start.state_dict())
     n_params = sum(p.numel() for p in net.parameters())
     opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                  cfg.warmup_steps, cfg.steps)
