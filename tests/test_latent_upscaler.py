@@ -142,6 +142,15 @@ def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pair
     assert all(torch.equal(before[k], v) for k, v in codec.state_dict().items())  # the VAE stays frozen
 
 
+def test_image_loss_on_crops_is_refused_for_a_decoder_with_group_norm(tmp_path):
+    # taef2's decoder normalises with whole-feature-map statistics: a decoded crop is not a crop of the decode, and an
+    # image loss on crops trained the upscaler to undo that (held-out PSNR fell; docs/latent_upscaler.md).
+    cfg = LatentUpscalerConfig(preset="taef2", steps=1, crop=8, image_weight=1.0, degrader="noise")
+    with pytest.raises(ValueError, match="--crop 0") as err:
+        train_latent_upscaler(cfg, tmp_path / "pairs", tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value) and "GroupNorm" in str(err.value) and not (tmp_path / "run").exists()
+
+
 def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train-latent-upscaler", str(pairs), str(run), "--preset", "tiny", "--steps", "3", "--width", "8",

@@ -61,7 +61,8 @@ class LatentUpscalerConfig:
     loss: Literal["l1", "mse"] = field(default="l1", metadata={"help": "latent-space loss against enc(HQ)"})
     image_weight: float = field(default=0.0, metadata={"help": "weight of L1 between the frozen decoder's decode of "
                                                                "the upscaled latent and the HQ pixels (0: off; costs "
-                                                               "a decode and its backward per step)"})
+                                                               "a decode and its backward per step; a decoder with "
+                                                               "GroupNorm, such as taef2's, needs --crop 0)"})
     degrader: str = field(default="diffusion", metadata={"help": f"how the LQ latents are degraded: {VOCABULARY}"})
     sigma_min: float = field(default=0.0, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
     sigma_max: float = field(default=0.12, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
@@ -112,6 +113,11 @@ class LatentUpscalerConfig:
 def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample ``|up - target| / |target|`` (Frobenius norms): the latent error relative to the target's size."""
     return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def has_group_norm(modules) -> bool:
+    """Whether any of the modules holds a GroupNorm (its statistics span the whole feature map)."""
+    return any(isinstance(m, torch.nn.GroupNorm) for mod in modules for m in mod.modules())
 
 
 def random_crops(z: torch.Tensor, z_hq: torch.Tensor, hq: torch.Tensor | None, crop: int, gens,
@@ -174,6 +180,10 @@ def train_latent_upscaler(
     preset = get_preset(cfg.preset, taef2_path=cfg.taef2_dir)
     codec = (codec if codec is not None else codec_of(preset)).eval().requires_grad_(False)
     identity = codec.identity()
+    if cfg.image_weight > 0 and cfg.crop > 0 and has_group_norm(codec.decoder_modules()):
+        raise ValueError(f"image_weight > 0 with crop {cfg.crop}: {preset.name}'s decoder has GroupNorm layers, so a "
+                         "decoded crop is normalised with its own statistics, not the whole image's, and the image "
+                         "loss would train the upscaler to undo that; use --crop 0 (whole latents)")
     degrader_name = cfg.degrader
     if isinstance(degrader, str) and degrader == "config":
         degrader = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
