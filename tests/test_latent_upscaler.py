@@ -119,6 +119,20 @@ def test_an_upscaler_of_another_preset_is_refused_in_one_line(trained, capsys, t
     assert err.count("\n") == 0 and "'tiny'" in err and "'taef2'" in err and "config.json" in err
 
 
+def test_a_run_can_start_from_a_trained_upscaler(trained, pairs, hq_cache, tiny_pairset, tmp_path):
+    run, _ = trained
+    start, _ = load_latent_upscaler(run / "upscaler")
+    # Warm-up of one step: the first step's lr is 0, so the weights after it are the start's.
+    cfg = LatentUpscalerConfig(steps=1, **{**TINY, "warmup_steps": 1}, init_from=str(run))
+    train_latent_upscaler(cfg, pairs, tmp_path / "ft", codec=tiny_pairset["codec"], progress=False)
+    got, info = load_latent_upscaler(tmp_path / "ft" / "upscaler")
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), start.state_dict().values()))
+    assert info["training"]["init_from"] == str(run)
+    with pytest.raises(ValueError, match="set --width and --depth to its own"):
+        train_latent_upscaler(LatentUpscalerConfig(steps=1, **{**TINY, "width": 8}, init_from=str(run)), pairs,
+                              tmp_path / "other", codec=tiny_pairset["codec"], progress=False)
+
+
 def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pairset, tmp_path):
     codec = tiny_pairset["codec"]
     before = {k: v.clone() for k, v in codec.state_dict().items()}
@@ -126,6 +140,15 @@ def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pair
                               tmp_path / "img", codec=codec, progress=False)
     assert all("image_l1" in r and r["loss"] > r["latent_loss"] for r in s["history"])
     assert all(torch.equal(before[k], v) for k, v in codec.state_dict().items())  # the VAE stays frozen
+
+
+def test_image_loss_on_crops_is_refused_for_a_decoder_with_group_norm(tmp_path):
+    # taef2's decoder normalises with whole-feature-map statistics: a decoded crop is not a crop of the decode, and an
+    # image loss on crops trained the upscaler to undo that (held-out PSNR fell; docs/latent_upscaler.md).
+    cfg = LatentUpscalerConfig(preset="taef2", steps=1, crop=8, image_weight=1.0, degrader="noise")
+    with pytest.raises(ValueError, match="--crop 0") as err:
+        train_latent_upscaler(cfg, tmp_path / "pairs", tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value) and "GroupNorm" in str(err.value) and not (tmp_path / "run").exists()
 
 
 def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_path, capsys):
@@ -149,6 +172,7 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_p
     assert all(r["rel_err"] == 0 and r["seconds"] is None for r in ceiling)
     nearest = {r["sigma"]: r for r in doc["rows"] if r["method"] == "latent nearest"}
     assert nearest[0.08]["rel_err"] > nearest[0.0]["rel_err"] > 0 and nearest[0.0]["seconds"] > 0
+    assert nearest[0.0]["cpu_seconds"] > 0 and all(r["cpu_seconds"] is None for r in ceiling)
     assert {v["baseline"] for v in doc["verdicts"]} == {"decode-bicubic-encode", "latent bicubic"}
     assert (ev / "crops.png").is_file() and "| ours | 0.08 |" in (ev / "eval.md").read_text()
     # upscale-latents: C x h x w and N x C x h x w files, normalised and raw, never overwriting without the flag.

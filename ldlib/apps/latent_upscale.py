@@ -7,8 +7,10 @@ Methods, each taking the same (degraded) LQ latent to a 2x latent:
 - ``enc(HQ)``: the latent of the HQ image itself, the ceiling (not degraded: what a perfect upscaler would give).
 
 Per pair: the latent error relative to ``enc(HQ)`` (``|up - enc(HQ)| / |enc(HQ)|``), and PSNR, HaarPSI and colour
-shift of ``decode(up)`` against the HQ pixels (``ldlib.core.metrics``), plus the wall time per latent of each method
-(the upscale alone: for decode-bicubic-encode its decode, resize and encode). The degradation is
+shift of ``decode(up)`` against the HQ pixels (``ldlib.core.metrics``), plus the time per latent of each method (the
+upscale alone: for decode-bicubic-encode its decode, resize and encode), as wall time and as this process's CPU time
+(on a shared machine the wall time also counts what other processes took; with one thread, on an idle core, the two
+agree). The degradation is
 ``apps.evaluate.degrade_for_eval``'s (per sample, keyed by seed, sigma and index: identical for every method), the
 paired verdicts ``apps.evaluate.compare``'s. Outputs: ``eval.json`` (rows with per-pair values, verdicts),
 ``eval.md`` (one table), ``crops.png`` (the same crop decoded from each method's latent).
@@ -33,7 +35,7 @@ from ..core.files import atomic_write_bytes, atomic_write_file, save_figure
 from ..core.metrics import colour_shift, haarpsi, psnr
 from .evaluate import bicubic_2x, compare, degrade_for_eval
 
-METRICS = ("rel_err", "psnr", "haarpsi", "colour_shift", "seconds")
+METRICS = ("rel_err", "psnr", "haarpsi", "colour_shift", "seconds", "cpu_seconds")
 VERDICT_METRICS = ("psnr", "haarpsi", "colour_shift")
 OURS, DBE, CEILING = "ours", "decode-bicubic-encode", "enc(HQ)"
 VERDICT_BASELINES = (DBE, "latent bicubic")
@@ -75,10 +77,11 @@ def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
-def _timed(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
+def _timed(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+    """fn(z) and (wall seconds, CPU seconds of this process) per latent."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(z)
-    return out, (time.perf_counter() - t0) / len(z)
+    return out, ((time.perf_counter() - t0) / len(z), (time.process_time() - c0) / len(z))
 
 
 @torch.no_grad()
@@ -104,12 +107,13 @@ def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cf
         return {"rel_err": relative_error(up, z_hq).tolist(), "psnr": psnr(image, hq).tolist(),
                 "haarpsi": haarpsi(image, hq).tolist(), "colour_shift": colour_shift(image, hq).tolist()}
 
-    def add(name: str, sigma: float, vals: dict[str, list[float]], seconds: float | None) -> None:
+    def add(name: str, sigma: float, vals: dict[str, list[float]], seconds: tuple[float, float] | None) -> None:
         cell = values.setdefault((name, sigma), {k: [] for k in METRICS})
         for k, v in vals.items():
             cell[k] += [float(x) for x in v]
         if seconds is not None:  # the ceiling has no time: it is not an upscale
-            cell["seconds"] += [seconds] * len(vals["psnr"])
+            cell["seconds"] += [seconds[0]] * len(vals["psnr"])
+            cell["cpu_seconds"] += [seconds[1]] * len(vals["psnr"])
 
     with torch.no_grad():  # a first call of each method outside the timings (lazy initialisation, allocations)
         first = dataset[indices[0]]["latent"][None].float()
@@ -151,11 +155,11 @@ def verdicts(rows: list[dict], ours: str = OURS, baselines_: Sequence[str] = VER
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One table: methods x sigmas, relative latent error, PSNR, HaarPSI, colour shift and ms per latent."""
-    lines = ["| method | sigma | latent error vs enc(HQ) | PSNR dB | HaarPSI | colour shift | ms / latent |",
-             "|---|---|---|---|---|---|---|"]
+    """One table: methods x sigmas, relative latent error, PSNR, HaarPSI, colour shift and ms per latent (CPU, wall)."""
+    lines = ["| method | sigma | latent error vs enc(HQ) | PSNR dB | HaarPSI | colour shift "
+             "| ms / latent, CPU (wall) |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["sigma"], _order(r["method"]))):
-        ms = "-" if r["seconds"] is None else f"{1000 * r['seconds']:.1f}"
+        ms = "-" if r["seconds"] is None else f"{1000 * r['cpu_seconds']:.1f} ({1000 * r['seconds']:.1f})"
         lines.append(f"| {r['method']} | {r['sigma']:g} | {r['rel_err']:.3f} | {r['psnr']:.2f} | {r['haarpsi']:.4f} "
                      f"| {r['colour_shift']:.2f} | {ms} |")
     return "\n".join(lines) + "\n"
@@ -225,7 +229,7 @@ def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathL
     atomic_write_bytes(out / "eval.json", json.dumps(doc, indent=2).encode())
     md = (f"# Latent upscaler vs the hires-fix baselines\n\n{len(indices)} pairs of {len(scored)} photos "
           f"({', '.join(scored)}) of `{pairs}`, preset {preset.name}; LQ latents degraded by `{cfg.degrader}`; "
-          f"model `{model}`; wall time per latent with {torch.get_num_threads()} CPU thread(s).\n\n"
+          f"model `{model}`; time per latent with {torch.get_num_threads()} CPU thread(s).\n\n"
           + markdown_table(rows) + "\nPaired verdicts (mean difference, ours minus baseline, signed so that + is "
           "better, +- one standard error):\n\n" + verdict_lines(comparisons))
     if preset.random_weights:

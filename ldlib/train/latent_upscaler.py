@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, parse_degrader
+from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, load_latent_upscaler, parse_degrader
 from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, replaced_folder
 from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, holds_run_lock,
@@ -61,7 +61,8 @@ class LatentUpscalerConfig:
     loss: Literal["l1", "mse"] = field(default="l1", metadata={"help": "latent-space loss against enc(HQ)"})
     image_weight: float = field(default=0.0, metadata={"help": "weight of L1 between the frozen decoder's decode of "
                                                                "the upscaled latent and the HQ pixels (0: off; costs "
-                                                               "a decode and its backward per step)"})
+                                                               "a decode and its backward per step; a decoder with "
+                                                               "GroupNorm, such as taef2's, needs --crop 0)"})
     degrader: str = field(default="diffusion", metadata={"help": f"how the LQ latents are degraded: {VOCABULARY}"})
     sigma_min: float = field(default=0.0, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
     sigma_max: float = field(default=0.12, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
@@ -77,6 +78,9 @@ class LatentUpscalerConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto: bf16 on CUDA, fp32 on CPU"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     seed: int = field(default=0, metadata={"help": "seeds the weights, batches, crops, sigmas and noise"})
+    init_from: str | None = field(default=None, metadata={"help": "start from a trained latent upscaler of this "
+                                                            "preset (its folder or run; same width and depth): its "
+                                                            "weights, this run's optimiser and schedule"})
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -109,6 +113,11 @@ class LatentUpscalerConfig:
 def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample ``|up - target| / |target|`` (Frobenius norms): the latent error relative to the target's size."""
     return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def has_group_norm(modules) -> bool:
+    """Whether any of the modules holds a GroupNorm (its statistics span the whole feature map)."""
+    return any(isinstance(m, torch.nn.GroupNorm) for mod in modules for m in mod.modules())
 
 
 def random_crops(z: torch.Tensor, z_hq: torch.Tensor, hq: torch.Tensor | None, crop: int, gens,
@@ -171,6 +180,10 @@ def train_latent_upscaler(
     preset = get_preset(cfg.preset, taef2_path=cfg.taef2_dir)
     codec = (codec if codec is not None else codec_of(preset)).eval().requires_grad_(False)
     identity = codec.identity()
+    if cfg.image_weight > 0 and cfg.crop > 0 and has_group_norm(codec.decoder_modules()):
+        raise ValueError(f"image_weight > 0 with crop {cfg.crop}: {preset.name}'s decoder has GroupNorm layers, so a "
+                         "decoded crop is normalised with its own statistics, not the whole image's, and the image "
+                         "loss would train the upscaler to undo that; use --crop 0 (whole latents)")
     degrader_name = cfg.degrader
     if isinstance(degrader, str) and degrader == "config":
         degrader = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
@@ -191,6 +204,12 @@ def train_latent_upscaler(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 31))
         net = LatentUpscaler(channels, cfg.width, cfg.depth).to(device)
+    if cfg.init_from:  # a resumed run's checkpoint replaces these weights below
+        start, _ = load_latent_upscaler(cfg.init_from, preset, codec)
+        if start.config != net.config:
+            raise ValueError(f"{cfg.init_from}: a latent upscaler of {start.config}, this run's is {net.config}; "
+                             "set --width and --depth to its own")
+        net.load_state_dict(start.state_dict())
     n_params = sum(p.numel() for p in net.parameters())
     opt, sched = build_optimizer(net.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, cfg.lr_schedule,
                                  cfg.warmup_steps, cfg.steps)
