@@ -167,7 +167,8 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_p
     doc = json.loads((ev / "eval.json").read_text())
     methods = {r["method"] for r in doc["rows"]}
     assert methods == {"latent nearest", "latent bilinear", "latent bicubic", "decode-bicubic-encode", "ours", "enc(HQ)"}
-    assert doc["pairs_scored"] == 5 and {r["sigma"] for r in doc["rows"]} == {0.0, 0.08}
+    photos = {json.loads(line)["source"] for line in (pairs / "manifest.jsonl").read_text().splitlines()}
+    assert doc["pairs_scored"] == len(photos) and {r["sigma"] for r in doc["rows"]} == {0.0, 0.08}  # --per-photo 1
     ceiling = [r for r in doc["rows"] if r["method"] == "enc(HQ)"]
     assert all(r["rel_err"] == 0 and r["seconds"] is None for r in ceiling)
     nearest = {r["sigma"]: r for r in doc["rows"] if r["method"] == "latent nearest"}
