@@ -123,3 +123,42 @@ def test_pooled_rows_carry_their_seed():
     assert p["sources"] == ["a", "b", "a", "b"]
     assert seed_stats([{**r, "psnr": float(np.mean(r["per_pair"]["psnr"]))} for r in rows], "noise", (3, 4), 0.08,
                       "psnr")["sd"] == pytest.approx(np.std([3.5, 4.5], ddof=1))
+
+
+def test_a_subset_of_conditions_trains_and_answers_only_those(tmp_path):
+    names = [p.name for p in sample_paths()]
+    held = (names[0][:3], names[1][:3])
+    cfg = ExperimentConfig(preset="tiny", photos=str(sample_photos()), held_out=held, hq_size=None,
+                           crops_per_image=1, decoder_steps=2, checkpoint_every=2, teacher_draws=1,
+                           conditions=("teacher", "none"), seeds=(0,), eval_sigmas=(0.08,), noise_sigmas=(0.08,),
+                           curve_sigmas=(0.08,))
+    assert cfg.conditions == ("none", "teacher")  # the tables' order, whatever order they were named in
+    out = tmp_path / "exp"
+    state = run_experiment(out, cfg)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [run_name("none", 0), run_name("teacher", 0)]
+    assert not (out / "proxy_wide").exists() and not (out / "proxy_narrow").exists()
+    assert not (out / "teacher_test").exists() and "proxy_fidelity" not in state
+    results = json.loads((out / "results.json").read_text())
+    assert {(a["ours"], a["vs"]) for a in results["answers"]} == {("teacher", "none")}
+    text = (out / "results.md").read_text()
+    assert "| clean-trained |" in text and "noise-trained" not in text and "The proxies" not in text
+    with pytest.raises(ValueError, match="conditions: gan"):
+        ExperimentConfig(conditions=("none", "gan"))
+
+
+def test_a_folder_from_before_a_new_setting_resumes_with_its_default(tmp_path):
+    names = [p.name for p in sample_paths()]
+    cfg = ExperimentConfig(preset="tiny", photos=str(sample_photos()), held_out=(names[0][:3],), hq_size=None,
+                           crops_per_image=1, decoder_steps=1, checkpoint_every=1, teacher_draws=1,
+                           conditions=CONDITIONS, proxy_steps=1, narrow_steps=1, seeds=(0,), eval_sigmas=(0.08,),
+                           noise_sigmas=(0.08,), curve_sigmas=(0.08,))
+    out = tmp_path / "exp"
+    run_experiment(out, cfg)
+    state = json.loads((out / "experiment.json").read_text())
+    del state["config"]["conditions"]  # as an experiment.json written before the setting existed
+    (out / "experiment.json").write_text(json.dumps(state))
+    before = state["seconds"]
+    run_experiment(out, cfg)
+    after = json.loads((out / "experiment.json").read_text())["seconds"]
+    assert {k: v for k, v in after.items() if k.startswith("decoder")} == \
+        {k: v for k, v in before.items() if k.startswith("decoder")}

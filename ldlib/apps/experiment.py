@@ -72,6 +72,9 @@ class ExperimentConfig:
     lpips_weight: float = field(default=0.0, metadata={"help": "LPIPS (alex) weight beside L1 (0: L1 alone, as shipped)"})
     head_init: str = field(default="least-squares", metadata={"help": "start of the 2x head (TrainConfig.head_init)"})
     ema_decay: float = field(default=0.995, metadata={"help": "decoder EMA"})
+    conditions: tuple[str, ...] = field(default=CONDITIONS, metadata={
+        "help": f"decoder conditions trained, comma-separated, of {', '.join(CONDITIONS)} (a subset confirms one "
+                "comparison at a larger size; proxies are trained only for proxy conditions)"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "training seeds of every condition, comma-separated"})
     eval_sigmas: tuple[float, ...] = field(default=(0.0, 0.04, 0.08, 0.12, 0.16), metadata={"help": "teacher-degraded evaluation sigmas"})
     noise_sigmas: tuple[float, ...] = field(default=(0.08, 0.12), metadata={"help": "noise-degraded evaluation sigmas"})
@@ -82,6 +85,11 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         self.held_out = tuple(str(h) for h in self.held_out)
         self.seeds = tuple(int(s) for s in self.seeds)
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        if unknown or not self.conditions:
+            raise ValueError(f"ExperimentConfig.conditions: {', '.join(unknown) or 'none given'}; choose from "
+                             f"{', '.join(CONDITIONS)}")
+        self.conditions = tuple(c for c in CONDITIONS if c in self.conditions)  # one order for tables and figures
         for name in ("eval_sigmas", "noise_sigmas", "curve_sigmas"):
             setattr(self, name, tuple(float(s) for s in getattr(self, name)))
         if not self.held_out:
@@ -180,7 +188,8 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
     state_path = out / "experiment.json"
     want = json.loads(json.dumps(asdict(cfg)))
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"config": want, "seconds": {}}
-    have = state["config"]
+    # A setting added since the folder was made takes its default, which keeps the experiment it ran.
+    have = {**json.loads(json.dumps(asdict(ExperimentConfig()))), **state["config"]}
     if have != want:
         # More decoder steps continue the runs (their schedule does not depend on the length) and redo the scoring.
         longer = {**have, "decoder_steps": want["decoder_steps"]} == want and want["decoder_steps"] > have["decoder_steps"]
@@ -219,12 +228,14 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
     teacher = parse_degrader("diffusion", preset, codec, steps=1, device="cpu")
     spec = TeacherSpec(sigma_max=cfg.teacher_sigma_max, per_latent=cfg.teacher_draws, steps=1, seed=cfg.seed)
     teacher_data = {split: out / f"teacher_{split}" for split in pairs}
-    for split in pairs:
+    # The training photos' records feed the teacher condition and the proxies; the held-out ones score the proxies.
+    uses_proxy = any(c.startswith("proxy") for c in cfg.conditions)
+    for split in [s for s in pairs if uses_proxy or (s == "train" and "teacher" in cfg.conditions)]:
         generate_teacher(pairs[split], latents[split], teacher, teacher_data[split], spec,
                          teacher_info=describe_teacher(teacher, preset.name), progress=False, device="cpu")
     done("teacher data", t0)
 
-    proxies = {"wide": out / "proxy_wide", "narrow": out / "proxy_narrow"}
+    proxies = {kind: out / f"proxy_{kind}" for kind in PROXIES if f"proxy-{kind}" in cfg.conditions}
     settings = {"wide": dict(steps=cfg.proxy_steps),
                 "narrow": dict(steps=cfg.narrow_steps, train_sigma_max=cfg.narrow_sigma_max)}
     for kind, folder in proxies.items():
@@ -233,15 +244,15 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
             train_proxy(ProxyTrainConfig(val_fraction=0.0, seed=cfg.seed, **settings[kind]), teacher_data["train"],
                         folder, resume=_has_checkpoint(folder))
             done(f"proxy {kind}", t0)
-    if "proxy_fidelity" not in state:
+    if proxies and "proxy_fidelity" not in state:
         state["proxy_fidelity"] = proxy_fidelity(proxies, teacher_data["test"])
         save_state()
 
-    specs = {"none": "none", "noise": "noise", "proxy-wide": f"proxy:{proxies['wide']}",
-             "proxy-narrow": f"proxy:{proxies['narrow']}", "teacher": f"teacher:{teacher_data['train']}"}
+    specs = {"none": "none", "noise": "noise", "teacher": f"teacher:{teacher_data['train']}",
+             **{f"proxy-{kind}": f"proxy:{folder}" for kind, folder in proxies.items()}}
     waiting = []
     for seed in cfg.seeds:  # seed-major: an interrupted experiment has every condition at the same seeds
-        for kind in CONDITIONS:
+        for kind in cfg.conditions:
             run = out / "runs" / run_name(kind, seed)
             if _finished(run, cfg.decoder_steps):
                 continue
@@ -263,7 +274,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
     test = PairDataset(pairs["test"], latents=latents["test"])
     lp = lpips_model("alex", seed=1)
     decoders = {(kind, seed): load_run_codec(out / "runs" / run_name(kind, seed))[0]
-                for kind in CONDITIONS for seed in cfg.seeds}
+                for kind in cfg.conditions for seed in cfg.seeds}
     results = state.setdefault("results", {})
     for name, spec_, sigmas in (("teacher", "diffusion", cfg.eval_sigmas), ("noise", "noise", cfg.noise_sigmas)):
         if name not in results:
@@ -275,7 +286,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
             results[name] = rows
             done(f"evaluate ({name}-degraded)", t0)
     curves = state.setdefault("curves", {})
-    for kind in CONDITIONS:
+    for kind in cfg.conditions:
         for seed in cfg.seeds:
             name = run_name(kind, seed)
             if name not in curves:
@@ -316,13 +327,13 @@ def seed_stats(rows: list[dict], kind: str, seeds: tuple[int, ...], sigma: float
     return {"mean": float(per_seed.mean()), "sd": sd, "se": sd / np.sqrt(len(per_seed)), "per_seed": per_seed.tolist()}
 
 
-def answers(results: dict, seeds: tuple[int, ...]) -> list[dict]:
-    """The paired test over seeds x photos for each of QUESTIONS at ANSWER_SIGMAS, on teacher-degraded latents."""
+def answers(results: dict, seeds: tuple[int, ...], conditions: tuple[str, ...] = CONDITIONS) -> list[dict]:
+    """The paired test over seeds x photos for each of QUESTIONS (among conditions) at ANSWER_SIGMAS, teacher-degraded."""
     from .evaluate import compare
 
     rows = results["teacher"]
     out = []
-    for ours, other in QUESTIONS:
+    for ours, other in (q for q in QUESTIONS if set(q) <= set(conditions)):
         for s in ANSWER_SIGMAS:
             if not any(r["sigma"] == s for r in rows):
                 continue
@@ -338,7 +349,7 @@ def write_results(out: Path, state: dict, test, codec, decoders: dict, teacher, 
 
     results, seeds = state["results"], cfg.seeds
     lines = ["# Results", "",
-             f"{len(CONDITIONS)} conditions x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.decoder_steps} "
+             f"{len(cfg.conditions)} conditions x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.decoder_steps} "
              f"steps each; held-out photos: {', '.join(sorted(set(test.sources)))} ({len(test)} pairs); "
              f"HQ crops {test[0]['hq'].shape[-1]} px. Each cell: mean over seeds of the held-out mean, +- its standard "
              "error over seeds; SD: the seed-to-seed standard deviation.", ""]
@@ -355,14 +366,14 @@ def write_results(out: Path, state: dict, test, codec, decoders: dict, teacher, 
                       f"{sigmas[-1]:g}) |", "|---|" + "---:|" * (len(sigmas) + 1)]
             for base in ("decoder+bicubic", "decoder+lanczos"):
                 lines.append(f"| {base} | " + " | ".join(f"{by[(base, s)][m]:.{digits}f}" for s in sigmas) + " | - |")
-            for kind in CONDITIONS:
+            for kind in cfg.conditions:
                 st = {s: seed_stats(rows, kind, seeds, s, m) for s in sigmas}
                 stats_json.setdefault(deg, {}).setdefault(kind, {})[m] = {str(s): v for s, v in st.items()}
                 lines.append(f"| {NAMES[kind]} | " + " | ".join(
                     f"{st[s]['mean']:.{digits}f} +- {st[s]['se']:.{digits}f}" for s in sigmas)
                     + f" | {st[sigmas[-1]]['sd']:.{digits}f} |")
             lines.append("")
-    found = answers(results, seeds)
+    found = answers(results, seeds, cfg.conditions)
     lines += ["## The recipe's questions (teacher-degraded held-out latents)", "",
               f"Mean difference (positive: the first decoder is better), its standard error over photos, and the call "
               f"({RULE}; each photo's difference is averaged over its pairs within each seed, then over the "
@@ -373,13 +384,16 @@ def write_results(out: Path, state: dict, test, codec, decoders: dict, teacher, 
         lines.append(f"| {NAMES[c['ours']]} | {NAMES[c['vs']]} | {c['sigma']:g} | {c['metric']} | "
                      f"{c['mean_diff']:+.4f} | {c['se']:.4f} | {c['n_photos']} | {c['n_seeds']} | {c['t']:.2f} | "
                      f"{c['p']:.3g} | {c['call']} |")
-    fid = state["proxy_fidelity"]
-    lines += ["", "## The proxies against the teacher (held-out photos' teacher data)", "",
-              f"Relative error {fid['wide']['metric']} (lower is better; x_sigma: doing nothing; x0: the clean latent).",
-              "", "| sigma bin | records | wide proxy | narrow proxy | x_sigma | x0 |", "|---|---:|---:|---:|---:|---:|"]
-    for w, n in zip(fid["wide"]["bins"], fid["narrow"]["bins"]):
-        lines.append(f"| {w['sigma_lo']:.2f}-{w['sigma_hi']:.2f} | {w['count']} | {w['proxy']:.4f} | {n['proxy']:.4f} "
-                     f"| {w['x_sigma']:.4f} | {w['x0']:.4f} |")
+    fid = state.get("proxy_fidelity", {})
+    kinds = list(fid)
+    lines += [] if not fid else ["", "## The proxies against the teacher (held-out photos' teacher data)", "",
+              f"Relative error {fid[kinds[0]]['metric']} (lower is better; x_sigma: doing nothing; x0: the clean "
+              "latent).", "", "| sigma bin | records | " + " | ".join(f"{k} proxy" for k in kinds) + " | x_sigma | x0 |",
+              "|---|---:|" + "---:|" * (len(kinds) + 2)]
+    for bins in zip(*(fid[k]["bins"] for k in kinds)):
+        w = bins[0]
+        lines.append(f"| {w['sigma_lo']:.2f}-{w['sigma_hi']:.2f} | {w['count']} | "
+                     + " | ".join(f"{b['proxy']:.4f}" for b in bins) + f" | {w['x_sigma']:.4f} | {w['x0']:.4f} |")
     lines += ["", "Wall time per stage (minutes): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in state["seconds"].items())]
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
     slim = {k: [{kk: vv for kk, vv in r.items() if kk not in ("per_pair", "sources")} for r in v]
@@ -390,7 +404,7 @@ def write_results(out: Path, state: dict, test, codec, decoders: dict, teacher, 
     save_figure(curves_figure(state["curves"], cfg), out / "curves.png")
     save_figure(metrics_figure(results, cfg), out / "metrics.png")
     picks = [next(i for i in range(len(test)) if test.records[i]["source"] == s) for s in test.sources]
-    first = {NAMES[k]: decoders[(k, cfg.seeds[0])] for k in CONDITIONS}
+    first = {NAMES[k]: decoders[(k, cfg.seeds[0])] for k in cfg.conditions}
     images = comparison_images(codec, first, [test[i] for i in picks], 0.08, teacher, cfg.seed, indices=picks)
     save_figure(crops_figure(images, crop=min(192, test[0]["hq"].shape[-1]),
                              title=f"held-out photos, latents degraded by the teacher at sigma 0.08 (seed {cfg.seeds[0]})"),
@@ -406,7 +420,7 @@ def curves_figure(curves: dict, cfg: ExperimentConfig):
     axes = fig.subplots(1, 2 * len(sigmas), squeeze=False)[0]
     for j, (s, m) in enumerate((s, m) for s in sigmas for m in ("psnr", "haarpsi")):
         ax = axes[j]
-        for k, kind in enumerate(CONDITIONS):
+        for k, kind in enumerate(cfg.conditions):
             runs = [curves[run_name(kind, seed)] for seed in cfg.seeds]
             steps = runs[0]["steps"]
             ys = np.array([r["ours"][s][m] for r in runs], float)
@@ -432,7 +446,7 @@ def metrics_figure(results: dict, cfg: ExperimentConfig):
         for base in ("decoder+bicubic", "decoder+lanczos"):
             pts = sorted((r["sigma"], r[m]) for r in rows if r["method"] == base)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="--", marker="o", ms=3, label=base)
-        for kind in CONDITIONS:
+        for kind in cfg.conditions:
             st = [seed_stats(rows, kind, cfg.seeds, s, m) for s in sigmas]
             ax.errorbar(sigmas, [x["mean"] for x in st], yerr=[x["se"] for x in st], marker="o", ms=3, capsize=2,
                         label=NAMES[kind])
