@@ -230,6 +230,22 @@ def parse_degrader(spec: str | None, preset=None, codec=None, sigma_max: float =
                      prompt=prompt, device=device)
 
 
+def run_degrader(degrader, cfg, preset, codec, device: str | torch.device | None = None) -> tuple[object | None, str]:
+    """A training run's degrader on its device and the name its summary records.
+
+    ``degrader``: a ``ldlib.degrade`` degrader, None for none, or "config" to parse ``cfg.degrader`` (with the run's
+    ``sigma_min`` / ``sigma_max``).
+    """
+    if isinstance(degrader, str) and degrader == "config":
+        degrader, name = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min,
+                                        sigma_max=cfg.sigma_max, device=device), cfg.degrader
+    else:
+        name = type(degrader).__name__
+    if degrader is None:
+        return None, "none"
+    return degrader.to(device), name  # it runs where the latents are
+
+
 # ------------------------------------------------------------------------------------------------------------
 # pair sets and runs
 # ------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..build import VOCABULARY, codec_of, parse_degrader
+from ..build import VOCABULARY, codec_of, run_degrader
 from ..core.config import check_finite
 from ..core.files import atomic_write_bytes
 from ..core.metrics import psnr
@@ -479,14 +479,7 @@ def train_decoder(
     preset = get_preset(cfg.preset, taef2_path=cfg.taef2_dir, **vae_overrides(cfg))
     if codec is None:
         codec = codec_of(preset)
-    degrader_name = cfg.degrader
-    if isinstance(degrader, str) and degrader == "config":
-        degrader = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                                  device=device)
-    elif degrader is not None:
-        degrader_name = type(degrader).__name__
-    if degrader is not None:
-        degrader = degrader.to(device)  # it runs where the latents are
+    degrader, degrader_name = run_degrader(degrader, cfg, preset, codec, device)
     train_set, val_set = _decoder_data(cfg, codec, pairs, latents, train_set, val_set)
     ids = getattr(train_set, "ids", None)
     if cfg.loss.gan_weight > 0 and cfg.loss.gan_start >= cfg.steps:
@@ -604,7 +597,7 @@ def train_decoder(
         "out": str(out),
         "preset": cfg.preset,
         "family": codec.family,
-        "degrader": degrader_name if degrader is not None else "none",
+        "degrader": degrader_name,
         "steps_done": step,
         "steps_target": cfg.steps,
         "finished": step >= cfg.steps,

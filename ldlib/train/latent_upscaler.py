@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, load_latent_upscaler, parse_degrader
+from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, load_latent_upscaler, run_degrader
 from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, replaced_folder
 from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, holds_run_lock,
@@ -184,14 +184,7 @@ def train_latent_upscaler(
         raise ValueError(f"image_weight > 0 with crop {cfg.crop}: {preset.name}'s decoder has GroupNorm layers, so a "
                          "decoded crop is normalised with its own statistics, not the whole image's, and the image "
                          "loss would train the upscaler to undo that; use --crop 0 (whole latents)")
-    degrader_name = cfg.degrader
-    if isinstance(degrader, str) and degrader == "config":
-        degrader = parse_degrader(cfg.degrader, preset, codec, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                                  device=device)
-    elif degrader is not None:
-        degrader_name = type(degrader).__name__
-    if degrader is not None:
-        degrader = degrader.to(device)
+    degrader, degrader_name = run_degrader(degrader, cfg, preset, codec, device)
     config = {**asdict(cfg), "pairs": str(pairs)}
     ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config)
     data = pairs_with_hq_latents(pairs, codec.to(device), cfg.preset, latents, hq_latents,
@@ -296,7 +289,7 @@ def train_latent_upscaler(
     elapsed, done_now = time.time() - t_loop, progress_.step - start
     summary: dict = {
         **summary_fields(out, progress_, cfg.steps, device, t_start, 20, asdict(cfg)),
-        "pairs": str(pairs), "preset": cfg.preset, "degrader": degrader_name if degrader is not None else "none",
+        "pairs": str(pairs), "preset": cfg.preset, "degrader": degrader_name,
         "parameters": n_params, "processes": acc.num_processes, "train_pairs": len(train_set),
         "train_sources": train_set.sources, "held_out_sources": val_set.sources,
         "train_seconds_this_run": elapsed,
