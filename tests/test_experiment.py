@@ -142,6 +142,7 @@ def test_a_subset_of_conditions_trains_and_answers_only_those(tmp_path):
     assert {(a["ours"], a["vs"]) for a in results["answers"]} == {("teacher", "none")}
     text = (out / "results.md").read_text()
     assert "| clean-trained |" in text and "noise-trained" not in text and "The proxies" not in text
+    assert "nan" not in text  # one seed: the held-out means, no standard error to print
     with pytest.raises(ValueError, match="conditions: gan"):
         ExperimentConfig(conditions=("none", "gan"))
 

@@ -369,9 +369,10 @@ def write_results(out: Path, state: dict, test, codec, decoders: dict, teacher, 
             for kind in cfg.conditions:
                 st = {s: seed_stats(rows, kind, seeds, s, m) for s in sigmas}
                 stats_json.setdefault(deg, {}).setdefault(kind, {})[m] = {str(s): v for s, v in st.items()}
+                spread = len(seeds) > 1  # one seed has no standard error: its cells are the held-out means
                 lines.append(f"| {NAMES[kind]} | " + " | ".join(
-                    f"{st[s]['mean']:.{digits}f} +- {st[s]['se']:.{digits}f}" for s in sigmas)
-                    + f" | {st[sigmas[-1]]['sd']:.{digits}f} |")
+                    f"{st[s]['mean']:.{digits}f}" + (f" +- {st[s]['se']:.{digits}f}" if spread else "") for s in sigmas)
+                    + (f" | {st[sigmas[-1]]['sd']:.{digits}f} |" if spread else " | - |"))
             lines.append("")
     found = answers(results, seeds, cfg.conditions)
     lines += ["## The recipe's questions (teacher-degraded held-out latents)", "",
