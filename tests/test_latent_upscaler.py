@@ -142,6 +142,47 @@ def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pair
     assert all(torch.equal(before[k], v) for k, v in codec.state_dict().items())  # the VAE stays frozen
 
 
+def test_step_zero_loss_is_latent_l1_plus_the_decoders_l1_and_lpips_of_the_decode(pairs, hq_cache, tiny_pairset,
+                                                                                  tmp_path):
+    # One global batch of every pair, no degrader, whole latents: step 0's net is nearest 2x (its zero start), so its
+    # loss terms can be computed here from the pair set, the decoder and a fresh LPIPS of the same seed.
+    from ldlib.core.metrics import lpips_model
+    from ldlib.train.latent_upscaler import pairs_with_hq_latents
+
+    codec = tiny_pairset["codec"]
+    data = pairs_with_hq_latents(pairs, codec, "tiny", progress=False)
+    n = len(data)
+    cfg = LatentUpscalerConfig(steps=1, image_weight=2.0, lpips_weight=0.5, lpips_net="alex", degrader="none",
+                               **{**TINY, "crop": 0, "batch": n, "val_fraction": 0.0})
+    with warnings.catch_warnings():  # offline, LPIPS says its backbone is random
+        warnings.simplefilter("ignore")
+        s = train_latent_upscaler(cfg, pairs, tmp_path / "run", codec=codec, progress=False)
+        lp_net = lpips_model("alex")
+    rec = s["history"][0]
+    items = [data[i] for i in range(n)]
+    up = nearest_2x(torch.stack([it["latent"] for it in items]).float())
+    z_hq = torch.stack([it["hq_latent"] for it in items]).float()
+    hq = torch.stack([it["hq"] for it in items]).float()
+    with torch.no_grad():
+        image = codec.decode(up, clamp=False).float()
+        latent_l1 = float((up - z_hq).abs().mean())
+        image_l1 = float((image - hq).abs().mean())
+        lp = float(lp_net(image, hq).mean())
+    assert rec["latent_loss"] == pytest.approx(latent_l1, rel=1e-4)
+    assert rec["image_l1"] == pytest.approx(image_l1, rel=1e-4) and rec["lpips"] == pytest.approx(lp, rel=1e-4)
+    assert rec["loss"] == pytest.approx(latent_l1 + 2.0 * image_l1 + 0.5 * lp, rel=1e-4)
+    assert s["lpips_backbone_pretrained"] is lp_net.backbone_pretrained
+    # LPIPS alone also decodes (and is refused on crops of a GroupNorm decoder like the L1 term).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = train_latent_upscaler(LatentUpscalerConfig(steps=1, lpips_weight=1.0, lpips_net="alex", degrader="none",
+                                                       **TINY), pairs, tmp_path / "lp", codec=codec, progress=False)
+    assert "lpips" in s["history"][0] and s["history"][0]["loss"] > s["history"][0]["latent_loss"]
+    with pytest.raises(ValueError, match="--crop 0"):
+        train_latent_upscaler(LatentUpscalerConfig(preset="taef2", steps=1, crop=8, lpips_weight=1.0), tmp_path / "p",
+                              tmp_path / "r", progress=False)
+
+
 def test_image_loss_on_crops_is_refused_for_a_decoder_with_group_norm(tmp_path):
     # taef2's decoder normalises with whole-feature-map statistics: a decoded crop is not a crop of the decode, and an
     # image loss on crops trained the upscaler to undo that (held-out PSNR fell; docs/latent_upscaler.md).
@@ -195,7 +236,8 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_p
 
 
 @pytest.mark.parametrize("setting", [{"width": 0}, {"crop": -1}, {"sigma_max": 2.0}, {"loss": "l2"},
-                                     {"image_weight": -1.0}, {"lr": float("nan")}, {"val_fraction": 1.0}])
+                                     {"image_weight": -1.0}, {"lpips_weight": -1.0}, {"lpips_net": "resnet"},
+                                     {"lr": float("nan")}, {"val_fraction": 1.0}])
 def test_config_mistakes_are_refused_naming_the_setting(setting):
     name = next(iter(setting))
     with pytest.raises(ValueError, match=name if name != "lr" else "LatentUpscalerConfig.lr"):

@@ -3,7 +3,8 @@
 One step: each LQ latent is degraded to its own sigma ~ U[sigma_min, sigma_max] by the run's degrader (the preset's
 teacher live by default: what a diffusion model hands the upscaler in a hires fix), cut to a random ``crop`` (the
 HQ latent at the same place, twice the size), upscaled, and pulled to the HQ latent with L1 (or MSE) in latent
-space, plus, with ``image_weight`` > 0, L1 of its decode through the frozen decoder against the HQ pixels.
+space, plus, with ``image_weight`` / ``lpips_weight`` > 0, L1 / LPIPS of its decode through the frozen decoder
+against the HQ pixels (the decoder's reconstruction loss, ``models.losses.DecoderLoss``, without the GAN).
 Everything random is a function of (seed, step, sample index), so a resumed run and a DDP run reproduce one
 uninterrupted process; the loop is ``train/loop.py``'s (resume, non-finite skip, checkpoints, history, summary).
 
@@ -32,6 +33,7 @@ from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_o
 from ..data.datasets import PairDataset, collate_pairs
 from ..data.latents import LatentCache, default_cache_dir, encode_pairs
 from ..models.latent_upscaler import CONFIG, LatentUpscaler, nearest_2x, save_latent_upscaler
+from ..models.losses import DecoderLoss, LossConfig
 from ..presets import PRESET_HELP, PRESETS, get_preset
 from .decoder import degrade_batch
 from .loop import Progress, guarded_update, resume_progress, run_steps, summary_fields
@@ -63,6 +65,10 @@ class LatentUpscalerConfig:
                                                                "the upscaled latent and the HQ pixels (0: off; costs "
                                                                "a decode and its backward per step; a decoder with "
                                                                "GroupNorm, such as taef2's, needs --crop 0)"})
+    lpips_weight: float = field(default=0.0, metadata={"help": "weight of LPIPS between that decode and the HQ "
+                                                               "pixels (the decoder's perceptual term; 0: off)"})
+    lpips_net: Literal["alex", "vgg", "squeeze"] = field(default="vgg", metadata={"help": "LPIPS backbone (as the "
+                                                                                   "decoder's --lpips-net)"})
     degrader: str = field(default="diffusion", metadata={"help": f"how the LQ latents are degraded: {VOCABULARY}"})
     sigma_min: float = field(default=0.0, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
     sigma_max: float = field(default=0.12, metadata={"help": "sigma ~ U[sigma_min, sigma_max] per sample"})
@@ -96,13 +102,20 @@ class LatentUpscalerConfig:
                              f"got {self.sigma_min}, {self.sigma_max}, {self.val_sigma}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"LatentUpscalerConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.image_weight < 0 or self.max_grad_norm < 0:
-            raise ValueError(f"LatentUpscalerConfig: image_weight and max_grad_norm must be >= 0, got "
-                             f"{self.image_weight}, {self.max_grad_norm}")
+        if self.image_weight < 0 or self.lpips_weight < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"LatentUpscalerConfig: image_weight, lpips_weight and max_grad_norm must be >= 0, got "
+                             f"{self.image_weight}, {self.lpips_weight}, {self.max_grad_norm}")
+        if self.lpips_net not in ("alex", "vgg", "squeeze"):
+            raise ValueError(f"LatentUpscalerConfig.lpips_net must be alex | vgg | squeeze, got {self.lpips_net!r}")
         if self.loss not in ("l1", "mse"):
             raise ValueError(f"LatentUpscalerConfig.loss must be l1 or mse, got {self.loss!r}")
         check_optimiser_settings("LatentUpscalerConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
                                  self.keep_checkpoints)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether a step decodes the upscaled latent (an image term is on)."""
+        return self.image_weight > 0 or self.lpips_weight > 0
 
     @property
     def held_out_seed(self) -> int:
@@ -180,19 +193,23 @@ def train_latent_upscaler(
     preset = get_preset(cfg.preset, taef2_path=cfg.taef2_dir)
     codec = (codec if codec is not None else codec_of(preset)).eval().requires_grad_(False)
     identity = codec.identity()
-    if cfg.image_weight > 0 and cfg.crop > 0 and has_group_norm(codec.decoder_modules()):
-        raise ValueError(f"image_weight > 0 with crop {cfg.crop}: {preset.name}'s decoder has GroupNorm layers, so a "
+    if cfg.decodes and cfg.crop > 0 and has_group_norm(codec.decoder_modules()):
+        raise ValueError(f"an image loss (image_weight or lpips_weight > 0) with crop {cfg.crop}: {preset.name}'s "
+                         "decoder has GroupNorm layers, so a "
                          "decoded crop is normalised with its own statistics, not the whole image's, and the image "
                          "loss would train the upscaler to undo that; use --crop 0 (whole latents)")
     degrader, degrader_name = run_degrader(degrader, cfg, preset, codec, device)
     config = {**asdict(cfg), "pairs": str(pairs)}
     ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config)
     data = pairs_with_hq_latents(pairs, codec.to(device), cfg.preset, latents, hq_latents,
-                                 load_images=cfg.image_weight > 0, progress=progress, acc=acc)
+                                 load_images=cfg.decodes, progress=progress, acc=acc)
     train_set, val_set = data.split(cfg.val_fraction, cfg.held_out_seed)
     if len(train_set) == 0:
         raise ValueError(f"{pairs}: no training pairs after the held-out split")
     channels = int(identity["latent_channels"])
+    # The decoder's reconstruction loss (L1 + LPIPS, no GAN) on the decode of the upscaled latent.
+    image_loss = (DecoderLoss(LossConfig(l1_weight=cfg.image_weight, lpips_weight=cfg.lpips_weight,
+                                         lpips_net=cfg.lpips_net, gan_weight=0.0)).to(device) if cfg.decodes else None)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 31))
@@ -242,7 +259,7 @@ def train_latent_upscaler(
         global_idx = sampler.global_batch(step)
         mine = global_idx[acc.process_index * cfg.batch : (acc.process_index + 1) * cfg.batch]
         z, z_hq = batch["latent"].to(device), batch["hq_latent"].to(device)
-        hq = batch["hq"].to(device) if cfg.image_weight > 0 else None
+        hq = batch["hq"].to(device) if cfg.decodes else None
         zd, sigma = degrade_batch(degrader, z, mine, step, cfg.seed, (cfg.sigma_min, cfg.sigma_max), batch.get("id"))
         gens = [sample_generator(cfg.seed, step, int(i), stream=5) for i in mine]
         zd, z_hq, hq = random_crops(zd, z_hq, hq, cfg.crop, gens, pixels)
@@ -252,12 +269,14 @@ def train_latent_upscaler(
         latent_loss = diff.abs().mean() if cfg.loss == "l1" else diff.pow(2).mean()
         loss = latent_loss
         rec: dict = {"step": step}
-        if cfg.image_weight > 0:
+        if image_loss is not None:
             with acc.autocast():
                 image = codec.decode(up, clamp=False)
-            image_l1 = (image.float() - hq.float()).abs().mean()
-            loss = loss + cfg.image_weight * image_l1
-            rec["image_l1"] = float(image_l1.detach())
+            image_term, terms = image_loss.reconstruction(image, hq)
+            loss = loss + image_term
+            rec["image_l1"] = float(terms["l1"].detach())
+            if "lpips" in terms:
+                rec["lpips"] = float(terms["lpips"].detach())
         lr = opt.param_groups[0]["lr"]  # the one this step uses (sched.step() moves it on)
         ok = guarded_update(acc, loss, progress_, net_w.parameters(), opt, sched, cfg.max_grad_norm)
         return {**rec, "loss": float(loss.detach()), "latent_loss": float(latent_loss.detach()),
@@ -291,6 +310,8 @@ def train_latent_upscaler(
         **summary_fields(out, progress_, cfg.steps, device, t_start, 20, asdict(cfg)),
         "pairs": str(pairs), "preset": cfg.preset, "degrader": degrader_name,
         "parameters": n_params, "processes": acc.num_processes, "train_pairs": len(train_set),
+        "lpips_backbone_pretrained": (bool(getattr(image_loss.lpips, "backbone_pretrained", False))
+                                      if image_loss is not None and image_loss.lpips is not None else None),
         "train_sources": train_set.sources, "held_out_sources": val_set.sources,
         "train_seconds_this_run": elapsed,
         "steps_per_s_this_run": done_now / elapsed if elapsed > 0 and done_now else None,
