@@ -192,6 +192,44 @@ def test_image_loss_on_crops_is_refused_for_a_decoder_with_group_norm(tmp_path):
     assert "\n" not in str(err.value) and "GroupNorm" in str(err.value) and not (tmp_path / "run").exists()
 
 
+def test_hires_fix_scores_each_latent_after_the_same_refinement(pairs, hq_cache, tiny_pairset):
+    # The noise degrader as the refiner: x_s = (1 - s) x + s eps, nothing denoised, so the expected refined ceiling is
+    # computed here from its definition (eps from each pair's generator, keyed by seed + 1, sigma and index).
+    import numpy as np
+
+    from ldlib.apps.latent_upscale import LatentEvalConfig, evaluate_latent_upscalers
+    from ldlib.build import parse_degrader
+    from ldlib.core.runs import sample_generator
+    from ldlib.train.latent_upscaler import pairs_with_hq_latents
+
+    codec = tiny_pairset["codec"]
+    data = pairs_with_hq_latents(pairs, codec, "tiny", progress=False)
+    idx = [0, 1, 2]
+    refiner = parse_degrader("noise", get_preset("tiny"), codec)
+    plain = evaluate_latent_upscalers(codec, {"ours": nearest_2x}, data, LatentEvalConfig(sigmas=(0.0,), batch=2),
+                                      None, idx, progress=False)
+    cfg = LatentEvalConfig(sigmas=(0.0,), batch=2, seed=3, refine=0.3)
+    rows = evaluate_latent_upscalers(codec, {"ours": nearest_2x}, data, cfg, None, idx, progress=False,
+                                     refiner=refiner)
+    by, by_plain = {r["method"]: r for r in rows}, {r["method"]: r for r in plain}
+    # The same latent gets the same draws whichever method made it: ours (nearest 2x here) scores as latent nearest.
+    assert by["ours"]["per_pair"] == {**by["latent nearest"]["per_pair"], "seconds": by["ours"]["per_pair"]["seconds"],
+                                      "cpu_seconds": by["ours"]["per_pair"]["cpu_seconds"]}
+    assert by_plain["enc(HQ)"]["rel_err"] == 0 < by["enc(HQ)"]["rel_err"]
+    z_hq = torch.stack([data[i]["hq_latent"] for i in idx]).float()
+    hq = torch.stack([data[i]["hq"] for i in idx]).float().numpy()
+    eps = torch.stack([torch.randn(z_hq.shape[1:], generator=sample_generator(4, 300000, i, stream=2)) for i in idx])
+    refined = 0.7 * z_hq + 0.3 * eps
+    with torch.no_grad():
+        image = codec.decode(refined).float().clamp(-1, 1).numpy()
+    mse = ((image - hq) ** 2).reshape(len(idx), -1).mean(axis=1)
+    assert np.allclose(by["enc(HQ)"]["per_pair"]["psnr"], 10 * np.log10(4 / mse), rtol=1e-4)
+    rel = ((refined - z_hq).flatten(1).norm(dim=1) / z_hq.flatten(1).norm(dim=1)).numpy()
+    assert np.allclose(by["enc(HQ)"]["per_pair"]["rel_err"], rel, rtol=1e-4)
+    with pytest.raises(ValueError, match="refine_steps"):
+        LatentEvalConfig(refine=0.3, refine_steps=0)
+
+
 def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train-latent-upscaler", str(pairs), str(run), "--preset", "tiny", "--steps", "3", "--width", "8",
@@ -217,6 +255,15 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_p
     assert nearest[0.0]["cpu_seconds"] > 0 and all(r["cpu_seconds"] is None for r in ceiling)
     assert {v["baseline"] for v in doc["verdicts"]} == {"decode-bicubic-encode", "latent bicubic"}
     assert (ev / "crops.png").is_file() and "| ours | 0.08 |" in (ev / "eval.md").read_text()
+    # The hires fix: the tiny teacher refines every 2x latent, enc(HQ)'s too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["evaluate-latent-upscaler", str(pairs), "--model", str(run), "--preset", "tiny", "--out",
+                     str(tmp_path / "hires"), "--sigmas", "0", "--per-photo", "1", "--refine", "0.4",
+                     "--refine-steps", "2", "--quiet"]) == 0
+    hires = json.loads((tmp_path / "hires" / "eval.json").read_text())
+    assert hires["config"]["refine"] == 0.4 and "Hires fix" in (tmp_path / "hires" / "eval.md").read_text()
+    assert all(r["rel_err"] > 0 for r in hires["rows"] if r["method"] == "enc(HQ)")
     # upscale-latents: C x h x w and N x C x h x w files, normalised and raw, never overwriting without the flag.
     from safetensors.torch import load_file, save_file
 

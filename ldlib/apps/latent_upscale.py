@@ -12,7 +12,9 @@ upscale alone: for decode-bicubic-encode its decode, resize and encode), as wall
 (on a shared machine the wall time also counts what other processes took; with one thread, on an idle core, the two
 agree). The degradation is
 ``apps.evaluate.degrade_for_eval``'s (per sample, keyed by seed, sigma and index: identical for every method), the
-paired verdicts ``apps.evaluate.compare``'s. Outputs: ``eval.json`` (rows with per-pair values, verdicts),
+paired verdicts ``apps.evaluate.compare``'s. With ``refine`` > 0 it scores the hires fix itself: each 2x latent,
+the ceiling's too, noised to that sigma and denoised by the preset's teacher (the same draws for every method) before
+the decode. Outputs: ``eval.json`` (rows with per-pair values, verdicts),
 ``eval.md`` (one table), ``crops.png`` (the same crop decoded from each method's latent).
 """
 
@@ -52,12 +54,19 @@ class LatentEvalConfig:
     per_photo: int | None = field(default=None, metadata={"help": "at most this many pairs of each photo (default: all)"})
     batch: int = field(default=4, metadata={"help": "latents per call"})
     seed: int = field(default=0, metadata={"help": "noise seed (the same draws for every method)"})
+    refine: float = field(default=0.0, metadata={"help": "hires fix: noise each method's 2x latent (and enc(HQ)) to "
+                                                          "this sigma and let the preset's teacher denoise it before "
+                                                          "the decode is scored (0: score the plain decode)"})
+    refine_steps: int = field(default=10, metadata={"help": "the teacher's Euler steps from the refine sigma to 0"})
 
     def __post_init__(self) -> None:
         self.sigmas = tuple(float(s) for s in self.sigmas)
         check_sigmas(self.sigmas, "LatentEvalConfig.sigmas")
         if self.batch < 1 or (self.per_photo is not None and self.per_photo < 1):
             raise ValueError(f"LatentEvalConfig: batch and per_photo must be >= 1, got {self.batch}, {self.per_photo}")
+        check_sigmas((self.refine,), "LatentEvalConfig.refine")
+        if self.refine_steps < 1:
+            raise ValueError(f"LatentEvalConfig.refine_steps must be >= 1, got {self.refine_steps}")
         if self.split not in ("all", "held-out"):
             raise ValueError(f"LatentEvalConfig.split must be all or held-out, got {self.split!r}")
 
@@ -86,11 +95,14 @@ def _timed(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple
 
 @torch.no_grad()
 def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cfg: LatentEvalConfig | None = None,
-                              degrader=None, indices: Sequence[int] | None = None, progress: bool = True) -> list[dict]:
+                              degrader=None, indices: Sequence[int] | None = None, progress: bool = True,
+                              refiner=None) -> list[dict]:
     """Rows ``{method, sigma, n, <metric means>, per_pair: {metric: [...]}, sources: [...]}`` per method and sigma.
 
     ``upscalers``: name -> latent 2x function (the trained upscalers); the baselines and the ceiling are added.
     Dataset items need ``latent``, ``hq_latent``, ``hq`` (and ``id``, ``source``). ``indices``: which items.
+    ``refiner`` (a degrader; with ``cfg.refine`` > 0): every 2x latent, the ceiling's too, is noised to ``cfg.refine``
+    and denoised by it before it is scored, with the same draws for every method (the hires fix).
     """
     from tqdm.auto import tqdm
 
@@ -102,7 +114,11 @@ def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cf
     values: dict[tuple[str, float], dict[str, list[float]]] = {}
     sources: list[str | None] = []
 
-    def scores(up: torch.Tensor, hq: torch.Tensor, z_hq: torch.Tensor) -> dict[str, list[float]]:
+    refine = refiner is not None and cfg.refine > 0
+
+    def scores(up: torch.Tensor, hq: torch.Tensor, z_hq: torch.Tensor, idx: Sequence[int]) -> dict[str, list[float]]:
+        if refine:  # its own draws (seed + 1): never the LQ degradation's, even at the same sigma
+            up = degrade_for_eval(refiner, up.float(), idx, cfg.refine, cfg.seed + 1)
         image = codec.decode(up.float()).float().clamp(-1, 1)
         return {"rel_err": relative_error(up, z_hq).tolist(), "psnr": psnr(image, hq).tolist(),
                 "haarpsi": haarpsi(image, hq).tolist(), "colour_shift": colour_shift(image, hq).tolist()}
@@ -128,7 +144,7 @@ def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cf
         z = torch.stack([it["latent"] for it in items]).float()
         z_hq = torch.stack([it["hq_latent"] for it in items]).float()
         hq = torch.stack([it["hq"] for it in items]).float()
-        ceiling = scores(z_hq, hq, z_hq)  # not degraded: the same at every sigma
+        ceiling = scores(z_hq, hq, z_hq, idx)  # not degraded: the same at every sigma
         for sigma in cfg.sigmas:
             zd = degrade_for_eval(degrader, z, idx, sigma, cfg.seed, [it.get("id") for it in items])
             for name, fn in methods.items():
@@ -136,7 +152,7 @@ def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cf
                 if up.shape != z_hq.shape:
                     raise ValueError(f"{name}: upscaled latents are {tuple(up.shape[1:])}, the HQ latents "
                                      f"{tuple(z_hq.shape[1:])}: a 2x upscaler needs pairs whose HQ is 2x their LQ")
-                add(name, sigma, scores(up, hq, z_hq), seconds)
+                add(name, sigma, scores(up, hq, z_hq, idx), seconds)
             add(CEILING, sigma, ceiling, None)
         bar.update(len(idx))
     bar.close()
@@ -218,7 +234,8 @@ def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathL
     from ..build import parse_degrader
 
     degrader = parse_degrader(cfg.degrader, preset, codec, device="cpu")
-    rows = evaluate_latent_upscalers(codec, {OURS: net}, data, cfg, degrader, indices, progress)
+    refiner = parse_degrader("diffusion", preset, codec, steps=cfg.refine_steps, device="cpu") if cfg.refine else None
+    rows = evaluate_latent_upscalers(codec, {OURS: net}, data, cfg, degrader, indices, progress, refiner)
     comparisons = verdicts(rows)
     scored = sorted({data.records[i]["source"] for i in indices})
     doc = {"config": asdict(cfg), "model": str(model), "model_info": {k: v for k, v in info.items() if k != "codec"},
@@ -230,6 +247,8 @@ def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathL
     md = (f"# Latent upscaler vs the hires-fix baselines\n\n{len(indices)} pairs of {len(scored)} photos "
           f"({', '.join(scored)}) of `{pairs}`, preset {preset.name}; LQ latents degraded by `{cfg.degrader}`; "
           f"model `{model}`; time per latent with {torch.get_num_threads()} CPU thread(s).\n\n"
+          + (f"Hires fix: every 2x latent (and enc(HQ)) noised to sigma {cfg.refine:g} and denoised by the "
+             f"preset's teacher in {cfg.refine_steps} Euler steps before its decode is scored.\n\n" if cfg.refine else "")
           + markdown_table(rows) + "\nPaired verdicts (mean difference, ours minus baseline, signed so that + is "
           "better, +- one standard error):\n\n" + verdict_lines(comparisons))
     if preset.random_weights:
