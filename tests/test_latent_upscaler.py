@@ -226,6 +226,12 @@ def test_hires_fix_scores_each_latent_after_the_same_refinement(pairs, hq_cache,
     assert np.allclose(by["enc(HQ)"]["per_pair"]["psnr"], 10 * np.log10(4 / mse), rtol=1e-4)
     rel = ((refined - z_hq).flatten(1).norm(dim=1) / z_hq.flatten(1).norm(dim=1)).numpy()
     assert np.allclose(by["enc(HQ)"]["per_pair"]["rel_err"], rel, rtol=1e-4)
+    # The crops picture shows what was scored: the refined decodes, the ceiling's equal to the one computed here.
+    from ldlib.apps.latent_upscale import comparison_decodes
+
+    shown = comparison_decodes(codec, nearest_2x, [data[i] for i in idx], 0.0, None, 3, idx, refiner=refiner,
+                               refine=0.3)
+    assert np.allclose(shown["enc(HQ)"].numpy(), image, atol=1e-5)
     with pytest.raises(ValueError, match="refine_steps"):
         LatentEvalConfig(refine=0.3, refine_steps=0)
 

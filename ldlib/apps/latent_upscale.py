@@ -86,6 +86,14 @@ def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
+def hires_refine(refiner, z2x: torch.Tensor, indices: Sequence[int], refine: float, seed: int) -> torch.Tensor:
+    """The hires fix's refinement of 2x latents (noise to ``refine``, the refiner denoises); unchanged without one."""
+    if refiner is None or refine <= 0:
+        return z2x
+    # Its own draws (seed + 1): never the LQ degradation's, even at the same sigma.
+    return degrade_for_eval(refiner, z2x.float(), indices, refine, seed + 1)
+
+
 def _timed(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
     """fn(z) and (wall seconds, CPU seconds of this process) per latent."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -114,11 +122,8 @@ def evaluate_latent_upscalers(codec, upscalers: dict[str, Callable], dataset, cf
     values: dict[tuple[str, float], dict[str, list[float]]] = {}
     sources: list[str | None] = []
 
-    refine = refiner is not None and cfg.refine > 0
-
     def scores(up: torch.Tensor, hq: torch.Tensor, z_hq: torch.Tensor, idx: Sequence[int]) -> dict[str, list[float]]:
-        if refine:  # its own draws (seed + 1): never the LQ degradation's, even at the same sigma
-            up = degrade_for_eval(refiner, up.float(), idx, cfg.refine, cfg.seed + 1)
+        up = hires_refine(refiner, up, idx, cfg.refine, cfg.seed)
         image = codec.decode(up.float()).float().clamp(-1, 1)
         return {"rel_err": relative_error(up, z_hq).tolist(), "psnr": psnr(image, hq).tolist(),
                 "haarpsi": haarpsi(image, hq).tolist(), "colour_shift": colour_shift(image, hq).tolist()}
@@ -255,7 +260,8 @@ def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathL
         md += "\nRandom models (preset tiny): these numbers show that the pipeline runs, not how good the method is.\n"
     atomic_write_bytes(out / "eval.md", md.encode())
     picks = [next(i for i in indices if data.records[i]["source"] == s) for s in scored][:4]
-    figure = crops_figure_of(codec, net, [data[i] for i in picks], max(cfg.sigmas), degrader, cfg.seed, picks)
+    figure = crops_figure_of(codec, net, [data[i] for i in picks], max(cfg.sigmas), degrader, cfg.seed, picks,
+                             refiner=refiner, refine=cfg.refine)
     save_figure(figure, out / "crops.png")
     return doc
 
@@ -263,29 +269,35 @@ def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathL
 @torch.no_grad()
 def comparison_decodes(codec, upscaler, items: Sequence[dict], sigma: float, degrader, seed: int = 0,
                        indices: Sequence[int] | None = None,
-                       methods: Sequence[str] = ("latent bicubic", DBE)) -> dict[str, torch.Tensor]:
+                       methods: Sequence[str] = ("latent bicubic", DBE), refiner=None,
+                       refine: float = 0.0) -> dict[str, torch.Tensor]:
     """Decodes of each method's 2x latent of the items' (degraded) LQ latents, then ``ours``, ``enc(HQ)`` and ``HQ``:
-    name -> N x 3 x H x W in [-1, 1] (the noise draws are the evaluation's when ``indices`` are the items')."""
+    name -> N x 3 x H x W in [-1, 1] (the noise draws are the evaluation's when ``indices`` are the items'; with a
+    ``refiner`` and ``refine`` > 0, each 2x latent is refined first, as ``evaluate_latent_upscalers`` does)."""
     z = torch.stack([it["latent"] for it in items]).float()
     keys = list(indices) if indices is not None else list(range(len(items)))
     zd = degrade_for_eval(degrader, z, keys, float(sigma), seed, [it.get("id") for it in items])
-    fns = baselines(codec)
-    out = {name: codec.decode(fns[name](zd)) for name in methods}
-    out[OURS] = codec.decode(upscaler(zd))
-    out[CEILING] = codec.decode(torch.stack([it["hq_latent"] for it in items]).float())
+    fns = {**{name: baselines(codec)[name] for name in methods}, OURS: upscaler,
+           CEILING: lambda _: torch.stack([it["hq_latent"] for it in items]).float()}
+    out = {}
+    for name, fn in fns.items():
+        up = fn(zd).float()
+        out[name] = codec.decode(hires_refine(refiner, up, keys, refine, seed))
     out["HQ"] = torch.stack([it["hq"] for it in items]).float()
     return {k: v.float().clamp(-1, 1) for k, v in out.items()}
 
 
-def crops_figure_of(codec, upscaler, items, sigma, degrader, seed=0, indices=None, crop: int = 160):
+def crops_figure_of(codec, upscaler, items, sigma, degrader, seed=0, indices=None, crop: int = 160, refiner=None,
+                    refine: float = 0.0):
     """apps.evaluate's crops figure (same centre crop per method, PSNR in each title) of ``comparison_decodes``."""
     from matplotlib.figure import Figure
 
     from .evaluate import crops_figure
 
-    images = comparison_decodes(codec, upscaler, items, sigma, degrader, seed, indices)
+    images = comparison_decodes(codec, upscaler, items, sigma, degrader, seed, indices, refiner=refiner, refine=refine)
     crop = min(crop, images["HQ"].shape[-1])
-    return crops_figure(images, crop=crop, title=f"decode of each 2x latent, LQ latents degraded at sigma {sigma:g}",
+    hires = f", refined from sigma {refine:g} by the teacher" if refiner is not None and refine > 0 else ""
+    return crops_figure(images, crop=crop, title=f"decode of each 2x latent{hires}, LQ latents degraded at sigma {sigma:g}",
                         fig=Figure(figsize=(2.6 * len(images), 2.75 * len(items)), dpi=100))
 
 
