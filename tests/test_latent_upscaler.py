@@ -133,6 +133,23 @@ def test_a_run_can_start_from_a_trained_upscaler(trained, pairs, hq_cache, tiny_
                               tmp_path / "other", codec=tiny_pairset["codec"], progress=False)
 
 
+def test_a_run_made_before_a_setting_existed_resumes_at_its_default(trained, pairs, hq_cache, tiny_pairset, tmp_path):
+    # lpips_weight / lpips_net came after runs had been made: such a run's config.json lacks them, and it resumes
+    # (their defaults, no perceptual term, are what it trained with); asking for the term is still a change.
+    run, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["lpips_weight"], config["lpips_net"]
+    (old / "config.json").write_text(json.dumps(config))
+    s = train_latent_upscaler(LatentUpscalerConfig(steps=4, **TINY), pairs, old, resume=True,
+                              codec=tiny_pairset["codec"], progress=False)
+    assert s["steps_done"] == 4 and json.loads((old / "config.json").read_text())["lpips_weight"] == 0.0
+    with pytest.raises(ValueError, match=r"lpips_weight: 0\.0 -> 1\.0"):
+        train_latent_upscaler(LatentUpscalerConfig(steps=4, lpips_weight=1.0, **TINY), pairs, old, resume=True,
+                              codec=tiny_pairset["codec"], progress=False)
+
+
 def test_image_loss_trains_through_the_frozen_decoder(pairs, hq_cache, tiny_pairset, tmp_path):
     codec = tiny_pairset["codec"]
     before = {k: v.clone() for k, v in codec.state_dict().items()}

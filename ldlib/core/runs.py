@@ -468,15 +468,27 @@ def holds_run_lock(fn):
     return wrapper
 
 
-def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> tuple[CheckpointManager, Path | None]:
+def with_defaults(have: dict, defaults: dict, want: dict) -> dict:
+    """A run's recorded settings, plus each setting of ``want`` it lacks (added to ldlib since) at its default."""
+    out = {**{k: v for k, v in defaults.items() if k in want and k not in have}, **have}
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(have.get(k), dict) and isinstance(want.get(k), dict):
+            out[k] = with_defaults(have[k], v, want[k])
+    return out
+
+
+def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict,
+             defaults: dict | None = None) -> tuple[CheckpointManager, Path | None]:
     """Check a run folder before anything is written: (its checkpoints, the folder to resume from or None).
 
     Takes the run folder's lock first (``lock_run``): a second writer is refused before it reads anything.
 
     Refuses a folder that holds a run unless resuming; when resuming, refuses settings that differ from the run's
     config.json except those in RESUMABLE_KEYS (one line listing each change), so the file never records settings
-    the run does not use, and a new ``steps`` when the config's ``lr_schedule`` depends on it. Writes nothing: call
-    ``write_config`` once the set-up has succeeded.
+    the run does not use, and a new ``steps`` when the config's ``lr_schedule`` depends on it. ``defaults`` (the
+    config class's defaults, as ``config``): a setting the run's config.json lacks, because it was added to ldlib after
+    the run was made, counts as its default there (a new setting's default keeps the behaviour runs had before it).
+    Writes nothing: call ``write_config`` once the set-up has succeeded.
     """
     out = Path(out)
     lock_run(out, accelerator)
@@ -489,7 +501,10 @@ def open_run(out: Path, accelerator, resume: bool, keep: int, config: dict) -> t
             have = json.loads((out / "config.json").read_text())
         except ValueError as e:
             raise ValueError(f"{out / 'config.json'}: unreadable ({e})") from e
-        changes = config_changes(have, json.loads(json.dumps(config)))
+        want = json.loads(json.dumps(config))
+        if defaults is not None:
+            have = with_defaults(have, json.loads(json.dumps(defaults)), want)
+        changes = config_changes(have, want)
         if changes:
             raise ValueError(f"{out}: resuming with other settings than the run's ({'; '.join(changes)}); only "
                              f"{', '.join(RESUMABLE_KEYS)} may change on resume: start a new run folder instead")

@@ -497,7 +497,7 @@ def train_decoder(
                 # A run from before the head choice: it started from the nearest copy and has no head_* settings.
                 cfg = dataclasses.replace(cfg, head_init="nearest")
                 checked = {k: v for k, v in cfg.to_dict().items() if not k.startswith("head_")}
-    ckpts, found = open_run(out, acc, resume, cfg.keep_checkpoints, checked)
+    ckpts, found = open_run(out, acc, resume, cfg.keep_checkpoints, checked, type(cfg)().to_dict())
     fit_data = None
     if cfg.head_init == "least-squares" and found is None and not cfg.init_from:
         acc.print(f"fitting the 2x head on {min(cfg.head_fit_pairs, len(train_set))} training pairs (least squares)")

@@ -200,7 +200,7 @@ def train_latent_upscaler(
                          "loss would train the upscaler to undo that; use --crop 0 (whole latents)")
     degrader, degrader_name = run_degrader(degrader, cfg, preset, codec, device)
     config = {**asdict(cfg), "pairs": str(pairs)}
-    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config)
+    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config, asdict(type(cfg)()))
     data = pairs_with_hq_latents(pairs, codec.to(device), cfg.preset, latents, hq_latents,
                                  load_images=cfg.decodes, progress=progress, acc=acc)
     train_set, val_set = data.split(cfg.val_fraction, cfg.held_out_seed)

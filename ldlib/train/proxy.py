@@ -126,7 +126,7 @@ def train_proxy(
     channels = int(train_set.latents.identity["latent_channels"])
 
     config = {**asdict(cfg), "teacher": str(teacher)}
-    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config)
+    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config, asdict(type(cfg)()))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 23))

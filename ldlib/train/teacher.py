@@ -330,7 +330,7 @@ def train_teacher(
     train_x, val_x, train_sources, val_sources = load_split_latents(pairs, cache, cfg.val_fraction, cfg.split_seed)
     channels = int(identity["latent_channels"])
     config = {**asdict(cfg), "pairs": str(pairs), "latents": str(cache.folder)}
-    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config)
+    ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config, asdict(type(cfg)()))
 
     model = build_transformer(cfg, channels, seed=mix_seed(cfg.seed, 29)).to(device)
     model.train()
