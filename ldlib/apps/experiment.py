@@ -173,6 +173,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
     from ..build import load_run_codec, parse_degrader
     from ..core.files import FolderBusyError
     from ..core.metrics import lpips_model
+    from ..core.runs import with_defaults
     from ..data.datasets import PairDataset
     from ..data.latents import default_cache_dir, encode_pairs
     from ..data.pairs import PairSpec, build_pairs
@@ -189,7 +190,7 @@ def run_experiment(out: str | os.PathLike, cfg: ExperimentConfig | None = None) 
     want = json.loads(json.dumps(asdict(cfg)))
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"config": want, "seconds": {}}
     # A setting added since the folder was made takes its default, which keeps the experiment it ran.
-    have = {**json.loads(json.dumps(asdict(ExperimentConfig()))), **state["config"]}
+    have = with_defaults(state["config"], json.loads(json.dumps(asdict(ExperimentConfig()))), want)
     if have != want:
         # More decoder steps continue the runs (their schedule does not depend on the length) and redo the scoring.
         longer = {**have, "decoder_steps": want["decoder_steps"]} == want and want["decoder_steps"] > have["decoder_steps"]
