@@ -195,9 +195,9 @@ def train_latent_upscaler(
     identity = codec.identity()
     if cfg.decodes and cfg.crop > 0 and has_group_norm(codec.decoder_modules()):
         raise ValueError(f"an image loss (image_weight or lpips_weight > 0) with crop {cfg.crop}: {preset.name}'s "
-                         "decoder has GroupNorm layers, so a "
-                         "decoded crop is normalised with its own statistics, not the whole image's, and the image "
-                         "loss would train the upscaler to undo that; use --crop 0 (whole latents)")
+                         "decoder has GroupNorm layers, so a decoded crop is normalised with its own statistics, not "
+                         "the whole image's, and the image loss would train the upscaler to undo that; use --crop 0 "
+                         "(whole latents)")
     degrader, degrader_name = run_degrader(degrader, cfg, preset, codec, device)
     config = {**asdict(cfg), "pairs": str(pairs)}
     ckpts, _ = open_run(out, acc, resume, cfg.keep_checkpoints, config, asdict(type(cfg)()))
