@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldlib.apps.analysis import SweepConfig, pair_batch, reference_at, relative_error, sigma_sweep
+from ldlib.apps.analysis import SweepConfig, pair_batch, reference_at, sigma_sweep
 from ldlib.build import codec_of
 from ldlib.core.images import area_downsample
-from ldlib.core.metrics import high_freq_share, white_noise_hf_share
+from ldlib.core.metrics import high_freq_share, relative_error, white_noise_hf_share
 from ldlib.degrade import NoiseDegrader, add_noise
 
 
@@ -45,6 +45,13 @@ def test_relative_error():
     a, b = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
     expected = [np.linalg.norm((a[k] - b[k]).numpy()) / np.linalg.norm(b[k].numpy()) for k in range(2)]
     np.testing.assert_allclose(relative_error(a, b).numpy(), expected, rtol=1e-12)
+    # Half-precision latents (an fp16 export's output) are measured in float32: a 32 x 64 x 64 latent's squared norm
+    # is past float16's range.
+    h, g = (50 * torch.randn(1, 32, 64, 64)).half(), (50 * torch.randn(1, 32, 64, 64)).half()
+    hd, gd = h.double().numpy()[0], g.double().numpy()[0]
+    err = relative_error(h, g)
+    assert err.dtype == torch.float32
+    np.testing.assert_allclose(err.numpy(), [np.linalg.norm(hd - gd) / np.linalg.norm(gd)], rtol=1e-5)
 
 
 class PoolCodec:

@@ -28,7 +28,7 @@ import torch
 from ..build import codec_of, has_trained_teacher, vocabulary
 from ..core.config import check_sigmas
 from ..core.images import area_downsample
-from ..core.metrics import high_freq_share, white_noise_hf_share
+from ..core.metrics import high_freq_share, relative_error, white_noise_hf_share
 
 
 DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
@@ -92,11 +92,6 @@ def pair_batch(preset, pairs_dir: str | os.PathLike | None = None, photos: str |
 # ------------------------------------------------------------------------------------------------------------
 # statistics
 # ------------------------------------------------------------------------------------------------------------
-
-
-def relative_error(degraded: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``|D(x) - x| / |x|`` (Frobenius norms)."""
-    return (degraded - clean).flatten(1).norm(dim=1) / clean.flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 def reference_at(hq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..build import codec_of, load_latent_upscaler, shipped_latent_upscaler, vocabulary
 from ..core.config import check_sigmas
 from ..core.files import atomic_write_bytes, atomic_write_file, save_figure
-from ..core.metrics import colour_shift, haarpsi, psnr
+from ..core.metrics import colour_shift, haarpsi, psnr, relative_error
 from .evaluate import bicubic_2x, compare, degrade_for_eval
 
 METRICS = ("rel_err", "psnr", "haarpsi", "colour_shift", "seconds", "cpu_seconds")
@@ -79,11 +79,6 @@ def baselines(codec) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 
     return {"latent nearest": resize("nearest"), "latent bilinear": resize("bilinear"),
             "latent bicubic": resize("bicubic"), DBE: lambda z: codec.encode(bicubic_2x(codec.decode(z)).clamp(-1, 1))}
-
-
-def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``|up - target| / |target|`` (Frobenius norms)."""
-    return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 def hires_refine(refiner, z2x: torch.Tensor, indices: Sequence[int], refine: float, seed: int) -> torch.Tensor:
@@ -277,7 +272,8 @@ def comparison_decodes(codec, upscaler, items: Sequence[dict], sigma: float, deg
     z = torch.stack([it["latent"] for it in items]).float()
     keys = list(indices) if indices is not None else list(range(len(items)))
     zd = degrade_for_eval(degrader, z, keys, float(sigma), seed, [it.get("id") for it in items])
-    fns = {**{name: baselines(codec)[name] for name in methods}, OURS: upscaler,
+    known = baselines(codec)
+    fns = {**{name: known[name] for name in methods}, OURS: upscaler,
            CEILING: lambda _: torch.stack([it["hq_latent"] for it in items]).float()}
     out = {}
     for name, fn in fns.items():

@@ -15,6 +15,14 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 _LPIPS_BACKBONE_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 
 
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``|x - ref| / |ref|`` (Frobenius norms over all but the first dimension)."""
+    # At least float32 (half-precision norms of a whole latent overflow or round); float64 stays float64.
+    dtype = torch.promote_types(torch.promote_types(x.dtype, ref.dtype), torch.float32)
+    x, ref = x.to(dtype), ref.to(dtype)
+    return (x - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
 def lpips_backbone_cached(net: str = "alex") -> bool:
     """Whether torchvision's pretrained weights for lpips' backbone are in the torch.hub cache (no download)."""
     import os

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, load_latent_upscaler, run_degrader
 from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, replaced_folder
+from ..core.metrics import relative_error
 from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, holds_run_lock,
                          json_bytes, load_optimizer_state, make_accelerator, mix_seed, open_run, sample_generator,
                          write_config)
@@ -121,11 +122,6 @@ class LatentUpscalerConfig:
     def held_out_seed(self) -> int:
         """The seed of the held-out split."""
         return self.seed if self.split_seed is None else self.split_seed
-
-
-def relative_error(up: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``|up - target| / |target|`` (Frobenius norms): the latent error relative to the target's size."""
-    return (up.float() - target.float()).flatten(1).norm(dim=1) / target.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
 def has_group_norm(modules) -> bool:
