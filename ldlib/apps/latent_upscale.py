@@ -207,22 +207,29 @@ def photo_subset(records: Sequence[dict], per_photo: int | None) -> list[int]:
     return keep
 
 
-def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathLike, out: str | os.PathLike,
-                          preset_name: str = "taef2", cfg: LatentEvalConfig | None = None,
-                          latents: str | os.PathLike | None = None, hq_latents: str | os.PathLike | None = None,
-                          taef2_dir: str | None = None, progress: bool = True) -> dict:
-    """Evaluate a latent upscaler (a folder, its run, or None: the preset's shipped one) on a pair set; write
-    eval.json, eval.md and crops.png under out; return the JSON document."""
+def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str, taef2_dir: str | None = None):
+    """(preset, codec, upscaler, its info) of a latent-upscaler folder or run (None: the preset's shipped one)."""
     from ..presets import get_preset
-    from ..train.latent_upscaler import pairs_with_hq_latents
 
-    cfg = cfg or LatentEvalConfig()
     preset = get_preset(preset_name, taef2_path=taef2_dir)
     codec = codec_of(preset)
     model = model or shipped_latent_upscaler(preset)
     if model is None:
         raise ValueError(f"preset {preset.name!r} ships no latent upscaler: give one (--model)")
     net, info = load_latent_upscaler(model, preset, codec)
+    return preset, codec, net, info
+
+
+def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathLike, out: str | os.PathLike,
+                          preset_name: str = "taef2", cfg: LatentEvalConfig | None = None,
+                          latents: str | os.PathLike | None = None, hq_latents: str | os.PathLike | None = None,
+                          taef2_dir: str | None = None, progress: bool = True) -> dict:
+    """Evaluate a latent upscaler (a folder, its run, or None: the preset's shipped one) on a pair set; write
+    eval.json, eval.md and crops.png under out; return the JSON document."""
+    from ..train.latent_upscaler import pairs_with_hq_latents
+
+    cfg = cfg or LatentEvalConfig()
+    preset, codec, net, info = upscaler_and_codec(model, preset_name, taef2_dir)
     data = pairs_with_hq_latents(pairs, codec, preset.name, latents, hq_latents, progress=progress)
     if cfg.split == "held-out":
         training = info.get("training", {})
@@ -310,15 +317,9 @@ def upscale_latent_files(inputs: Sequence[str | os.PathLike], model: str | os.Pa
     (tensor ``latents``, N x C x 2h x 2w, the input's space: normalised, or raw with ``raw``) into out_dir."""
     from safetensors.torch import save_file
 
-    from ..presets import get_preset
     from .upscale import read_latents
 
-    preset = get_preset(preset_name, taef2_path=taef2_dir)
-    codec = codec_of(preset)
-    model = model or shipped_latent_upscaler(preset)
-    if model is None:
-        raise ValueError(f"preset {preset.name!r} ships no latent upscaler: give one (--model)")
-    net, _ = load_latent_upscaler(model, preset, codec)
+    _, codec, net, _ = upscaler_and_codec(model, preset_name, taef2_dir)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{Path(p).stem}_2x.safetensors" for p in inputs]
     for target in targets:
