@@ -56,7 +56,8 @@ def test_shapes_and_the_start_is_nearest_upsampling_exactly():
     assert torch.equal(up, F.interpolate(z, scale_factor=2, mode="nearest")) and torch.equal(up, nearest_2x(z))
     # The taef2 default size: a few million parameters at most.
     n = sum(p.numel() for p in LatentUpscaler(32).parameters())
-    assert 0.5e6 < n < 2e6, n
+    # 12 convs 192 -> 192 (3 x 3) in the blocks, 32 -> 192 in, 192 -> 4 x 32 out, each with its biases
+    assert n == 12 * (192 * 192 * 9 + 192) + (32 * 192 * 9 + 192) + (192 * 128 * 9 + 128) < 5e6, n
     with pytest.raises(ValueError, match="parameters"):
         LatentUpscaler(32, width=512, depth=8)
     with pytest.raises(ValueError, match="N x 16 x h x w"):

@@ -54,7 +54,7 @@ class LatentUpscaler(nn.Module):
     untrained net returns ``F.interpolate(z, scale_factor=2, mode="nearest")`` bit for bit.
     """
 
-    def __init__(self, channels: int, width: int = 96, depth: int = 6) -> None:
+    def __init__(self, channels: int, width: int = 192, depth: int = 6) -> None:
         super().__init__()
         if channels < 1 or width < 1 or depth < 0:
             raise ValueError(f"LatentUpscaler: need channels, width >= 1 and depth >= 0, got {channels}, {width}, {depth}")
