@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ from ..core.config import check_sigmas
 from ..core.files import atomic_write_bytes, atomic_write_file, save_figure
 from ..core.metrics import colour_shift, haarpsi, psnr, relative_error
 from .evaluate import bicubic_2x, compare, degrade_for_eval
+
+if TYPE_CHECKING:
+    from ..models.codecs import Codec
+    from ..models.latent_upscaler import LatentUpscaler
+    from ..presets import Preset
 
 METRICS = ("rel_err", "psnr", "haarpsi", "colour_shift", "seconds", "cpu_seconds")
 VERDICT_METRICS = ("psnr", "haarpsi", "colour_shift")
@@ -207,7 +212,8 @@ def photo_subset(records: Sequence[dict], per_photo: int | None) -> list[int]:
     return keep
 
 
-def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str, taef2_dir: str | None = None):
+def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str,
+                       taef2_dir: str | None = None) -> tuple["Preset", "Codec", "LatentUpscaler", dict]:
     """(preset, codec, upscaler, its info) of a latent-upscaler folder or run (None: the preset's shipped one)."""
     from ..presets import get_preset
 
