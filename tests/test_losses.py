@@ -8,9 +8,12 @@ import torch
 import torch.nn as nn
 from conftest import rel_diff
 
+from ldlib.apps.analysis import SweepConfig
+from ldlib.apps.evaluate import EvalConfig
 from ldlib.core.metrics import lpips_model
 from ldlib.models.losses import (DecoderLoss, LossConfig, PatchDiscriminator, adaptive_gan_weight, hinge_d_loss,
                                  hinge_g_loss)
+from ldlib.train.latent_upscaler import LatentUpscalerConfig
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,16 @@ def test_bad_config_is_rejected():
         LossConfig(lpips_net="resnet")
     with pytest.raises(ValueError, match="gan_weight"):
         LossConfig(gan_weight=-1)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: LossConfig(lpips_net="resnet"), "LossConfig.lpips_net"),
+    (lambda: LatentUpscalerConfig(lpips_net="resnet"), "LatentUpscalerConfig.lpips_net"),
+    (lambda: EvalConfig(lpips_net="resnet"), "EvalConfig.lpips_net"),
+    (lambda: SweepConfig(lpips_net="resnet"), "SweepConfig.lpips_net"),
+    (lambda: lpips_model("resnet"), "lpips_model's net"),
+])
+def test_an_lpips_backbone_lpips_lacks_is_refused_naming_the_setting(make, name):
+    # every setting that picks an LPIPS backbone goes through the one check, before any weights are built
+    with pytest.raises(ValueError, match=f"{name} must be alex \\| vgg \\| squeeze, got 'resnet'"):
+        make()

@@ -28,7 +28,7 @@ import torch
 from ..build import codec_of, has_trained_teacher, vocabulary
 from ..core.config import check_sigmas
 from ..core.images import area_downsample
-from ..core.metrics import high_freq_share, relative_error, white_noise_hf_share
+from ..core.metrics import check_lpips_net, high_freq_share, relative_error, white_noise_hf_share
 
 
 DEFAULT_SIGMAS = (0.0, 0.03, 0.06, 0.09, 0.12, 0.2, 0.3)
@@ -54,6 +54,7 @@ class SweepConfig:
         check_sigmas(self.sigmas, "SweepConfig.sigmas")
         if self.batch_size < 1:
             raise ValueError(f"SweepConfig.batch_size must be >= 1, got {self.batch_size}")
+        check_lpips_net(self.lpips_net, "SweepConfig.lpips_net")
 
 
 # ------------------------------------------------------------------------------------------------------------

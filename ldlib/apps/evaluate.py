@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..build import codec_of, vocabulary
 from ..core.config import check_sigmas
 from ..core.files import atomic_write_bytes, save_figure
-from ..core.metrics import colour_shift, haarpsi, psnr, speckle_ratio, ssim
+from ..core.metrics import check_lpips_net, colour_shift, haarpsi, psnr, speckle_ratio, ssim
 from ..core.runs import sample_generator
 
 
@@ -84,6 +84,7 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.max_pairs must be >= 1 (or none: every pair), got {self.max_pairs}")
         if self.split not in ("held-out", "all"):
             raise ValueError(f"EvalConfig.split must be held-out or all, got {self.split!r}")
+        check_lpips_net(self.lpips_net, "EvalConfig.lpips_net")
 
 
 def bicubic_2x(x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,15 @@ def lpips_backbone_cached(net: str = "alex") -> bool:
     return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
 
 
+LPIPS_NETS = ("alex", "vgg", "squeeze")
+
+
+def check_lpips_net(net: str, where: str) -> None:
+    """Refuse an LPIPS backbone lpips does not have, naming the setting."""
+    if net not in LPIPS_NETS:
+        raise ValueError(f"{where} must be {' | '.join(LPIPS_NETS)}, got {net!r}")
+
+
 def lpips_model(net: str = "alex", seed: int = 0) -> torch.nn.Module:
     """A frozen LPIPS module (inputs in [-1, 1]); ``.backbone_pretrained`` says whether its backbone is real.
 
@@ -47,6 +56,7 @@ def lpips_model(net: str = "alex", seed: int = 0) -> torch.nn.Module:
 
     import lpips
 
+    check_lpips_net(net, "lpips_model's net")
     pretrained = lpips_backbone_cached(net)
     if not pretrained:
         warnings.warn(

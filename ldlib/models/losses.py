@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..core.config import check_finite
-from ..core.metrics import lpips_model
+from ..core.metrics import check_lpips_net, lpips_model
 
 
 @dataclass
@@ -44,8 +44,7 @@ class LossConfig:
         if self.l1_weight == 0 and self.lpips_weight == 0:  # the GAN alone has no target: nothing to reconstruct
             raise ValueError("LossConfig.l1_weight and LossConfig.lpips_weight are both 0: nothing pulls the output "
                              "towards HQ")
-        if self.lpips_net not in ("alex", "vgg", "squeeze"):
-            raise ValueError(f"lpips_net must be alex | vgg | squeeze, got {self.lpips_net!r}")
+        check_lpips_net(self.lpips_net, "LossConfig.lpips_net")
 
 
 class PatchDiscriminator(nn.Module):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..build import UPSCALER_SUBDIR, VOCABULARY, codec_of, load_latent_upscaler, run_degrader
 from ..core.config import check_finite
 from ..core.files import atomic_write_bytes, replaced_folder
-from ..core.metrics import relative_error
+from ..core.metrics import check_lpips_net, relative_error
 from ..core.runs import (GlobalBatchSampler, RunLogger, build_optimizer, check_optimiser_settings, holds_run_lock,
                          json_bytes, load_optimizer_state, make_accelerator, mix_seed, open_run, sample_generator,
                          write_config)
@@ -107,8 +107,7 @@ class LatentUpscalerConfig:
         if self.image_weight < 0 or self.lpips_weight < 0 or self.max_grad_norm < 0:
             raise ValueError(f"LatentUpscalerConfig: image_weight, lpips_weight and max_grad_norm must be >= 0, got "
                              f"{self.image_weight}, {self.lpips_weight}, {self.max_grad_norm}")
-        if self.lpips_net not in ("alex", "vgg", "squeeze"):
-            raise ValueError(f"LatentUpscalerConfig.lpips_net must be alex | vgg | squeeze, got {self.lpips_net!r}")
+        check_lpips_net(self.lpips_net, "LatentUpscalerConfig.lpips_net")
         if self.loss not in ("l1", "mse"):
             raise ValueError(f"LatentUpscalerConfig.loss must be l1 or mse, got {self.loss!r}")
         check_optimiser_settings("LatentUpscalerConfig", self.lr, self.betas, self.weight_decay, self.warmup_steps,
