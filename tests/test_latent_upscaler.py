@@ -254,7 +254,7 @@ def test_hires_fix_scores_each_latent_after_the_same_refinement(pairs, hq_cache,
         LatentEvalConfig(refine=0.3, refine_steps=0)
 
 
-def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_path, capsys):
+def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, trained, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train-latent-upscaler", str(pairs), str(run), "--preset", "tiny", "--steps", "3", "--width", "8",
             "--depth", "1", "--batch", "2", "--crop", "0", "--warmup-steps", "1", "--val-fraction", "0.2",
@@ -279,6 +279,33 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, tmp_p
     assert nearest[0.0]["cpu_seconds"] > 0 and all(r["cpu_seconds"] is None for r in ceiling)
     assert {v["baseline"] for v in doc["verdicts"]} == {"decode-bicubic-encode", "latent bicubic"}
     assert (ev / "crops.png").is_file() and "| ours | 0.08 |" in (ev / "eval.md").read_text()
+    # Several models on the same pairs and draws: each scored as it is alone, the later ones paired with the first.
+    both = tmp_path / "both"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["evaluate-latent-upscaler", str(pairs), "--model", f"first={run}", "--model",
+                     f"other={trained[0]}", "--preset", "tiny", "--out", str(both), "--sigmas", "0,0.08",
+                     "--degrader", "diffusion", "--per-photo", "1", "--quiet"]) == 0
+    two = json.loads((both / "eval.json").read_text())
+    rows = {(r["method"], r["sigma"]): r for r in two["rows"]}
+    for r in doc["rows"]:
+        name = "first" if r["method"] == "ours" else r["method"]
+        for metric in ("rel_err", "psnr", "haarpsi", "colour_shift"):
+            got, want = torch.tensor(rows[(name, r["sigma"])]["per_pair"][metric]), torch.tensor(r["per_pair"][metric])
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), (name, metric)
+    paired = {(v["model"], v["baseline"], v["sigma"], v["metric"]): v for v in two["verdicts"]}
+    assert {(m, b) for m, b, _, _ in paired} == {(m, b) for m in ("first", "other")
+                                                 for b in ("decode-bicubic-encode", "latent bicubic")} | {("other", "first")}
+    for sigma in (0.0, 0.08):  # one pair per photo: the paired difference is the mean of other - first
+        want = sum(a - b for a, b in zip(rows[("other", sigma)]["per_pair"]["psnr"],
+                                         rows[("first", sigma)]["per_pair"]["psnr"])) / doc["pairs_scored"]
+        assert paired[("other", "first", sigma, "psnr")]["mean_diff"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert two["models"] == {"first": str(run), "other": str(trained[0])}
+    assert "other vs first" in (both / "eval.md").read_text()
+    for clash in ([f"x={run}", f"x={trained[0]}"], [f"enc(HQ)={run}", f"y={trained[0]}"]):
+        assert main(["evaluate-latent-upscaler", str(pairs), "--model", clash[0], "--model", clash[1], "--preset",
+                     "tiny", "--out", str(tmp_path / "clash"), "--quiet"]) == 2
+        assert clash[0].split("=")[0] in capsys.readouterr().err
     # The hires fix: the tiny teacher refines every 2x latent, enc(HQ)'s too.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

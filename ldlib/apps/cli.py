@@ -274,7 +274,7 @@ def cmd_train_latent_upscaler(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_latent_upscaler(args: argparse.Namespace) -> int:
-    """Compare a latent upscaler with latent nearest/bilinear/bicubic, decode-bicubic-encode and enc(HQ)."""
+    """Compare latent upscalers with latent nearest/bilinear/bicubic, decode-bicubic-encode and enc(HQ)."""
     from ..core.config import config_from_args
     from .latent_upscale import LatentEvalConfig, markdown_table, run_latent_evaluation, verdict_lines
 
@@ -559,10 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_latent_upscaler)
 
     p = sub.add_parser("evaluate-latent-upscaler", allow_abbrev=False,
-                       help="a latent upscaler vs latent nearest/bilinear/bicubic, decode-bicubic-encode and enc(HQ)")
+                       help="latent upscalers vs latent nearest/bilinear/bicubic, decode-bicubic-encode and enc(HQ)")
     p.add_argument("pairs", help="pair set folder (a separate test set, or --split held-out of the training set)")
-    p.add_argument("--model", default=None, help="latent upscaler folder or its train-latent-upscaler run "
-                                                 "(default: the one shipped for --preset)")
+    p.add_argument("--model", action="append", default=None,
+                   help="latent upscaler folder or its train-latent-upscaler run (default: the one shipped for "
+                        "--preset); repeat it, as NAME=PATH, to compare several on the same pairs and draws")
     _add_preset(p)
     p.add_argument("--latents", default=None, help="LQ latent cache (default: PAIRS/latents/<preset>)")
     p.add_argument("--hq-latents", default=None, help="HQ latent cache (default: PAIRS/latents_hq/<preset>, encoded "

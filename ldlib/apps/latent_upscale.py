@@ -46,6 +46,7 @@ METRICS = ("rel_err", "psnr", "haarpsi", "colour_shift", "seconds", "cpu_seconds
 VERDICT_METRICS = ("psnr", "haarpsi", "colour_shift")
 OURS, DBE, CEILING = "ours", "decode-bicubic-encode", "enc(HQ)"
 VERDICT_BASELINES = (DBE, "latent bicubic")
+RESIZES = ("nearest", "bilinear", "bicubic")  # each a baseline "latent <mode>"
 
 
 @dataclass
@@ -82,8 +83,8 @@ def baselines(codec) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         kw = {} if mode == "nearest" else {"align_corners": False}
         return lambda z: F.interpolate(z.float(), scale_factor=2, mode=mode, **kw)
 
-    return {"latent nearest": resize("nearest"), "latent bilinear": resize("bilinear"),
-            "latent bicubic": resize("bicubic"), DBE: lambda z: codec.encode(bicubic_2x(codec.decode(z)).clamp(-1, 1))}
+    return {**{f"latent {mode}": resize(mode) for mode in RESIZES},
+            DBE: lambda z: codec.encode(bicubic_2x(codec.decode(z)).clamp(-1, 1))}
 
 
 def hires_refine(refiner, z2x: torch.Tensor, indices: Sequence[int], refine: float, seed: int) -> torch.Tensor:
@@ -170,7 +171,7 @@ def verdicts(rows: list[dict], ours: str = OURS, baselines_: Sequence[str] = VER
              metrics: Sequence[str] = VERDICT_METRICS) -> list[dict]:
     """``compare`` (apps.evaluate's paired verdict) of ours against each baseline, per sigma and metric."""
     by = {(r["method"], r["sigma"]): r for r in rows}
-    return [{"sigma": s, "baseline": b, **compare(by[(ours, s)], by[(b, s)], m)}
+    return [{"sigma": s, "model": ours, "baseline": b, **compare(by[(ours, s)], by[(b, s)], m)}
             for s in sorted({r["sigma"] for r in rows if r["method"] == ours})
             for b in baselines_ if (b, s) in by for m in metrics]
 
@@ -189,16 +190,16 @@ def markdown_table(rows: list[dict]) -> str:
 def verdict_lines(comparisons: list[dict]) -> str:
     """Markdown bullets: ours vs each baseline per sigma, every metric's call with its mean paired difference."""
     out = []
-    for (s, b) in dict.fromkeys((c["sigma"], c["baseline"]) for c in comparisons):
+    for (s, m, b) in dict.fromkeys((c["sigma"], c.get("model", OURS), c["baseline"]) for c in comparisons):
         parts = [f"{c['metric']} {c['call']} ({c['mean_diff']:+.3g} +- {c['se']:.2g})" for c in comparisons
-                 if c["sigma"] == s and c["baseline"] == b]
-        out.append(f"- sigma {s:g}, ours vs {b}: " + "; ".join(parts))
+                 if c["sigma"] == s and c.get("model", OURS) == m and c["baseline"] == b]
+        out.append(f"- sigma {s:g}, {m} vs {b}: " + "; ".join(parts))
     return "\n".join(out) + "\n"
 
 
 def _order(method: str) -> int:
-    known = ["latent nearest", "latent bilinear", "latent bicubic", DBE, OURS, CEILING]
-    return known.index(method) if method in known else len(known) - 1
+    known = [*(f"latent {mode}" for mode in RESIZES), DBE, OURS, CEILING]
+    return known.index(method if method in known else OURS)  # named models sit where ours does
 
 
 def photo_subset(records: Sequence[dict], per_photo: int | None) -> list[int]:
@@ -226,43 +227,81 @@ def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str,
     return preset, codec, net, info
 
 
-def run_latent_evaluation(model: str | os.PathLike | None, pairs: str | os.PathLike, out: str | os.PathLike,
-                          preset_name: str = "taef2", cfg: LatentEvalConfig | None = None,
+def named_models(models: str | os.PathLike | Sequence[str | os.PathLike] | None) -> dict[str, str | None]:
+    """Name -> model of an evaluation: one model (or None, the shipped one) is ``ours``; several are ``NAME=PATH``
+    or named by their folder."""
+    if models is None or isinstance(models, (str, os.PathLike)):
+        return {OURS: None if models is None else str(models)}
+    models = [str(m) for m in models]
+    if len(models) == 1:
+        return {OURS: models[0]}
+    named: dict[str, str] = {}
+    reserved = [*(f"latent {mode}" for mode in RESIZES), DBE, CEILING]
+    for m in models:
+        name, path = m.split("=", 1) if "=" in m else (Path(m).name, m)
+        if not name or name in named or name in reserved:
+            why = "is one of the baselines" if name in reserved else "names two models" if name else "is empty"
+            raise ValueError(f"evaluate-latent-upscaler: model name {name!r} {why}; name each NAME=PATH")
+        named[name] = path
+    return named
+
+
+def _held_out_split(info: dict, model: str | None) -> tuple[float, int]:
+    training = info.get("training", {})
+    seed = training.get("split_seed") if training.get("split_seed") is not None else training.get("seed")
+    if training.get("val_fraction") is None or seed is None:
+        raise ValueError(f"{model}: records no training split; pass --split all (a separate test set)")
+    return training["val_fraction"], seed
+
+
+def run_latent_evaluation(model: str | os.PathLike | Sequence[str | os.PathLike] | None, pairs: str | os.PathLike,
+                          out: str | os.PathLike, preset_name: str = "taef2", cfg: LatentEvalConfig | None = None,
                           latents: str | os.PathLike | None = None, hq_latents: str | os.PathLike | None = None,
                           taef2_dir: str | None = None, progress: bool = True) -> dict:
-    """Evaluate a latent upscaler (a folder, its run, or None: the preset's shipped one) on a pair set; write
-    eval.json, eval.md and crops.png under out; return the JSON document."""
+    """Evaluate a latent upscaler (a folder, its run, or None: the preset's shipped one), or several on the same pairs
+    and draws (``named_models``), on a pair set; write eval.json, eval.md and crops.png under out; return the JSON
+    document. With several, each gets the verdicts against the baselines and every later one against the first."""
     from ..train.latent_upscaler import pairs_with_hq_latents
 
     cfg = cfg or LatentEvalConfig()
-    preset, codec, net, info = upscaler_and_codec(model, preset_name, taef2_dir)
+    models = named_models(model)
+    names = list(models)
+    preset, codec, net, info = upscaler_and_codec(models[names[0]], preset_name, taef2_dir)
+    nets, infos = {names[0]: net}, {names[0]: info}
+    for name in names[1:]:
+        nets[name], infos[name] = load_latent_upscaler(models[name], preset, codec)
     data = pairs_with_hq_latents(pairs, codec, preset.name, latents, hq_latents, progress=progress)
     if cfg.split == "held-out":
-        training = info.get("training", {})
-        seed = training.get("split_seed") if training.get("split_seed") is not None else training.get("seed")
-        if training.get("val_fraction") is None or seed is None:
-            raise ValueError(f"{model}: records no training split; pass --split all (a separate test set)")
-        data = data.split(training["val_fraction"], seed)[1]
+        splits = {name: _held_out_split(infos[name], models[name]) for name in names}
+        if len(set(splits.values())) > 1:
+            raise ValueError(f"--split held-out: the models were trained on different splits {splits}; pass --split "
+                             f"all with a separate test set")
+        data = data.split(*splits[names[0]])[1]
     indices = photo_subset(data.records, cfg.per_photo)
     from ..build import parse_degrader
 
     degrader = parse_degrader(cfg.degrader, preset, codec, device="cpu")
     refiner = parse_degrader("diffusion", preset, codec, steps=cfg.refine_steps, device="cpu") if cfg.refine else None
-    rows = evaluate_latent_upscalers(codec, {OURS: net}, data, cfg, degrader, indices, progress, refiner)
-    comparisons = verdicts(rows)
+    rows = evaluate_latent_upscalers(codec, nets, data, cfg, degrader, indices, progress, refiner)
+    comparisons = [c for name in names for c in verdicts(rows, ours=name)]
+    comparisons += [c for name in names[1:] for c in verdicts(rows, ours=name, baselines_=names[:1])]
     scored = sorted({data.records[i]["source"] for i in indices})
-    doc = {"config": asdict(cfg), "model": str(model), "model_info": {k: v for k, v in info.items() if k != "codec"},
+    first = models[names[0]] or str(shipped_latent_upscaler(preset))
+    doc = {"config": asdict(cfg), "model": first, "model_info": {k: v for k, v in info.items() if k != "codec"},
+           "models": {name: models[name] or first for name in names},
            "pairs": str(pairs), "preset": preset.name, "pairs_scored": len(indices), "photos": scored,
            "torch_threads": torch.get_num_threads(), "rows": rows, "verdicts": comparisons,
            "random_models": preset.random_weights}
     out = Path(out)
     atomic_write_bytes(out / "eval.json", json.dumps(doc, indent=2).encode())
+    described = (f"model `{first}`" if len(names) == 1
+                 else "models " + ", ".join(f"{name} `{path}`" for name, path in doc["models"].items()))
     md = (f"# Latent upscaler vs the hires-fix baselines\n\n{len(indices)} pairs of {len(scored)} photos "
           f"({', '.join(scored)}) of `{pairs}`, preset {preset.name}; LQ latents degraded by `{cfg.degrader}`; "
-          f"model `{model}`; time per latent with {torch.get_num_threads()} CPU thread(s).\n\n"
+          f"{described}; time per latent with {torch.get_num_threads()} CPU thread(s).\n\n"
           + (f"Hires fix: every 2x latent (and enc(HQ)) noised to sigma {cfg.refine:g} and denoised by the "
              f"preset's teacher in {cfg.refine_steps} Euler steps before its decode is scored.\n\n" if cfg.refine else "")
-          + markdown_table(rows) + "\nPaired verdicts (mean difference, ours minus baseline, signed so that + is "
+          + markdown_table(rows) + "\nPaired verdicts (mean difference, model minus baseline, signed so that + is "
           "better, +- one standard error):\n\n" + verdict_lines(comparisons))
     if preset.random_weights:
         md += "\nRandom models (preset tiny): these numbers show that the pipeline runs, not how good the method is.\n"
