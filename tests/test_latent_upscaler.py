@@ -333,6 +333,20 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, train
     assert "exists already" in capsys.readouterr().err
 
 
+def test_models_of_an_evaluation_are_named_once(tmp_path):
+    from ldlib.apps.latent_upscale import named_models
+
+    assert named_models(None) == {"ours": None} and named_models(tmp_path) == {"ours": str(tmp_path)}
+    assert named_models(["runs/a"]) == {"ours": "runs/a"} and named_models(["mine=runs/a"]) == {"mine": "runs/a"}
+    assert named_models(["runs/a", "b=runs/a"]) == {"a": "runs/a", "b": "runs/a"}
+    odd = tmp_path / "x=y"  # a folder whose name holds "=" is a path, not a name
+    odd.mkdir()
+    assert named_models([str(odd)]) == {"ours": str(odd)}
+    for clash, why in ((["x/r", "y/r"], "names two models"), (["latent bicubic=x"], "baselines"), (["=x"], "empty")):
+        with pytest.raises(ValueError, match=why):
+            named_models(clash)
+
+
 @pytest.mark.parametrize("setting", [{"width": 0}, {"crop": -1}, {"sigma_max": 2.0}, {"loss": "l2"},
                                      {"image_weight": -1.0}, {"lpips_weight": -1.0}, {"lpips_net": "resnet"},
                                      {"lr": float("nan")}, {"val_fraction": 1.0}])

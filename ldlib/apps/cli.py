@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", help="pair set folder (a separate test set, or --split held-out of the training set)")
     p.add_argument("--model", action="append", default=None,
                    help="latent upscaler folder or its train-latent-upscaler run (default: the one shipped for "
-                        "--preset); repeat it, as NAME=PATH, to compare several on the same pairs and draws")
+                        "--preset); repeat it to compare several on the same pairs and draws (NAME=PATH names one; else its folder)")
     _add_preset(p)
     p.add_argument("--latents", default=None, help="LQ latent cache (default: PAIRS/latents/<preset>)")
     p.add_argument("--hq-latents", default=None, help="HQ latent cache (default: PAIRS/latents_hq/<preset>, encoded "

@@ -228,17 +228,17 @@ def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str,
 
 
 def named_models(models: str | os.PathLike | Sequence[str | os.PathLike] | None) -> dict[str, str | None]:
-    """Name -> model of an evaluation: one model (or None, the shipped one) is ``ours``; several are ``NAME=PATH``
-    or named by their folder."""
-    if models is None or isinstance(models, (str, os.PathLike)):
-        return {OURS: None if models is None else str(models)}
-    models = [str(m) for m in models]
-    if len(models) == 1:
-        return {OURS: models[0]}
+    """Name -> model of an evaluation, from ``PATH`` or ``NAME=PATH`` entries: an unnamed model alone (or None, the
+    shipped one) is ``ours``, unnamed ones among several are named by their folder."""
+    if models is None:
+        return {OURS: None}
+    models = [str(models)] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
     named: dict[str, str] = {}
     reserved = [*(f"latent {mode}" for mode in RESIZES), DBE, CEILING]
     for m in models:
-        name, path = m.split("=", 1) if "=" in m else (Path(m).name, m)
+        name, path = m.split("=", 1) if "=" in m and not Path(m).exists() else (None, m)
+        if name is None:
+            name = OURS if len(models) == 1 else Path(path).name
         if not name or name in named or name in reserved:
             why = "is one of the baselines" if name in reserved else "names two models" if name else "is empty"
             raise ValueError(f"evaluate-latent-upscaler: model name {name!r} {why}; name each NAME=PATH")
