@@ -188,7 +188,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def verdict_lines(comparisons: list[dict]) -> str:
-    """Markdown bullets: ours vs each baseline per sigma, every metric's call with its mean paired difference."""
+    """Markdown bullets: each model vs each baseline per sigma, every metric's call with its mean paired difference."""
     out = []
     for (s, m, b) in dict.fromkeys((c["sigma"], c.get("model", OURS), c["baseline"]) for c in comparisons):
         parts = [f"{c['metric']} {c['call']} ({c['mean_diff']:+.3g} +- {c['se']:.2g})" for c in comparisons
