@@ -370,7 +370,20 @@ def test_gan_steps_train_as_the_textbook_two_pass_steps(setup, tmp_path):
         b = load_file(str(tmp_path / "two" / "checkpoints" / "step_000004" / f"{name}.safetensors"))
         assert a.keys() == b.keys()
         for k in b:
-            assert rel_diff(a[k], b[k]) <= 1e-5, (name, k)
+            assert rel_diff(_without_key_bias(k, a[k]), _without_key_bias(k, b[k])) <= 1e-5, (name, k)
+
+
+def _without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A fused attention qkv bias without its key third; other tensors as they are.
+
+    The key bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by all keys), so the rounding
+    noise of two equal computations is all its gradient holds, and Adam turns noise into steps of up to lr: measured,
+    the key third of the mid-block's bias differed by 2e-6 while its query and value thirds agreed to 1e-9.
+    """
+    if name.endswith("to_qkv.bias"):
+        q, _, v = t.chunk(3)
+        return torch.cat([q, v])
+    return t
 
 
 def test_torch_compile_same_losses(setup, tmp_path):
