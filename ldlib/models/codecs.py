@@ -281,11 +281,37 @@ class Codec(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# diffusers VAEs: what the families below share
+# ------------------------------------------------------------------------------------------------------------
+
+
+class DiffusersCodec(Codec):
+    """A codec around a diffusers VAE (``self.vae``): its decoder's ``conv_out`` is the head, its folder the export."""
+
+    def __init__(self, vae, source: str = "") -> None:
+        super().__init__(source)
+        self.vae = vae
+
+    @property
+    def conv_out(self) -> nn.Module:
+        return self.vae.decoder.conv_out
+
+    def _set_conv_out(self, conv: nn.Module) -> None:
+        self.vae.decoder.conv_out = conv
+        self.vae.register_to_config(out_channels=conv.out_channels)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a diffusers folder that the VAE's class loads with ``from_pretrained`` (out_channels in config)."""
+        self.vae.register_to_config(out_channels=self.conv_out.out_channels)
+        self.vae.save_pretrained(folder, safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # wan: diffusers AutoencoderKLWan
 # ------------------------------------------------------------------------------------------------------------
 
 
-class WanCodec(Codec):
+class WanCodec(DiffusersCodec):
     """AutoencoderKLWan as an image codec (one frame); latents ``(z - latents_mean) / latents_std``.
 
     ``image_mode=True`` (default) runs encoder and decoder with the 2-D image-mode forward of ``ldlib.models.wan_image``
@@ -296,8 +322,7 @@ class WanCodec(Codec):
     family = "wan"
 
     def __init__(self, vae, source: str = "", image_mode: bool = True) -> None:
-        super().__init__(source)
-        self.vae = vae
+        super().__init__(vae, source)
         self.image_mode = bool(image_mode)
         cfg = vae.config
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -308,14 +333,6 @@ class WanCodec(Codec):
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.z_dim)
-
-    @property
-    def conv_out(self) -> nn.Module:
-        return self.vae.decoder.conv_out
-
-    def _set_conv_out(self, conv: nn.Module) -> None:
-        self.vae.decoder.conv_out = conv
-        self.vae.register_to_config(out_channels=conv.out_channels)
 
     def encoder_modules(self) -> list[nn.Module]:
         return [self.vae.encoder, self.vae.quant_conv]
@@ -356,25 +373,19 @@ class WanCodec(Codec):
             raise ValueError("gradient checkpointing of a Wan decoder needs WanCodec(image_mode=True)")
         self.vae.decoder.gradient_checkpointing = True
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers folder that ``AutoencoderKLWan.from_pretrained`` loads (out_channels in config)."""
-        self.vae.register_to_config(out_channels=self.conv_out.out_channels)
-        self.vae.save_pretrained(folder, safe_serialization=True)
-
 
 # ------------------------------------------------------------------------------------------------------------
 # kl: diffusers AutoencoderKL
 # ------------------------------------------------------------------------------------------------------------
 
 
-class KLCodec(Codec):
+class KLCodec(DiffusersCodec):
     """AutoencoderKL; latents ``(z - shift_factor) * scaling_factor`` (SD-style: shift 0)."""
 
     family = "kl"
 
     def __init__(self, vae, source: str = "") -> None:
-        super().__init__(source)
-        self.vae = vae
+        super().__init__(vae, source)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -382,14 +393,6 @@ class KLCodec(Codec):
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
-
-    @property
-    def conv_out(self) -> nn.Module:
-        return self.vae.decoder.conv_out
-
-    def _set_conv_out(self, conv: nn.Module) -> None:
-        self.vae.decoder.conv_out = conv
-        self.vae.register_to_config(out_channels=conv.out_channels)
 
     def encoder_modules(self) -> list[nn.Module]:
         return [m for m in (self.vae.encoder, self.vae.quant_conv) if m is not None]
@@ -415,11 +418,6 @@ class KLCodec(Codec):
     def enable_gradient_checkpointing(self) -> None:
         """diffusers' own switch for AutoencoderKL."""
         self.vae.enable_gradient_checkpointing()
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers folder that ``AutoencoderKL.from_pretrained`` loads."""
-        self.vae.register_to_config(out_channels=self.conv_out.out_channels)
-        self.vae.save_pretrained(folder, safe_serialization=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -716,8 +714,7 @@ class Flux2Codec(KLCodec):
     family = "flux2"
 
     def __init__(self, vae, source: str = "") -> None:
-        Codec.__init__(self, source)
-        self.vae = vae
+        DiffusersCodec.__init__(self, vae, source)  # not KLCodec's: no scaling or shift factor
         self.spatial_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def _bn_maps(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
