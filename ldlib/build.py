@@ -386,6 +386,12 @@ def latent_upscaler_folder(model: str | os.PathLike) -> Path:
     return path
 
 
+def is_latent_upscaler_run(run: str | os.PathLike) -> bool:
+    """Whether a folder is a train-latent-upscaler run (or a latent upscaler folder) rather than a decoder run."""
+    folder = latent_upscaler_folder(run)
+    return (folder / UPSCALER_CONFIG).is_file() and (folder / UPSCALER_WEIGHTS).is_file()
+
+
 def load_latent_upscaler(model: str | os.PathLike, preset: Preset, codec: Codec | None = None,
                          device: str | torch.device | None = None) -> tuple[LatentUpscaler, dict]:
     """A trained latent upscaler (its folder, or a run folder holding it) for the preset's latents, and its config.

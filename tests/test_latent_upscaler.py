@@ -83,6 +83,33 @@ def test_folder_round_trip_in_float16_is_atomic_and_checked(tmp_path):
         read_latent_upscaler_info(tmp_path)
 
 
+def test_export_of_a_run_is_its_upscaler_in_float16(trained, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ldlib.build import load_latent_upscaler as load_for
+
+    run, _ = trained
+    out = tmp_path / "shipped"
+    assert main(["export", str(run), str(out)]) == 0
+    assert "latent-upscaler" in capsys.readouterr().out
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "latent_upscaler.safetensors")).values())
+    net, info = load_for(out, get_preset("tiny"))
+    live, live_info = load_latent_upscaler(run / "upscaler")
+    assert info["codec"] == live_info["codec"] and info["exported_from"] == str(run) and info["dtype"] == "float16"
+    rounded = LatentUpscaler(**{k: v for k, v in live.config.items() if k != "factor"})
+    rounded.load_state_dict({k: v.half().float() for k, v in live.state_dict().items()})
+    z = torch.randn(2, live.channels, 5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(net(z), rounded(z))
+    assert "upscale-latents" in (out / "README.md").read_text()
+    # Exporting again replaces it; --live and a decoder format are refused, naming the run.
+    assert main(["export", str(run), str(out)]) == 0
+    for extra in (["--live"], ["--format", "tae"]):
+        assert main(["export", str(run), str(tmp_path / "other"), *extra]) == 2
+        assert str(run) in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_resumed_training_equals_an_uninterrupted_run(pairs, hq_cache, tiny_pairset, tmp_path):
     cfg = LatentUpscalerConfig(steps=4, **TINY)
     codec = tiny_pairset["codec"]

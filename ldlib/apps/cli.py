@@ -517,12 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, ExperimentConfig, title="experiment (ExperimentConfig)")
     p.set_defaults(func=cmd_experiment)
 
-    p = sub.add_parser("export", allow_abbrev=False, help="export a run's EMA 2x decoder (diffusers folder, original-layout Wan file, TAESD files)")
-    p.add_argument("run", help="a train-decoder run folder")
+    p = sub.add_parser("export", allow_abbrev=False, help="export a run's EMA 2x decoder (diffusers folder, original-layout Wan file, TAESD files) or a latent upscaler (float16)")
+    p.add_argument("run", help="a train-decoder run folder, or a train-latent-upscaler run")
     p.add_argument("out", help="output folder (new, empty, or a previous export)")
     p.add_argument("--live", action="store_true", help="export the live weights instead of the EMA")
     p.add_argument("--format", action="append", default=None,
-                   help="diffusers | wan | tae | tae-decoder (float16, no encoder: only when asked), repeatable or comma-separated (default: all that apply to the run's VAE)")
+                   help="diffusers | wan | tae | tae-decoder (float16, no encoder: only when asked) | latent-upscaler (a latent upscaler run's only one), repeatable or comma-separated (default: all that apply to the run)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("upscale", allow_abbrev=False, help="decode images or latent files at 2x with a trained decoder (tiled), PNG out")

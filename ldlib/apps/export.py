@@ -1,4 +1,5 @@
-"""Export a trained run's EMA (or live) decoder as a drop-in 2x decoder folder (+ README with the decode recipe)."""
+"""Export a trained run's EMA (or live) decoder as a drop-in 2x decoder folder (+ README with the decode recipe), or a
+train-latent-upscaler run's latent upscaler as a float16 folder (how ldlib ships one)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,26 @@ from ldlib.models.codecs import TAECodec
 codec = TAECodec.from_folder("{folder}", encoder_folder="ldlib/assets/taef2")  # the VAE's own encoder
 with torch.no_grad():
     image = codec.decode(latents)                          # N x 3 x 16h x 16w in [-1, 1] (pixel_shuffle inside)
+```
+"""
+
+_README_LATENT_UPSCALER = """# Latent 2x upscaler (exported by ldlib)
+
+A latent upscaler for preset `{preset}` ({channels} x h x w -> {channels} x 2h x 2w in its normalised latent space;
+width {width}, depth {depth}, {params:.2f}M parameters, stored in float16): a hires fix without leaving latent space.
+Trained by `ldlib` run `{run}` ({steps} steps). It refuses the latents of another VAE (`config.json` records the
+codec identity it was trained in).
+
+```bash
+python -m ldlib upscale-latents z.safetensors --model {folder} --preset {preset}   # writes z_2x.safetensors
+python -m ldlib evaluate-latent-upscaler TESTPAIRS --model {folder} --preset {preset}
+```
+```python
+from ldlib.build import load_latent_upscaler
+from ldlib.presets import get_preset
+
+net, info = load_latent_upscaler("{folder}", get_preset("{preset}"))
+z2 = net(z)                                   # N x {channels} x h x w normalised latents -> N x {channels} x 2h x 2w
 ```
 """
 
@@ -151,7 +172,7 @@ def export_folder(run: str | os.PathLike, out: str | os.PathLike):
     return replaced_folder(out, EXPORT_MARKER)
 
 
-FORMATS = ("diffusers", "wan", "tae", "tae-decoder")
+FORMATS = ("diffusers", "wan", "tae", "tae-decoder", "latent-upscaler")
 # Written only when asked: the 2x decoder alone in float16, to sit beside its VAE's own encoder (how ldlib ships
 # taef2's); it writes the same file names as "tae", so the two are not combined.
 ASKED_ONLY = ("tae-decoder",)
@@ -180,11 +201,15 @@ def export_run(
     original Wan 2.1 layout (wan, qwenimage; with the folder's ``config.json`` for ``from_single_file``);
     ``tae``: TAESD files. A format that does not apply to the run's family is an error; by default ``wan`` is
     skipped (and said so in ``ldlib_export.json``) for Wan VAEs of another architecture than Wan 2.1's.
+    ``latent-upscaler``: a train-latent-upscaler run's upscaler in float16 (the only format of such a run).
     out must be new, empty or a previous export, which is replaced whole (see export_folder).
     """
+    from ..build import is_latent_upscaler_run
+
+    write = _write_latent_upscaler if is_latent_upscaler_run(run) else _write_export
     try:
         with export_folder(run, out) as folder:
-            _write_export(run, folder, ema, final=Path(out), formats=formats)
+            write(run, folder, ema, final=Path(out), formats=formats)
     except Exception as e:
         if not is_write_failure(e) or isinstance(e, FileNotFoundError):
             raise
@@ -267,4 +292,28 @@ def _write_export(run: str | os.PathLike, out: str | os.PathLike, ema: bool, fin
             "vae": cfg.get("vae"), "vae_config": cfg.get("vae_config"), "val_fraction": val_fraction,
             "split_seed": split_seed, "encoder_sha256": codec.identity()["encoder_sha256"]}
     atomic_write_bytes(out / EXPORT_MARKER, json.dumps(info, indent=2).encode())
+    return out
+
+
+def _write_latent_upscaler(run: str | os.PathLike, out: str | os.PathLike, ema: bool, final: Path,
+                           formats: tuple[str, ...] | list[str] | None = None) -> Path:
+    """A train-latent-upscaler run's upscaler, in float16, into out (a staging folder that becomes final)."""
+    from ..build import latent_upscaler_folder
+    from ..models.latent_upscaler import load_latent_upscaler, save_latent_upscaler
+
+    if not ema:
+        raise ValueError(f"{run}: a latent upscaler run keeps no EMA; export it without --live")
+    if formats and set(formats) != {"latent-upscaler"}:
+        raise ValueError(f"{run}: a latent upscaler run exports as 'latent-upscaler' only (asked: {', '.join(formats)})")
+    run, out = Path(run), Path(out)
+    net, info = load_latent_upscaler(latent_upscaler_folder(run))
+    kept = {k: v for k, v in info.items() if k not in ("format", "config", "dtype")}
+    save_latent_upscaler(net, out, {**kept, "exported_from": str(run)}, dtype=torch.float16)
+    steps = info.get("steps", "?")
+    atomic_write_bytes(out / "README.md", _README_LATENT_UPSCALER.format(
+        preset=info.get("preset", "?"), run=run, steps=steps, folder=final,
+        params=sum(p.numel() for p in net.parameters()) / 1e6, **net.config).encode())
+    doc = {"run": str(run), "preset": info.get("preset"), "formats": ["latent-upscaler"],
+           "files": ["README.md", "config.json", "latent_upscaler.safetensors"]}
+    atomic_write_bytes(out / EXPORT_MARKER, json.dumps(doc, indent=2).encode())
     return out
