@@ -76,7 +76,7 @@ _README_LATENT_UPSCALER = """# Latent 2x upscaler (exported by ldlib)
 
 A latent upscaler for preset `{preset}` ({channels} x h x w -> {channels} x 2h x 2w in its normalised latent space;
 width {width}, depth {depth}, {params:.2f}M parameters, stored in float16): a hires fix without leaving latent space.
-Trained by `ldlib` run `{run}` ({steps} steps). It refuses the latents of another VAE (`config.json` records the
+Trained by `ldlib` run `{run}` ({steps} steps{start}). It refuses the latents of another VAE (`config.json` records the
 codec identity it was trained in).
 
 ```bash
@@ -310,8 +310,10 @@ def _write_latent_upscaler(run: str | os.PathLike, out: str | os.PathLike, ema: 
     kept = {k: v for k, v in info.items() if k not in ("format", "config", "dtype")}
     save_latent_upscaler(net, out, {**kept, "exported_from": str(run)}, dtype=torch.float16)
     steps = info.get("steps", "?")
+    init = (info.get("training") or {}).get("init_from")
+    start = f", started from `{init}`" if init else ""
     atomic_write_bytes(out / "README.md", _README_LATENT_UPSCALER.format(
-        preset=info.get("preset", "?"), run=run, steps=steps, folder=final,
+        preset=info.get("preset", "?"), run=run, steps=steps, folder=final, start=start,
         params=sum(p.numel() for p in net.parameters()) / 1e6, **net.config).encode())
     doc = {"run": str(run), "preset": info.get("preset"), "formats": ["latent-upscaler"],
            "files": ["README.md", "config.json", "latent_upscaler.safetensors"]}
