@@ -354,6 +354,10 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, train
     net, _ = load_latent_upscaler(run / "upscaler")
     got = load_file(str(files / "a_2x.safetensors"))["latents"]
     assert got.shape == (2, 16, 8, 12) and torch.allclose(got, net(z))
+    from safetensors import safe_open
+
+    with safe_open(str(files / "a_2x.safetensors"), "pt") as f:  # which upscaler made it travels with the file
+        assert f.metadata() == {"upscaled_by": str(run)}
     assert load_file(str(files / "b_2x.safetensors"))["latents"].shape == (1, 16, 8, 12)
     assert main(["upscale-latents", str(tmp_path / "b.pt"), "--model", str(run), "--preset", "tiny", "--out",
                  str(files)]) == 2

@@ -214,8 +214,9 @@ def photo_subset(records: Sequence[dict], per_photo: int | None) -> list[int]:
 
 
 def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str,
-                       taef2_dir: str | None = None) -> tuple["Preset", "Codec", "LatentUpscaler", dict]:
-    """(preset, codec, upscaler, its info) of a latent-upscaler folder or run (None: the preset's shipped one)."""
+                       taef2_dir: str | None = None) -> tuple["Preset", "Codec", "LatentUpscaler", dict, str]:
+    """(preset, codec, upscaler, its info, the model it was loaded from) of a latent-upscaler folder or run (None: the
+    preset's shipped one)."""
     from ..presets import get_preset
 
     preset = get_preset(preset_name, taef2_path=taef2_dir)
@@ -224,7 +225,7 @@ def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str,
     if model is None:
         raise ValueError(f"preset {preset.name!r} ships no latent upscaler: give one (--model)")
     net, info = load_latent_upscaler(model, preset, codec)
-    return preset, codec, net, info
+    return preset, codec, net, info, str(model)
 
 
 def named_models(models: str | os.PathLike | Sequence[str | os.PathLike] | None) -> dict[str, str | None]:
@@ -266,7 +267,7 @@ def run_latent_evaluation(model: str | os.PathLike | Sequence[str | os.PathLike]
     cfg = cfg or LatentEvalConfig()
     models = named_models(model)
     names = list(models)
-    preset, codec, net, info = upscaler_and_codec(models[names[0]], preset_name, taef2_dir)
+    preset, codec, net, info, first = upscaler_and_codec(models[names[0]], preset_name, taef2_dir)
     nets, infos = {names[0]: net}, {names[0]: info}
     for name in names[1:]:
         nets[name], infos[name] = load_latent_upscaler(models[name], preset, codec)
@@ -286,7 +287,6 @@ def run_latent_evaluation(model: str | os.PathLike | Sequence[str | os.PathLike]
     comparisons = [c for name in names for c in verdicts(rows, ours=name)]
     comparisons += [c for name in names[1:] for c in verdicts(rows, ours=name, baselines_=names[:1])]
     scored = sorted({data.records[i]["source"] for i in indices})
-    first = models[names[0]] or str(shipped_latent_upscaler(preset))
     doc = {"config": asdict(cfg), "model": first, "model_info": {k: v for k, v in info.items() if k != "codec"},
            "models": {name: models[name] or first for name in names},
            "pairs": str(pairs), "preset": preset.name, "pairs_scored": len(indices), "photos": scored,
@@ -364,7 +364,7 @@ def upscale_latent_files(inputs: Sequence[str | os.PathLike], model: str | os.Pa
 
     from .upscale import read_latents
 
-    _, codec, net, _ = upscaler_and_codec(model, preset_name, taef2_dir)
+    _, codec, net, _, model = upscaler_and_codec(model, preset_name, taef2_dir)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{Path(p).stem}_2x.safetensors" for p in inputs]
     for target in targets:
