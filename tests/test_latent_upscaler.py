@@ -287,8 +287,9 @@ def test_commands_train_evaluate_and_upscale_latent_files(pairs, hq_cache, train
             "--depth", "1", "--batch", "2", "--crop", "0", "--warmup-steps", "1", "--val-fraction", "0.2",
             "--degrader", "noise", "--quiet"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "3/3 steps" in out and str(run / "upscaler") in out
+    captured = capsys.readouterr()
+    assert "3/3 steps" in captured.out and str(run / "upscaler") in captured.out
+    assert "train-latent-upscaler" not in captured.err  # --quiet: no training progress bar either
     ev = tmp_path / "eval"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

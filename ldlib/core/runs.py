@@ -549,7 +549,8 @@ def _after_existing_events(tb: Path) -> None:
 class RunLogger:
     """tqdm progress bar + TensorBoard writer + history.jsonl, active on the main process only."""
 
-    def __init__(self, out: Path, accelerator, total: int, initial: int = 0, desc: str = "train") -> None:
+    def __init__(self, out: Path, accelerator, total: int, initial: int = 0, desc: str = "train",
+                 progress: bool = True) -> None:
         self.main = accelerator.is_main_process
         self.out = out
         self.bar = None
@@ -559,7 +560,7 @@ class RunLogger:
             from tqdm.auto import tqdm
 
             out.mkdir(parents=True, exist_ok=True)
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not progress)
             # A run resumed at step S (or restarted from scratch, S = 0) logged steps >= S before it was killed:
             # TensorBoard hides those events (purge_step) and history.jsonl keeps only the lines before S.
             _after_existing_events(out / "tb")

@@ -293,7 +293,7 @@ def train_latent_upscaler(
                                  progress_.step, stop)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_pairs,
                                          num_workers=cfg.num_workers)
-    log = RunLogger(out, acc, total=stop, initial=progress_.step, desc="train-latent-upscaler")
+    log = RunLogger(out, acc, total=stop, initial=progress_.step, desc="train-latent-upscaler", progress=progress)
     acc.print(f"latent upscaler: {n_params / 1e6:.2f}M parameters; {len(train_set)} training pairs from "
               f"{len(train_set.sources)} photos, {len(val_set)} held out")
     t_loop, start = time.time(), progress_.step
