@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 
 from .core.runs import CheckpointManager, load_safetensors
-from .core.samples import ASSETS_DIR
 from .data.datasets import PairDataset
 from .data.latents import _describe, default_cache_dir, encode_pairs, same_codec
 from .data.pairs import PairSpec, build_pairs
@@ -370,12 +369,6 @@ def load_decoder(model: str | os.PathLike, preset) -> tuple[object, dict]:
 
 
 UPSCALER_SUBDIR = "upscaler"  # where train-latent-upscaler writes the model inside its run folder
-
-
-def shipped_latent_upscaler(preset: Preset) -> Path | None:
-    """The latent upscaler shipped for a preset (``ldlib/assets/latent_upscaler_<preset>``), None when there is none."""
-    folder = ASSETS_DIR / f"latent_upscaler_{preset.name}"
-    return folder if (folder / UPSCALER_CONFIG).is_file() else None
 
 
 def latent_upscaler_folder(model: str | os.PathLike) -> Path:

@@ -37,6 +37,7 @@ class Preset:
     flow_shift: float = 3.0  # the scheduler shift the model's pipelines use (recorded; the degrader uses raw sigmas)
     seed: int = 0  # seed of the random weights of "tiny" models
     decoder_2x: str | None = None  # a trained 2x decoder shipped with ldlib (a folder of ldlib/assets), None: none
+    latent_upscaler: str | None = None  # a trained latent 2x upscaler shipped with ldlib (ldlib/assets), None: none
     note: str = ""
 
     @property
@@ -89,6 +90,7 @@ _TABLE: dict[str, Preset] = {p.name: p for p in (
     Preset("tiny", "wan", vae="tiny", transformer="tiny", hq_size=128,
            note="random tiny Wan VAE + transformer built from configs; runs anywhere in seconds (CI)"),
     Preset("taef2", "tae", vae="taef2", transformer="taef2", hq_size=512, flow_shift=1.0, decoder_2x="taef2_2x",
+           latent_upscaler="latent_upscaler_taef2",
            note="real pretrained tiny autoencoder for the FLUX.2 latent space (32 channels) and the small "
                 "flow-matching teacher ldlib trains in it (train-teacher)"),
     Preset("wan2.1-1.3b", "wan", vae="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", vae_subfolder="vae",
@@ -116,6 +118,11 @@ PRESET_HELP = " | ".join(PRESETS)  # every --preset help lists the registry, nev
 def shipped_decoder(preset: Preset) -> Path | None:
     """The folder of the preset's shipped 2x decoder (``ldlib/assets/<decoder_2x>``); None when it has none."""
     return ASSETS_DIR / preset.decoder_2x if preset.decoder_2x else None
+
+
+def shipped_latent_upscaler(preset: Preset) -> Path | None:
+    """The folder of the preset's shipped latent 2x upscaler (``ldlib/assets/<latent_upscaler>``); None when none."""
+    return ASSETS_DIR / preset.latent_upscaler if preset.latent_upscaler else None
 
 
 def vae_overrides(cfg) -> dict:

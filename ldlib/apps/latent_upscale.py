@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..build import codec_of, load_latent_upscaler, shipped_latent_upscaler, vocabulary
+from ..build import codec_of, load_latent_upscaler, vocabulary
 from ..core.config import check_sigmas
 from ..core.files import atomic_write_bytes, atomic_write_file, save_figure
 from ..core.metrics import colour_shift, haarpsi, psnr, relative_error
@@ -217,13 +217,16 @@ def upscaler_and_codec(model: str | os.PathLike | None, preset_name: str,
                        taef2_dir: str | None = None) -> tuple["Preset", "Codec", "LatentUpscaler", dict, str]:
     """(preset, codec, upscaler, its info, the model it was loaded from) of a latent-upscaler folder or run (None: the
     preset's shipped one)."""
-    from ..presets import get_preset
+    from ..presets import PRESETS, get_preset, shipped_latent_upscaler
 
     preset = get_preset(preset_name, taef2_path=taef2_dir)
     codec = codec_of(preset)
-    model = model or shipped_latent_upscaler(preset)
     if model is None:
-        raise ValueError(f"preset {preset.name!r} ships no latent upscaler: give one (--model)")
+        model = shipped_latent_upscaler(preset)
+        if model is None:
+            have = [name for name in PRESETS if get_preset(name).latent_upscaler]
+            raise ValueError(f"ldlib ships no latent upscaler for preset {preset.name!r} (it ships one for: "
+                             f"{', '.join(have)}); pass --model FOLDER_OR_RUN")
     net, info = load_latent_upscaler(model, preset, codec)
     return preset, codec, net, info, str(model)
 
